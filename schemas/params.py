@@ -1,0 +1,160 @@
+"""Job parameters: what a caller may ask for, validated once at the edge."""
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Scope = Literal["layer", "global"]
+Granularity = Literal["unstructured", "structured"]
+Encoding = Literal["dense", "sparse", "int8"]
+Task = Literal["auto", "classification", "regression"]
+Optimizer = Literal["sgd", "momentum", "adam"]
+PruneSchedule = Literal["one_shot", "gradual"]
+
+
+class _Params(BaseModel):
+    # Unknown keys are an error: a typo such as "sparsty" must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClipParams(_Params):
+    """How gradients are clipped during training (see README for each mode's formula)."""
+
+    mode: Literal["none", "value", "norm", "global_norm", "adaptive"] = "global_norm"
+    threshold: float = Field(1.0, gt=0, description="The clipping threshold ε (> 0).")
+
+
+class FineTuneParams(_Params):
+    """Fine-tuning of the surviving weights after pruning; pruned weights stay zero."""
+
+    epochs: int = Field(10, ge=1, le=1000)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=65536)
+    optimizer: Optimizer = "adam"
+    clip: ClipParams = ClipParams()
+    schedule: PruneSchedule = "one_shot"
+
+
+class PruneParams(_Params):
+    """Magnitude pruning of an ONNX model. Give exactly one of sparsity, threshold,
+    max_accuracy_drop."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"sparsity": 0.8, "scope": "layer", "encoding": "dense"}]},
+    )
+
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="Fraction in [0, 1) of the prunable weights to set to zero."
+    )
+    threshold: float | None = Field(
+        None, ge=0, description="Zero every prunable weight with |w| <= threshold."
+    )
+    max_accuracy_drop: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Largest allowed metric drop (absolute, 0..1 scale); the largest sparsity "
+        "that keeps it is searched for.",
+    )
+    scope: Scope = "layer"
+    granularity: Granularity = "unstructured"
+    encoding: Encoding = "dense"
+    include: list[str] = Field(
+        default_factory=list,
+        description="Regexes over initializer names to prune in addition to the default "
+        "(weight inputs of MatMul, Gemm, Conv, ConvTranspose).",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Regexes over initializer names never to prune."
+    )
+    task: Task = "auto"
+    label: str | None = Field(
+        None, description="Label column of a CSV eval/train file; default the last column."
+    )
+    fine_tune: FineTuneParams | None = None
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from exc
+        return patterns
+
+    @model_validator(mode="after")
+    def _exactly_one_target(self) -> "PruneParams":
+        given = [
+            name
+            for name in ("sparsity", "threshold", "max_accuracy_drop")
+            if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of sparsity, threshold, max_accuracy_drop"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class ModelSpec(_Params):
+    """The NumPy model to train."""
+
+    type: Literal["linear", "logistic", "softmax", "mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [64], description="Hidden layer widths.")
+    activation: Literal["relu", "tanh", "sigmoid"] = "relu"
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths_positive(cls, hidden: list[int]) -> list[int]:
+        if len(hidden) > 16 or any(not 1 <= width <= 16384 for width in hidden):
+            raise ValueError("hidden takes at most 16 layers, each of width 1..16384")
+        return hidden
+
+
+class TrainPruneParams(_Params):
+    """Pruning applied while training: one-shot at the end, or gradual (Zhu & Gupta 2017)."""
+
+    sparsity: float | None = Field(None, ge=0, lt=1)
+    threshold: float | None = Field(None, ge=0)
+    scope: Scope = "layer"
+    schedule: PruneSchedule = "one_shot"
+
+    @model_validator(mode="after")
+    def _exactly_one_target(self) -> "TrainPruneParams":
+        if (self.sparsity is None) == (self.threshold is None):
+            raise ValueError("give exactly one of sparsity, threshold")
+        return self
+
+
+class TrainParams(_Params):
+    """Training of a NumPy model on an uploaded data set, exported to ONNX."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"type": "mlp", "hidden": [64]},
+                    "epochs": 20,
+                    "clip": {"mode": "global_norm", "threshold": 1.0},
+                }
+            ]
+        },
+    )
+
+    model: ModelSpec = ModelSpec()
+    task: Task = "auto"
+    label: str | None = Field(None, description="Label column of a CSV file; default the last.")
+    epochs: int = Field(20, ge=1, le=10000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    optimizer: Optimizer = "adam"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    clip: ClipParams = ClipParams()
+    prune: TrainPruneParams | None = None
+    validation_split: float = Field(0.2, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=2**32 - 1)

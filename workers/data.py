@@ -1,0 +1,134 @@
+"""Reading uploaded data files (CSV with a header, or NPZ) into arrays, with clear errors.
+
+The format is told by content, not by file name: an NPZ file is a zip archive.
+"""
+
+import csv
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.errors import InvalidDataError
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    max_rows: int = 1_000_000
+    max_columns: int = 10_000
+    max_bytes: int = 2**31
+
+
+@dataclass
+class Table:
+    """Feature arrays by name, and the labels when the file has them."""
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    columns: list[str]  # CSV header of the feature columns (empty for NPZ)
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.features.values())))
+
+
+def is_npz(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def read_csv(path: Path, label: str | None, limits: DataLimits = DataLimits()) -> Table:
+    """A CSV with a header; `label` names the label column (None: the last column).
+
+    Pass label="" for a file with no label column.
+    """
+    if path.stat().st_size > limits.max_bytes:
+        raise InvalidDataError(f"the file is larger than {limits.max_bytes} bytes")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        try:
+            rows = list(csv.reader(handle))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InvalidDataError(f"not a readable UTF-8 CSV file: {exc}") from exc
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if len(rows) < 2:
+        raise InvalidDataError("the CSV file needs a header line and at least one data row")
+    header, body = [name.strip() for name in rows[0]], rows[1:]
+    if len(header) > limits.max_columns:
+        raise InvalidDataError(f"{len(header)} columns; the limit is {limits.max_columns}")
+    if len(body) > limits.max_rows:
+        raise InvalidDataError(f"{len(body)} rows; the limit is {limits.max_rows}")
+    for number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise InvalidDataError(
+                f"line {number} has {len(row)} fields but the header has {len(header)}"
+            )
+    if label == "":
+        label_index = None
+    elif label is None:
+        label_index = len(header) - 1
+    elif label in header:
+        label_index = header.index(label)
+    else:
+        raise InvalidDataError(
+            f"label column {label!r} is not in the header; columns: {', '.join(header)}"
+        )
+    feature_index = [i for i in range(len(header)) if i != label_index]
+    if not feature_index:
+        raise InvalidDataError("the CSV file has no feature columns besides the label")
+    cells = np.array(body, dtype=object)
+    features = _numeric(cells[:, feature_index], [header[i] for i in feature_index])
+    labels = None
+    if label_index is not None:
+        raw = cells[:, label_index]
+        try:
+            labels = _numeric(raw[:, None], [header[label_index]])[:, 0]
+        except InvalidDataError:
+            labels = np.array([str(value).strip() for value in raw])  # class names
+    return Table({"": features}, labels, [header[i] for i in feature_index])
+
+
+def _numeric(cells: np.ndarray, names: list[str]) -> np.ndarray:
+    try:
+        values = cells.astype(np.float64)
+    except ValueError:
+        for column, name in enumerate(names):
+            for row, cell in enumerate(cells[:, column]):
+                try:
+                    float(cell)
+                except ValueError:
+                    raise InvalidDataError(
+                        f"column {name!r}, line {row + 2}: {cell!r} is not a number"
+                    ) from None
+        raise
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise InvalidDataError(
+            f"column {names[column]!r}, line {row + 2}: {cells[row, column]!r} is not finite "
+            "(NaN or infinity); remove or impute it"
+        )
+    return values
+
+
+def read_npz(path: Path, limits: DataLimits = DataLimits()) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        message = str(exc)
+        if "allow_pickle" in message or "Object arrays" in message:
+            message = "it holds object arrays (pickles), which are refused; save numeric arrays"
+        raise InvalidDataError(f"not a readable NPZ file: {message}") from exc
+    if not arrays:
+        raise InvalidDataError("the NPZ file holds no arrays")
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf" and not (name == "y" and array.dtype.kind == "U"):
+            raise InvalidDataError(f"array {name!r} has dtype {array.dtype}; use numbers")
+        if array.ndim == 0 or len(array) > limits.max_rows:
+            raise InvalidDataError(
+                f"array {name!r} has shape {array.shape}; it needs 1..{limits.max_rows} rows"
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidDataError(f"array {name!r} holds NaN or infinite values")
+    return arrays
