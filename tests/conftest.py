@@ -1,0 +1,56 @@
+"""Real models for the tests: scikit-learn estimators converted by skl2onnx, and hand-built
+graphs for the layouts converters write (Gemm with transB, Conv, Constant nodes, subgraphs)."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from skl2onnx import to_onnx
+from sklearn.datasets import load_diabetes, load_digits, load_iris
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+
+
+def _fit(estimator, features, labels):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return estimator.fit(features, labels)
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    features, labels = load_digits(return_X_y=True)
+    return (features / 16.0).astype(np.float32), labels
+
+
+@pytest.fixture(scope="session")
+def mlp_classifier(digits) -> onnx.ModelProto:
+    """64-48-24-10 digits MLP: two hidden layers, so structured pruning has a chain."""
+    features, labels = digits
+    mlp = MLPClassifier(hidden_layer_sizes=(48, 24), max_iter=150, random_state=0)
+    return to_onnx(_fit(mlp, features[:1200], labels[:1200]), features[:1])
+
+
+@pytest.fixture(scope="session")
+def mlp_regressor() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    features, target = load_diabetes(return_X_y=True)
+    features = features.astype(np.float32)
+    mlp = MLPRegressor(hidden_layer_sizes=(32,), max_iter=300, random_state=0)
+    return to_onnx(_fit(mlp, features, target), features[:1]), features, target
+
+
+@pytest.fixture(scope="session")
+def logistic() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    features, labels = load_iris(return_X_y=True)
+    features = features.astype(np.float32)
+    model = _fit(LogisticRegression(max_iter=500), features, labels)
+    return to_onnx(model, features[:1]), features, labels
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path) -> Path:
+    (tmp_path / "input").mkdir()
+    return tmp_path

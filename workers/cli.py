@@ -1,0 +1,129 @@
+"""The `clipprune` command line: the same job code as the service, run on local files."""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from schemas.params import PruneParams
+from workers import jobs
+from workers.errors import InputError
+
+
+class UsageError(Exception):
+    """A problem with the command line itself."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipprune", description="Make ONNX models smaller by magnitude pruning."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    prune = commands.add_parser("prune", help="prune an ONNX model")
+    prune.add_argument("model", type=Path, help="the ONNX model to prune")
+    prune.add_argument("-o", "--output", type=Path, required=True, help="where to write it")
+    prune.add_argument("--params", default="{}", help="PruneParams as a JSON object")
+    target = prune.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1)")
+    target.add_argument("--threshold", type=float, help="zero every weight with |w| <= this")
+    prune.add_argument("--scope", choices=["layer", "global"])
+    prune.add_argument("--granularity", choices=["unstructured", "structured"])
+    prune.add_argument("--encoding", choices=["dense", "sparse", "int8"])
+    prune.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
+    prune.add_argument("--train-data", type=Path, help="CSV or NPZ to fine-tune on")
+    prune.add_argument("--report", type=Path, help="write the report here, not to stdout")
+    return parser
+
+
+def _prune_params(args: argparse.Namespace) -> PruneParams:
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--params is not valid JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise UsageError("--params must be a JSON object")
+    for flag in ("sparsity", "threshold", "scope", "granularity", "encoding"):
+        if getattr(args, flag) is not None:
+            params[flag] = getattr(args, flag)
+    return PruneParams.model_validate(params)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "params"
+        parts.append(f"{where}: {item['msg']}")
+    return "invalid parameters: " + "; ".join(parts)
+
+
+@contextmanager
+def _progress_bar() -> Iterator[jobs.Progress]:
+    if not sys.stderr.isatty():
+        yield jobs.no_progress
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=100, unit="%", file=sys.stderr, leave=False) as bar:
+
+        def update(stage: str, fraction: float) -> None:
+            bar.set_description(stage)
+            bar.update(round(fraction * 100) - bar.n)
+
+        yield update
+
+
+def _stage_inputs(job_dir: Path, files: dict[str, Path | None]) -> None:
+    inputs = job_dir / jobs.INPUT_DIR
+    inputs.mkdir()
+    for name, source in files.items():
+        if source is None:
+            continue
+        if not source.is_file():
+            raise UsageError(f"{source}: no such file")
+        (inputs / name).symlink_to(source.resolve())
+
+
+def _prune(args: argparse.Namespace) -> None:
+    params = _prune_params(args)
+    with tempfile.TemporaryDirectory(prefix="clipprune-") as tmp:
+        job_dir = Path(tmp)
+        _stage_inputs(
+            job_dir,
+            {
+                jobs.MODEL_IN: args.model,
+                jobs.EVAL_DATA: args.eval_data,
+                jobs.TRAIN_DATA: args.train_data,
+            },
+        )
+        with _progress_bar() as progress:
+            report = jobs.run_prune_job(job_dir, params, progress)
+        shutil.move(job_dir / jobs.MODEL_OUT, args.output)
+    text = report.model_dump_json(indent=2)
+    if args.report:
+        args.report.write_text(text + "\n")
+    else:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prune":
+            _prune(args)
+    except ValidationError as exc:
+        print(f"clipprune: error: {_describe(exc)}", file=sys.stderr)
+        return 2
+    except (InputError, UsageError, OSError) as exc:
+        print(f"clipprune: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Writing a pruned model to bytes: dense, sparse (ONNX sparse_initializer) or int8.
+
+Every encoding yields a file onnxruntime loads as it is; the caller evaluates exactly these bytes.
+"""
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto, helper, numpy_helper
+
+from schemas.params import Encoding
+from workers.onnx_model import iter_graphs, serialize
+
+INDEX_BYTES = 8  # sparse_initializer indices are int64, one linear index per nonzero
+
+
+def encode(model: ModelProto, encoding: Encoding, pruned: set[str]) -> tuple[bytes, list[str]]:
+    """The model's bytes in `encoding`, and notes on what was decided along the way.
+
+    `pruned` names the weights that pruning touched: only those are stored sparse.
+    """
+    if encoding == "dense":
+        return serialize(model), []
+    if encoding == "sparse":
+        return _sparse(model, pruned)
+    return _int8(model), [
+        "int8: onnxruntime dynamic quantization (QInt8, symmetric, so pruned zeros stay zero)"
+    ]
+
+
+def _sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+    model = ModelProto.FromString(serialize(model))  # leave the caller's model dense
+    kept_dense = []
+    for graph, _ in iter_graphs(model.graph):
+        # An initializer that is also a graph input is an overridable default: keep it dense.
+        inputs = {value.name for value in graph.input}
+        for position in reversed(range(len(graph.initializer))):
+            tensor = graph.initializer[position]
+            if tensor.name not in pruned or tensor.name in inputs:
+                continue
+            array = numpy_helper.to_array(tensor)
+            flat_index = np.flatnonzero(array).astype(np.int64)
+            if flat_index.size * (array.itemsize + INDEX_BYTES) >= array.nbytes:
+                kept_dense.append(tensor.name)
+                continue
+            values = numpy_helper.from_array(array.ravel()[flat_index], tensor.name)
+            indices = numpy_helper.from_array(flat_index, "")
+            graph.sparse_initializer.append(
+                helper.make_sparse_tensor(values, indices, list(array.shape))
+            )
+            del graph.initializer[position]
+    notes = []
+    if kept_dense:
+        notes.append(
+            "sparse: kept dense where COO storage would be larger (below ~67% zeros for "
+            "float32): " + ", ".join(kept_dense)
+        )
+    return serialize(model), notes
+
+
+def _int8(model: ModelProto) -> bytes:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="clipprune-int8-") as tmp:
+        out = Path(tmp) / "model.int8.onnx"
+        # The quantizer advises "pre-processing" on the root logger for every model; it is
+        # advice to a person at a console, not something a job's caller can act on.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        return out.read_bytes()

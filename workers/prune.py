@@ -1,0 +1,116 @@
+"""Pruning a whole ONNX model: find its weights, compute masks or neuron cuts, write them back."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import ModelProto, numpy_helper
+
+from schemas.params import PruneParams
+from schemas.report import LayerReport
+from workers.errors import InvalidModelError, UnsupportedModelError
+from workers.onnx_model import iter_graphs
+from workers.pruning import magnitude_masks
+from workers.structured import prune_neurons
+from workers.weights import WeightSlot, all_float_constants, find_weights
+
+
+@dataclass
+class PruneOutcome:
+    model: ModelProto
+    layers: list[LayerReport]
+    pruned: set[str] = field(default_factory=set)  # weights whose values changed
+    notes: list[str] = field(default_factory=list)
+
+
+def copy_model(model: ModelProto) -> ModelProto:
+    clone = ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def densify_sparse_initializers(model: ModelProto) -> None:
+    """Turn sparse_initializer entries into dense initializers, so one code path prunes them."""
+    for graph, _ in iter_graphs(model.graph):
+        for sparse in graph.sparse_initializer:
+            values = numpy_helper.to_array(sparse.values)
+            indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+            dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+            try:
+                if indices.ndim == 1:
+                    dense.reshape(-1)[indices] = values
+                else:
+                    dense[tuple(indices.T)] = values
+            except (IndexError, ValueError) as exc:
+                raise InvalidModelError(
+                    f"sparse initializer {sparse.values.name!r} has indices outside its shape"
+                ) from exc
+            graph.initializer.append(numpy_helper.from_array(dense, sparse.values.name))
+        del graph.sparse_initializer[:]
+
+
+def _layer_report(name: str, original_shape: tuple[int, ...], array: np.ndarray) -> LayerReport:
+    params = int(np.prod(original_shape))
+    nonzero = int(np.count_nonzero(array))
+    return LayerReport(
+        name=name,
+        original_shape=list(original_shape),
+        shape=list(array.shape),
+        params=params,
+        nonzero=nonzero,
+        sparsity=1.0 - nonzero / params if params else 0.0,
+    )
+
+
+def prune_model(model: ModelProto, params: PruneParams) -> PruneOutcome:
+    """Prune a copy of `model` by params.sparsity or params.threshold."""
+    model = copy_model(model)
+    densify_sparse_initializers(model)
+    slots = find_weights(model, params.include, params.exclude)
+    if not slots:
+        raise UnsupportedModelError(
+            "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "
+            "ConvTranspose); name tensors to prune with include"
+        )
+    before = {slot.name: (slot.shape, slot.read()) for slot in slots}
+    for name, (_, array) in before.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidModelError(f"weight {name!r} holds NaN or infinite values")
+    outcome = PruneOutcome(model, layers=[])
+    if params.granularity == "unstructured":
+        _prune_weights(slots, [array for _, array in before.values()], params)
+    else:
+        layers, skipped = prune_neurons(
+            model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
+        )
+        outcome.notes.append(
+            f"structured: removed neurons from {len(layers)} hidden layer(s); sparsity counts "
+            "neurons, ranked by the root-mean-square of their incoming weights"
+        )
+        outcome.notes += [
+            f"structured: left {name} as it was: {why}" for name, why in skipped.items()
+        ]
+    for slot in slots:
+        shape, original = before[slot.name]
+        array = slot.read()
+        if array.shape != original.shape or not np.array_equal(array, original):
+            outcome.pruned.add(slot.name)
+        outcome.layers.append(_layer_report(slot.name, shape, array))
+    return outcome
+
+
+def _prune_weights(slots: list[WeightSlot], arrays: list[np.ndarray], params: PruneParams) -> None:
+    masks = magnitude_masks(
+        arrays, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
+    )
+    for slot, array, keep in zip(slots, arrays, masks, strict=True):
+        slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
+
+
+def float_params(model: ModelProto) -> tuple[int, int]:
+    """(float parameters, nonzero float parameters) stored in the model."""
+    total = nonzero = 0
+    for slot in all_float_constants(model):
+        array = slot.read()
+        total += array.size
+        nonzero += int(np.count_nonzero(array))
+    return total, nonzero
