@@ -1,5 +1,7 @@
 """Hand-built ONNX graphs in the layouts real exporters write."""
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -23,7 +25,7 @@ def gemm_mlp(widths: list[int], trans_b: int, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     value = "X"
-    for layer, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         weight_shape = (fan_out, fan_in) if trans_b else (fan_in, fan_out)
         inits += [_tensor(rng, f"W{layer}", *weight_shape), _tensor(rng, f"b{layer}", fan_out)]
         out = f"h{layer}"
@@ -91,7 +93,7 @@ def constant_node_mlp(seed: int = 0) -> onnx.ModelProto:
 def control_flow(seed: int = 0) -> onnx.ModelProto:
     """Weights inside If, Loop and Scan bodies, one of them read from the enclosing graph.
 
-    Y_if = If(cond, then: X @ W_then (Constant in the branch), else: X @ W_outer (outer initializer))
+    Y_if = If(cond, then: X @ W_then (a Constant in the branch), else: X @ W_outer (outer))
     Y_loop = two rounds of v <- v @ W_loop, starting from X
     Y_scan = Scan over the rows of X: x_t @ W_scan
     """

@@ -87,7 +87,8 @@ def prune_model(model: ModelProto, params: PruneParams) -> PruneOutcome:
             "neurons, ranked by the root-mean-square of their incoming weights"
         )
         outcome.notes += [
-            f"structured: left {name} as it was: {why}" for name, why in skipped.items()
+            f"structured: kept every output neuron of {name}: {why}"
+            for name, why in skipped.items()
         ]
     for slot in slots:
         shape, original = before[slot.name]

@@ -111,10 +111,13 @@ class _ChainFinder:
         for graph in self.graphs:
             outputs = {value.name for value in graph.output}
             for node in graph.node:
-                if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                    continue
                 slot = self.by_name.get(node.input[1]) if len(node.input) > 1 else None
                 if slot is None or slot.name not in self.candidates:
+                    continue
+                if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                    self._skip(
+                        slot, f"it feeds {node.op_type}; only MatMul/Gemm neurons are removed"
+                    )
                     continue
                 layer = self._chain_from(node, slot, graph, outputs)
                 if layer is not None:

@@ -1,0 +1,134 @@
+"""Unstructured pruning and the encodings, on converted and hand-built models."""
+
+import numpy as np
+import onnx
+import pytest
+from graphs import constant_node_mlp, control_flow, conv_net, gemm_mlp
+from helpers import initializers, run, weights
+
+from schemas import PruneParams
+from workers.encoding import encode
+from workers.onnx_model import parse_model
+from workers.prune import prune_model
+
+
+def prune_bytes(model: onnx.ModelProto, encoding: str = "dense", **fields) -> bytes:
+    """Prune, encode, and check what comes out parses and passes the checker like any upload."""
+    params = PruneParams(encoding=encoding, **fields)
+    outcome = prune_model(model, params)
+    data, _ = encode(outcome.model, params.encoding, outcome.pruned)
+    parse_model(data)
+    return data
+
+
+def feeds_for(model: onnx.ModelProto, rows: int = 16) -> dict[str, np.ndarray]:
+    value = model.graph.input[0]
+    dims = [d.dim_value or rows for d in value.type.tensor_type.shape.dim]
+    return {value.name: np.random.default_rng(0).standard_normal(dims).astype(np.float32)}
+
+
+@pytest.fixture(
+    params=["mlp_classifier", "mlp_regressor", "logistic", "gemm", "gemm_t", "conv", "const"]
+)
+def any_model(request) -> onnx.ModelProto:
+    builders = {
+        "gemm": lambda: gemm_mlp([8, 16, 12, 4], trans_b=0),
+        "gemm_t": lambda: gemm_mlp([8, 16, 12, 4], trans_b=1),
+        "conv": conv_net,
+        "const": constant_node_mlp,
+    }
+    if request.param in builders:
+        return builders[request.param]()
+    fixture = request.getfixturevalue(request.param)
+    return fixture if isinstance(fixture, onnx.ModelProto) else fixture[0]
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_each_prunable_tensor_gets_the_asked_sparsity_and_loads(any_model, sparsity):
+    before = weights(any_model)
+    data = prune_bytes(any_model, sparsity=sparsity)
+    after = weights(data)
+    assert set(after) == set(before) and after
+    for name, array in after.items():
+        zeros = array.size - np.count_nonzero(array)
+        assert abs(zeros - sparsity * array.size) <= 1, name
+        kept = array != 0
+        assert np.array_equal(array[kept], before[name][kept])  # survivors unchanged
+    run(data, feeds_for(any_model))
+
+
+def test_zero_sparsity_gives_identical_outputs(any_model):
+    data = prune_bytes(any_model, sparsity=0.0)
+    feeds = feeds_for(any_model)
+    for original, pruned in zip(run(any_model, feeds), run(data, feeds), strict=True):
+        assert np.array_equal(original, pruned)
+
+
+def test_threshold_zeros_exactly_the_small_weights(mlp_classifier):
+    before = weights(mlp_classifier)
+    epsilon = float(np.median(np.abs(before["coefficient"])))
+    after = weights(prune_bytes(mlp_classifier, threshold=epsilon))
+    for name, array in before.items():
+        assert np.array_equal(after[name], np.where(np.abs(array) <= epsilon, 0, array)), name
+
+
+def test_biases_are_untouched_unless_included(mlp_classifier):
+    original = initializers(mlp_classifier)
+    pruned = initializers(onnx.load_model_from_string(prune_bytes(mlp_classifier, sparsity=0.9)))
+    for name in ("intercepts", "intercepts1", "intercepts2"):
+        assert np.array_equal(pruned[name], original[name])
+    included = onnx.load_model_from_string(
+        prune_bytes(mlp_classifier, sparsity=0.5, include=["^intercepts$"])
+    )
+    bias = initializers(included)["intercepts"]
+    assert abs(int((bias == 0).sum()) - 0.5 * bias.size) <= 1
+
+
+def test_exclude_keeps_a_layer_dense(mlp_classifier):
+    after = weights(prune_bytes(mlp_classifier, sparsity=0.9, exclude=["^coefficient2$"]))
+    assert np.count_nonzero(after["coefficient2"]) == after["coefficient2"].size
+    assert np.count_nonzero(after["coefficient"]) < 0.11 * after["coefficient"].size
+
+
+def test_global_scope_prunes_the_overall_share(mlp_classifier):
+    after = weights(prune_bytes(mlp_classifier, sparsity=0.8, scope="global"))
+    total = sum(a.size for a in after.values())
+    zeros = sum(a.size - np.count_nonzero(a) for a in after.values())
+    assert abs(zeros - 0.8 * total) <= 1
+
+
+def test_weights_inside_if_loop_and_scan_bodies_are_pruned():
+    model = control_flow()
+    names = set(weights(model))
+    assert names == {"W_then", "W_outer", "W_loop", "W_scan"}
+    data = prune_bytes(model, sparsity=0.5)
+    for name, array in weights(data).items():
+        assert abs((array == 0).sum() - 0.5 * array.size) <= 1, name
+    assert [o.shape for o in run(data, feeds_for(model))] == [(16, 4), (16, 4), (16, 3)]
+
+
+def test_sparse_encoding_loads_in_onnxruntime_and_gives_the_dense_outputs(mlp_classifier, digits):
+    features, _ = digits
+    dense = prune_bytes(mlp_classifier, sparsity=0.9)
+    sparse = prune_bytes(mlp_classifier, "sparse", sparsity=0.9)
+    assert len(sparse) < len(dense)
+    assert len(onnx.load_model_from_string(sparse).graph.sparse_initializer) == 3
+    for a, b in zip(run(dense, {"X": features}), run(sparse, {"X": features}), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_encoding_keeps_tensors_dense_where_coo_would_be_larger(mlp_classifier):
+    outcome = prune_model(mlp_classifier, PruneParams(sparsity=0.3))
+    data, notes = encode(outcome.model, "sparse", outcome.pruned)
+    assert not onnx.load_model_from_string(data).graph.sparse_initializer
+    assert "kept dense" in notes[0]
+
+
+def test_int8_encoding_is_about_four_times_smaller_and_close(digits):
+    model = gemm_mlp([64, 256, 128, 10], trans_b=0)
+    features, _ = digits
+    dense = prune_bytes(model, sparsity=0.5)
+    int8 = prune_bytes(model, "int8", sparsity=0.5)
+    assert len(int8) < len(dense) / 3
+    (a,), (b,) = run(dense, {"X": features}), run(int8, {"X": features})
+    assert np.mean(np.argmax(a, 1) == np.argmax(b, 1)) > 0.9

@@ -1,0 +1,131 @@
+"""Structured pruning removes whole hidden neurons: tensors and files shrink, outputs stay exact."""
+
+import numpy as np
+import onnx
+import pytest
+from graphs import conv_net, gemm_mlp
+from helpers import initializers, run
+
+from schemas import PruneParams
+from workers.encoding import encode
+from workers.errors import UnsupportedModelError
+from workers.onnx_model import parse_model
+from workers.prune import prune_model
+
+
+def structured(model: onnx.ModelProto, **fields) -> onnx.ModelProto:
+    outcome = prune_model(model, PruneParams(granularity="structured", **fields))
+    data, _ = encode(outcome.model, "dense", outcome.pruned)
+    return parse_model(data)
+
+
+def kept_columns(original: np.ndarray, pruned: np.ndarray) -> list[int]:
+    """Which original columns survive, found by value (pruning never edits a survivor)."""
+    return [
+        next(j for j in range(original.shape[1]) if np.array_equal(original[:, j], column))
+        for column in pruned.T
+    ]
+
+
+def test_skl2onnx_mlp_shrinks_and_matches_the_model_with_those_neurons_zeroed(
+    mlp_classifier, digits
+):
+    features, _ = digits
+    before = initializers(mlp_classifier)
+    pruned = structured(mlp_classifier, sparsity=0.5)
+    after = initializers(pruned)
+    assert after["coefficient"].shape == (64, 24)
+    assert after["intercepts"].shape == (1, 24)
+    assert after["coefficient1"].shape == (24, 12)
+    assert after["coefficient2"].shape == (12, 10)  # the output layer keeps its 10 classes
+    assert pruned.ByteSize() < 0.6 * mlp_classifier.ByteSize()
+
+    # Which neurons survived, layer by layer (the second layer's rows were cut by the first).
+    kept0 = kept_columns(before["coefficient"], after["coefficient"])
+    kept1 = kept_columns(before["coefficient1"][kept0], after["coefficient1"])
+    # The dense model with the removed neurons' incoming and outgoing weights zeroed.
+    dense = {name: array.copy() for name, array in before.items()}
+    for kept, (w_in, bias, w_out) in [
+        (kept0, ("coefficient", "intercepts", "coefficient1")),
+        (kept1, ("coefficient1", "intercepts1", "coefficient2")),
+    ]:
+        gone = sorted(set(range(before[w_in].shape[1])) - set(kept))
+        dense[w_in][:, gone] = 0
+        dense[bias][:, gone] = 0
+        dense[w_out][gone, :] = 0
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(mlp_classifier)
+    for tensor in zeroed.graph.initializer:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(dense[tensor.name], tensor.name))
+    expected, actual = run(zeroed, {"X": features}), run(pruned, {"X": features})
+    assert np.array_equal(expected[0], actual[0])  # labels
+    np.testing.assert_allclose(expected[1], actual[1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_weakest_neurons_go(mlp_classifier):
+    before = initializers(mlp_classifier)["coefficient"]
+    after = initializers(structured(mlp_classifier, sparsity=0.25))["coefficient"]
+    kept = kept_columns(before, after)
+    rms = np.sqrt(np.mean(before.astype(np.float64) ** 2, axis=0))
+    assert len(kept) == 36
+    assert rms[sorted(set(range(48)) - set(kept))].max() <= rms[kept].min()
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_chains_with_either_weight_layout(trans_b):
+    model = gemm_mlp([8, 20, 10, 3], trans_b=trans_b)
+    pruned = structured(model, sparsity=0.5)
+    shapes = {name: array.shape for name, array in initializers(pruned).items()}
+    if trans_b:
+        assert shapes == {
+            "W0": (10, 8),
+            "b0": (10,),
+            "W1": (5, 10),
+            "b1": (5,),
+            "W2": (3, 5),
+            "b2": (3,),
+        }
+    else:
+        assert shapes == {
+            "W0": (8, 10),
+            "b0": (10,),
+            "W1": (10, 5),
+            "b1": (5,),
+            "W2": (5, 3),
+            "b2": (3,),
+        }
+    features = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    assert run(pruned, {"X": features})[0].shape == (32, 3)
+
+
+def test_zero_sparsity_structured_is_the_original(mlp_classifier, digits):
+    features, _ = digits
+    pruned = structured(mlp_classifier, sparsity=0.0)
+    for a, b in zip(
+        run(mlp_classifier, {"X": features}), run(pruned, {"X": features}), strict=True
+    ):
+        assert np.array_equal(a, b)
+
+
+def test_a_layer_never_loses_all_its_neurons(mlp_classifier):
+    pruned = structured(mlp_classifier, threshold=1e9)
+    assert initializers(pruned)["coefficient"].shape == (64, 1)
+
+
+def test_no_safe_chain_is_refused_with_the_reason(logistic):
+    with pytest.raises(UnsupportedModelError, match="granularity=unstructured"):
+        structured(logistic[0], sparsity=0.5)
+    with pytest.raises(UnsupportedModelError, match="Conv; only MatMul/Gemm"):
+        structured(conv_net(), sparsity=0.5)
+
+
+def test_a_branching_hidden_layer_is_left_alone():
+    model = gemm_mlp([6, 8, 4, 2], trans_b=0)
+    # h0 also becomes a graph output: its width is visible, so its neurons cannot go.
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("a0", onnx.TensorProto.FLOAT, None)
+    )
+    outcome = prune_model(model, PruneParams(granularity="structured", sparsity=0.5))
+    shapes = {layer.name: layer.shape for layer in outcome.layers}
+    assert shapes["W0"] == [6, 8] and shapes["W1"] == [8, 2]
+    assert any("W0" in note and "graph output" in note for note in outcome.notes)
