@@ -37,7 +37,8 @@ def mlp_classifier(digits) -> onnx.ModelProto:
 @pytest.fixture(scope="session")
 def mlp_regressor() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     features, target = load_diabetes(return_X_y=True)
-    features = features.astype(np.float32)
+    features = (features / features.std(axis=0)).astype(np.float32)
+    target = (target - target.mean()) / target.std()
     mlp = MLPRegressor(hidden_layer_sizes=(32,), max_iter=300, random_state=0)
     return to_onnx(_fit(mlp, features, target), features[:1]), features, target
 
