@@ -127,6 +127,8 @@ class TrainPruneParams(_Params):
     def _exactly_one_target(self) -> "TrainPruneParams":
         if (self.sparsity is None) == (self.threshold is None):
             raise ValueError("give exactly one of sparsity, threshold")
+        if self.schedule == "gradual" and self.sparsity is None:
+            raise ValueError("schedule gradual ramps up a sparsity; give sparsity, not threshold")
         return self
 
 
@@ -156,5 +158,14 @@ class TrainParams(_Params):
     weight_decay: float = Field(0.0, ge=0, le=1)
     clip: ClipParams = ClipParams()
     prune: TrainPruneParams | None = None
-    validation_split: float = Field(0.2, gt=0, lt=1)
+    validation_split: float = Field(
+        0.2, gt=0, lt=1, description="Share of rows held out for validation (and the report)."
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Early stopping: stop after this many epochs without a better validation "
+        "metric and keep the best weights. None trains every epoch.",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1)

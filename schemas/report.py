@@ -48,10 +48,11 @@ class ClipStats(BaseModel):
 
 
 class TrainingReport(BaseModel):
-    loss: list[float]
-    metric: str
-    validation: list[float]
+    loss: list[float]  # mean training loss per epoch
+    metric: str  # "accuracy" or "r2"
+    validation: list[float]  # the metric on the validation data, per epoch
     clip: ClipStats
+    stopped_early: bool = False
 
 
 class SweepPoint(BaseModel):

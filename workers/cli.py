@@ -5,13 +5,15 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.params import PruneParams
+from schemas.params import PruneParams, TrainParams
+from schemas.report import Report
 from workers import jobs
 from workers.errors import InputError
 
@@ -22,7 +24,8 @@ class UsageError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="clipprune", description="Make ONNX models smaller by magnitude pruning."
+        prog="clipprune",
+        description="Make ONNX models smaller: magnitude pruning and gradient-clipped training.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     prune = commands.add_parser("prune", help="prune an ONNX model")
@@ -38,16 +41,28 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
     prune.add_argument("--train-data", type=Path, help="CSV or NPZ to fine-tune on")
     prune.add_argument("--report", type=Path, help="write the report here, not to stdout")
+
+    train = commands.add_parser("train", help="train a model on a data set, with clipped gradients")
+    train.add_argument("data", type=Path, help="CSV (label column last, or --params label) or NPZ")
+    train.add_argument("-o", "--output", type=Path, required=True, help="where to write the ONNX")
+    train.add_argument("--params", default="{}", help="TrainParams as a JSON object")
+    train.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
+    train.add_argument("--report", type=Path, help="write the report here, not to stdout")
     return parser
 
 
-def _prune_params(args: argparse.Namespace) -> PruneParams:
+def _json_params(text: str) -> dict[str, Any]:
     try:
-        params = json.loads(args.params)
+        params = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--params is not valid JSON: {exc}") from exc
     if not isinstance(params, dict):
         raise UsageError("--params must be a JSON object")
+    return params
+
+
+def _prune_params(args: argparse.Namespace) -> PruneParams:
+    params = _json_params(args.params)
     for flag in ("sparsity", "threshold", "scope", "granularity", "encoding"):
         if getattr(args, flag) is not None:
             params[flag] = getattr(args, flag)
@@ -89,20 +104,15 @@ def _stage_inputs(job_dir: Path, files: dict[str, Path | None]) -> None:
         (inputs / name).symlink_to(source.resolve())
 
 
-def _prune(args: argparse.Namespace) -> None:
-    params = _prune_params(args)
+def _run(
+    args: argparse.Namespace, files: dict[str, Path | None], job: Callable[..., Report]
+) -> None:
+    """Run a job entry point in a temporary job directory, as the service would."""
     with tempfile.TemporaryDirectory(prefix="clipprune-") as tmp:
         job_dir = Path(tmp)
-        _stage_inputs(
-            job_dir,
-            {
-                jobs.MODEL_IN: args.model,
-                jobs.EVAL_DATA: args.eval_data,
-                jobs.TRAIN_DATA: args.train_data,
-            },
-        )
+        _stage_inputs(job_dir, files)
         with _progress_bar() as progress:
-            report = jobs.run_prune_job(job_dir, params, progress)
+            report = job(job_dir, progress)
         shutil.move(job_dir / jobs.MODEL_OUT, args.output)
     text = report.model_dump_json(indent=2)
     if args.report:
@@ -111,11 +121,29 @@ def _prune(args: argparse.Namespace) -> None:
         print(text)
 
 
+def _prune(args: argparse.Namespace) -> None:
+    params = _prune_params(args)
+    files = {
+        jobs.MODEL_IN: args.model,
+        jobs.EVAL_DATA: args.eval_data,
+        jobs.TRAIN_DATA: args.train_data,
+    }
+    _run(args, files, lambda job_dir, progress: jobs.run_prune_job(job_dir, params, progress))
+
+
+def _train(args: argparse.Namespace) -> None:
+    params = TrainParams.model_validate(_json_params(args.params))
+    files = {jobs.TRAIN_DATA: args.data, jobs.EVAL_DATA: args.eval_data}
+    _run(args, files, lambda job_dir, progress: jobs.run_train_job(job_dir, params, progress))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prune":
             _prune(args)
+        elif args.command == "train":
+            _train(args)
     except ValidationError as exc:
         print(f"clipprune: error: {_describe(exc)}", file=sys.stderr)
         return 2

@@ -132,3 +132,41 @@ def read_npz(path: Path, limits: DataLimits = DataLimits()) -> dict[str, np.ndar
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidDataError(f"array {name!r} holds NaN or infinite values")
     return arrays
+
+
+MIN_ROWS = 10
+MAX_CLASSES_AUTO = 20  # integer labels with at most this many values are taken as classes
+
+
+def read_table(path: Path, label: str | None, limits: DataLimits = DataLimits()) -> Table:
+    """Training data: a CSV with a header, or an NPZ with X [N, features] and y [N]."""
+    if is_npz(path):
+        arrays = read_npz(path, limits)
+        if "X" not in arrays or "y" not in arrays:
+            raise InvalidDataError(
+                f"the NPZ file needs arrays X and y; it has {', '.join(sorted(arrays))}"
+            )
+        features, labels = arrays["X"], arrays["y"]
+        if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
+            raise InvalidDataError(
+                f"X must be [rows, features] and y [rows]; got X {list(features.shape)}, "
+                f"y {list(labels.shape)}"
+            )
+        table = Table({"": features.astype(np.float64)}, labels, [])
+    else:
+        table = read_csv(path, label, limits)
+    if table.rows < MIN_ROWS:
+        raise InvalidDataError(
+            f"{table.rows} rows is too few to train on; send at least {MIN_ROWS}"
+        )
+    return table
+
+
+def is_classification(labels: np.ndarray, task: str) -> bool:
+    """task "auto": string labels, or integer-valued labels with few distinct values."""
+    if task != "auto":
+        return task == "classification"
+    if labels.dtype.kind in "US":
+        return True
+    integral = bool(np.all(np.asarray(labels, dtype=np.float64) % 1 == 0))
+    return integral and len(np.unique(labels)) <= MAX_CLASSES_AUTO

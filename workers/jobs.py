@@ -9,16 +9,27 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import ModelProto
 
-from schemas.params import PruneParams
-from schemas.report import OnnxReport, Report, SizeReport
+from schemas.params import PruneParams, Task, TrainParams
+from schemas.report import (
+    AccuracyReport,
+    LatencyReport,
+    OnnxReport,
+    Report,
+    SizeReport,
+)
 from workers import evaluation
+from workers.data import read_table
 from workers.encoding import encode
 from workers.errors import InputError
+from workers.finetune import fine_tune
 from workers.onnx_model import opsets, parse_model, sha256
-from workers.prune import float_params, prune_model
+from workers.prune import float_params, layer_report, prune_model
+from workers.train import train_model
+from workers.training import EpochProgress, training_report
 
 Progress = Callable[[str, float], None]
 
@@ -73,11 +84,45 @@ def onnx_report(data: bytes) -> OnnxReport:
     )
 
 
+def _evaluate(
+    original: bytes,
+    compressed: bytes,
+    feeds: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    task: Task,
+) -> tuple[AccuracyReport, LatencyReport]:
+    original_session = evaluation.session(original)
+    compressed_session = evaluation.session(compressed)
+    accuracy = evaluation.compare(
+        evaluation.run(original_session, feeds),
+        evaluation.run(compressed_session, feeds),
+        labels,
+        task,
+    )
+    return accuracy, evaluation.latency(original_session, compressed_session, feeds)
+
+
+def _finish(job_dir: Path, model: bytes, report: Report, progress: Progress) -> Report:
+    write_atomically(job_dir / MODEL_OUT, model)
+    write_atomically(job_dir / REPORT_OUT, report.model_dump_json(indent=2).encode())
+    progress("done", 1.0)
+    return report
+
+
+def _epoch_progress(progress: Progress, start: float, end: float) -> EpochProgress:
+    def on_epoch(done: int, total: int) -> None:
+        progress(f"epoch {done}/{total}", start + (end - start) * done / total)
+
+    return on_epoch
+
+
 def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_progress) -> Report:
-    """Prune input/model.onnx; evaluate on input/eval_data if present, else on generated inputs."""
+    """Prune input/model.onnx (fine-tuning on input/train_data when params.fine_tune is set);
+    evaluate on input/eval_data if present, else on generated inputs."""
     inputs = job_dir / INPUT_DIR
-    if params.fine_tune is not None or (inputs / TRAIN_DATA).exists():
-        raise InputError("fine_tune and train_data are not supported by this version yet")
+    train_path = inputs / TRAIN_DATA
+    if params.fine_tune is not None and not train_path.exists():
+        raise InputError("fine_tune needs train_data: the data to fine-tune the pruned model on")
     if params.max_accuracy_drop is not None:
         raise InputError("max_accuracy_drop is not supported by this version yet")
     progress("loading", 0.0)
@@ -93,24 +138,26 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         feeds, labels = evaluation.generated_feeds(specs), None
         notes.append("no eval_data: accuracy is agreement with the original on generated inputs")
 
-    progress("pruning", 0.1)
+    progress("pruning", 0.05)
     outcome = prune_model(model, params)
-    progress("encoding", 0.5)
+    training = None
+    if params.fine_tune is not None:
+        train_table = evaluation.load_eval_data(train_path, specs, params.label)
+        progress("fine-tuning", 0.1)
+        validation = table if eval_path.exists() else None
+        training = fine_tune(
+            model, outcome, params, train_table, validation, _epoch_progress(progress, 0.1, 0.6)
+        )
+        if not eval_path.exists():
+            notes.append("no eval_data: the fine-tuning curve is measured on train_data")
+    else:
+        if train_path.exists():
+            notes.append("train_data was sent without fine_tune, so it was not used")
+    progress("encoding", 0.6)
     compressed_bytes, encoding_notes = encode(outcome.model, params.encoding, outcome.pruned)
 
-    progress("evaluating", 0.6)
-    original_session = evaluation.session(original_bytes)
-    compressed_session = evaluation.session(compressed_bytes)
-    accuracy = evaluation.compare(
-        evaluation.run(original_session, feeds),
-        evaluation.run(compressed_session, feeds),
-        labels,
-        params.task,
-    )
-    progress("timing", 0.8)
-    latency = evaluation.latency(original_session, compressed_session, feeds)
-
-    progress("writing", 0.95)
+    progress("evaluating", 0.7)
+    accuracy, latency = _evaluate(original_bytes, compressed_bytes, feeds, labels, params.task)
     params_before, _ = float_params(model)
     _, nonzero_after = float_params(outcome.model)
     report = Report(
@@ -120,9 +167,64 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         accuracy=accuracy,
         latency_ms=latency,
         onnx=onnx_report(compressed_bytes),
+        training=training,
         notes=notes + outcome.notes + encoding_notes,
     )
-    write_atomically(job_dir / MODEL_OUT, compressed_bytes)
-    write_atomically(job_dir / REPORT_OUT, report.model_dump_json(indent=2).encode())
-    progress("done", 1.0)
-    return report
+    progress("writing", 0.95)
+    return _finish(job_dir, compressed_bytes, report, progress)
+
+
+def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_progress) -> Report:
+    """Train on input/train_data; evaluate on input/eval_data, else on the held-out split."""
+    inputs = job_dir / INPUT_DIR
+    progress("loading", 0.0)
+    table = read_table(inputs / TRAIN_DATA, params.label)
+    progress("training", 0.05)
+    outcome = train_model(table, params, _epoch_progress(progress, 0.05, 0.85))
+
+    progress("evaluating", 0.85)
+    notes = []
+    eval_path = inputs / EVAL_DATA
+    dense = parse_model(outcome.dense_onnx)
+    if eval_path.exists():
+        eval_table = evaluation.load_eval_data(
+            eval_path, evaluation.model_inputs(dense), params.label
+        )
+        feeds, labels = eval_table.features, eval_table.labels
+    else:
+        split = outcome.split
+        feeds = {"X": split.x_val.astype(np.float32)}
+        labels = outcome.classes[split.y_val] if outcome.classes is not None else split.y_val[:, 0]
+        notes.append(
+            f"no eval_data: accuracy is measured on the held-out {params.validation_split:.0%}"
+            " of train_data"
+        )
+    if params.prune is None:
+        notes.append("no prune: original and compressed are the same trained model")
+    elif params.prune.schedule == "gradual":
+        notes.append(
+            "gradual pruning: the model was pruned while it trained, so no dense model exists; "
+            "original and compressed are the same pruned model"
+        )
+    task = "classification" if outcome.classes is not None else "regression"
+    accuracy, latency = _evaluate(outcome.dense_onnx, outcome.onnx, feeds, labels, task)
+    layers = [
+        layer_report(f"W{index}", tuple(w.shape), w)
+        for index, w in enumerate(outcome.network.weights)
+    ]
+    params_before, _ = float_params(dense)
+    _, nonzero_after = float_params(parse_model(outcome.onnx))
+    report = Report(
+        kind="train",
+        size=size_report(outcome.dense_onnx, outcome.onnx, params_before, nonzero_after),
+        layers=layers,
+        accuracy=accuracy,
+        latency_ms=latency,
+        onnx=onnx_report(outcome.onnx),
+        training=training_report(
+            "accuracy" if outcome.classes is not None else "r2", params.clip, outcome.history
+        ),
+        notes=notes,
+    )
+    progress("writing", 0.95)
+    return _finish(job_dir, outcome.onnx, report, progress)

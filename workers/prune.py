@@ -48,7 +48,7 @@ def densify_sparse_initializers(model: ModelProto) -> None:
         del graph.sparse_initializer[:]
 
 
-def _layer_report(name: str, original_shape: tuple[int, ...], array: np.ndarray) -> LayerReport:
+def layer_report(name: str, original_shape: tuple[int, ...], array: np.ndarray) -> LayerReport:
     params = int(np.prod(original_shape))
     nonzero = int(np.count_nonzero(array))
     return LayerReport(
@@ -95,7 +95,7 @@ def prune_model(model: ModelProto, params: PruneParams) -> PruneOutcome:
         array = slot.read()
         if array.shape != original.shape or not np.array_equal(array, original):
             outcome.pruned.add(slot.name)
-        outcome.layers.append(_layer_report(slot.name, shape, array))
+        outcome.layers.append(layer_report(slot.name, shape, array))
     return outcome
 
 
@@ -115,3 +115,12 @@ def float_params(model: ModelProto) -> tuple[int, int]:
         total += array.size
         nonzero += int(np.count_nonzero(array))
     return total, nonzero
+
+
+def refresh_layers(outcome: PruneOutcome) -> None:
+    """Recount the layer report after the pruned weights changed (fine-tuning)."""
+    slots = {slot.name: slot for slot in find_weights(outcome.model, include=[".*"])}
+    for index, layer in enumerate(outcome.layers):
+        array = slots[layer.name].read()
+        outcome.layers[index] = layer_report(layer.name, tuple(layer.original_shape), array)
+        outcome.pruned.add(layer.name)

@@ -1,0 +1,275 @@
+"""Reading an ONNX MLP into the NumPy network, and writing the trained weights back in place.
+
+The graph must be an MLP chain as scikit-learn (skl2onnx) and clipprune itself write it:
+
+    X -> [Cast | Sub/Mul/Div/Add by a constant]* -> [MatMul|Gemm (+ Add bias) -> activation]*
+      -> head (Softmax | Sigmoid | none) -> a tail of label and probability plumbing
+
+Any op outside that set is refused by name: fine-tuning a graph we only half understand would
+return a model that silently computes something else.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import ModelProto, NodeProto, helper, numpy_helper
+
+from schemas.params import PruneParams
+from schemas.report import TrainingReport
+from workers.data import Table
+from workers.errors import InputError, InvalidDataError, UnsupportedModelError
+from workers.network import DTYPE, Activation, Head, Network
+from workers.prune import PruneOutcome, refresh_layers
+from workers.training import EpochProgress, FitSettings, PruneTarget, fit, training_report
+from workers.weights import WeightSlot, find_weights
+
+CHAIN_OPS = frozenset({"Cast", "Identity", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div"})
+ACTIVATIONS: dict[str, Activation] = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
+# The label/probability plumbing converters put after the head: no weights, nothing to train.
+TAIL_OPS = frozenset(
+    {
+        "Softmax", "Sigmoid", "ArgMax", "ZipMap", "ArrayFeatureExtractor", "Reshape", "Cast",
+        "Identity", "Concat", "Sub", "Gather", "Flatten", "Squeeze", "Unsqueeze", "Shape",
+    }
+)  # fmt: skip
+ALLOWED_OPS = CHAIN_OPS | TAIL_OPS | set(ACTIVATIONS) | {"Softmax"}
+
+
+@dataclass
+class _Layer:
+    weight: WeightSlot
+    transposed: bool  # Gemm with transB=1 stores [out, in]
+    bias: WeightSlot | None = None
+    activation: Activation = "identity"
+
+    def read_weight(self) -> np.ndarray:
+        """[in, out], whatever the layout in the graph."""
+        weight = self.weight.read()
+        return (weight.T if self.transposed else weight).astype(DTYPE)
+
+    def read_bias(self, width: int) -> np.ndarray:
+        if self.bias is None:
+            return np.zeros(width, DTYPE)
+        return self.bias.read().astype(DTYPE).reshape(-1)
+
+
+@dataclass
+class OnnxMlp:
+    """An MLP found in an ONNX graph: its NumPy twin and where each tensor lives in the graph."""
+
+    network: Network
+    layers: list[_Layer]
+    input_name: str
+    prefix: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (op, constant)
+    classes: np.ndarray | None = None
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """The graph's own preprocessing (standardisation and such) applied to raw features."""
+        x = x.astype(DTYPE)
+        for op, constant in self.prefix:
+            if op == "Sub":
+                x = x - constant
+            elif op == "Add":
+                x = x + constant
+            elif op == "Mul":
+                x = x * constant
+            else:
+                x = x / constant
+        return x
+
+    def targets(self, labels: np.ndarray) -> np.ndarray:
+        """Labels as the network's loss wants them: class indices, or float targets [N, k]."""
+        if self.network.head == "identity":
+            if labels.dtype.kind not in "biuf":
+                raise InvalidDataError("the model is a regressor; its labels must be numbers")
+            return labels.astype(DTYPE).reshape(len(labels), -1)
+        classes = self.classes
+        if classes is None:
+            classes = np.arange(max(2, len(self.network.biases[-1])))
+        lookup = {str(value): index for index, value in enumerate(classes.tolist())}
+        keys = [
+            str(int(v)) if isinstance(v, float) and v == int(v) else str(v) for v in labels.tolist()
+        ]
+        unknown = sorted({key for key in keys if key not in lookup})
+        if unknown:
+            raise InvalidDataError(
+                f"labels {', '.join(unknown[:5])} are not among the model's classes "
+                + ", ".join(map(str, classes.tolist()))
+            )
+        indices = np.array([lookup[key] for key in keys], dtype=np.int64)
+        return indices.astype(DTYPE) if self.network.head == "sigmoid" else indices
+
+    def write_back(self) -> None:
+        for layer, w, b in zip(self.layers, self.network.weights, self.network.biases, strict=True):
+            layer.weight.write(w.T if layer.transposed else w)
+            if layer.bias is not None:
+                layer.bias.write(b.reshape(layer.bias.shape))
+
+
+def _label_key(value: object) -> str:
+    """3.0 from a CSV and 3 from the model's int64 classes are the same class."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _attr(node: NodeProto, name: str, default: float) -> float:
+    for attr in node.attribute:
+        if attr.name == name:
+            return float(helper.get_attribute_value(attr))
+    return default
+
+
+def read_mlp(model: ModelProto) -> OnnxMlp:
+    graph = model.graph
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx", "ai.onnx.ml") or node.op_type not in ALLOWED_OPS:
+            raise UnsupportedModelError(
+                f"fine-tuning needs an MLP graph; {node.op_type} node {node.name!r} is outside the "
+                "ops it understands (MatMul, Gemm, Add, Relu, Tanh, Sigmoid, Softmax and the casts "
+                "and reshapes converters add)"
+            )
+    constants = {slot.name: slot for slot in find_weights(model, include=[".*"])}
+    initializers = {tensor.name for tensor in graph.initializer}
+    inputs = [value.name for value in graph.input if value.name not in initializers]
+    if len(inputs) != 1:
+        raise UnsupportedModelError(
+            f"fine-tuning needs a model with one input; it has {len(inputs)}"
+        )
+    readers: dict[str, list[NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {value.name for value in graph.output}
+
+    mlp_layers: list[_Layer] = []
+    prefix: list[tuple[str, np.ndarray]] = []
+    head: Head = "identity"
+    value = inputs[0]
+    just_multiplied = False
+    while value not in outputs and len(readers[value]) == 1:
+        node = readers[value][0]
+        op = node.op_type
+        others = [name for name in node.input if name != value]
+        constant = constants.get(others[0]) if len(others) == 1 else None
+        if op in ("Cast", "Identity"):
+            pass
+        elif op in ("MatMul", "Gemm") and node.input[0] == value and constant is not None:
+            if op == "Gemm" and (_attr(node, "alpha", 1.0) != 1 or _attr(node, "beta", 1.0) != 1):
+                raise UnsupportedModelError(f"Gemm node {node.name!r} has alpha/beta other than 1")
+            if op == "Gemm" and _attr(node, "transA", 0):
+                raise UnsupportedModelError(f"Gemm node {node.name!r} has transA=1")
+            layer = _Layer(constant, transposed=op == "Gemm" and bool(_attr(node, "transB", 0)))
+            if op == "Gemm" and len(node.input) > 2 and node.input[2]:
+                layer.bias = constants.get(node.input[2])
+            mlp_layers.append(layer)
+            just_multiplied = op == "MatMul"
+            value = node.output[0]
+            continue
+        elif op == "Add" and just_multiplied and constant is not None:
+            mlp_layers[-1].bias = constant
+        elif op in ("Sub", "Add", "Mul", "Div") and not mlp_layers and constant is not None:
+            if node.input[0] != value:
+                raise UnsupportedModelError(f"{op} node {node.name!r} takes the input second")
+            prefix.append((op, constant.read().astype(DTYPE)))
+        elif op in ACTIVATIONS and mlp_layers:
+            mlp_layers[-1].activation = ACTIVATIONS[op]
+        elif op == "Softmax" and mlp_layers:
+            head = "softmax"
+            break
+        else:
+            break
+        just_multiplied = False
+        value = node.output[0]
+    if not mlp_layers:
+        raise UnsupportedModelError("fine-tuning found no MatMul/Gemm layer after the model input")
+    if head == "identity" and mlp_layers[-1].activation == "sigmoid":
+        head = "sigmoid"
+        mlp_layers[-1].activation = "identity"
+    weights = [layer.read_weight() for layer in mlp_layers]
+    biases = [layer.read_bias(w.shape[1]) for layer, w in zip(mlp_layers, weights, strict=True)]
+    if mlp_layers[-1].activation != "identity":
+        raise UnsupportedModelError(
+            f"the last layer ends in {mlp_layers[-1].activation}, not a head clipprune can train "
+            "(softmax, sigmoid with one output, or none)"
+        )
+    if head == "sigmoid" and weights[-1].shape[1] != 1:
+        raise UnsupportedModelError("a sigmoid head must have one output to fine-tune")
+    network = Network(weights, biases, [layer.activation for layer in mlp_layers[:-1]], head)
+    return OnnxMlp(network, mlp_layers, inputs[0], prefix, _classes(model, head))
+
+
+def _classes(model: ModelProto, head: Head) -> np.ndarray | None:
+    """The class values a converter stored for its label output, if it stored any."""
+    if head == "identity":
+        return None
+    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("ArrayFeatureExtractor", "Gather") and node.input[0] in tensors:
+            classes = numpy_helper.to_array(tensors[node.input[0]])
+            if classes.dtype == object:  # string tensors arrive as bytes
+                classes = np.array([c.decode() if isinstance(c, bytes) else c for c in classes])
+            return classes
+    return None
+
+
+def fine_tune(
+    original: ModelProto,
+    outcome: PruneOutcome,
+    params: PruneParams,
+    train: Table,
+    validation: Table | None,
+    on_epoch: EpochProgress | None = None,
+) -> TrainingReport:
+    """Train the surviving weights of the pruned model in place, with clipped gradients.
+
+    one_shot: the masks of the pruning step stay fixed. gradual: start again from the original
+    weights and ramp sparsity up over the epochs (Zhu & Gupta), so the network adapts as it goes.
+    """
+    settings = params.fine_tune
+    assert settings is not None
+    mlp = read_mlp(outcome.model)
+    network = mlp.network
+    if train.labels is None:
+        raise InvalidDataError("train_data needs labels to fine-tune on")
+    x_train = mlp.prepare(train.features[mlp.input_name])
+    y_train = mlp.targets(train.labels)
+    check = validation if validation is not None and validation.labels is not None else train
+    x_val, y_val = mlp.prepare(check.features[mlp.input_name]), mlp.targets(check.labels)
+
+    masks: list[np.ndarray] | None = [(w != 0).astype(DTYPE) for w in network.weights]
+    target = None
+    if settings.schedule == "gradual":
+        if params.granularity != "unstructured" or params.sparsity is None:
+            raise InputError(
+                "fine_tune.schedule gradual ramps up the sparsity of single weights: use "
+                "granularity unstructured with sparsity"
+            )
+        dense = read_mlp(original).network
+        network.weights, network.biases = dense.weights, dense.biases
+        masks = None
+        target = PruneTarget(params.sparsity, None, params.scope, "gradual")
+    fit_settings = FitSettings(
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer,
+        clip=settings.clip,
+        prune=target,
+    )
+    history = fit(
+        network,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        fit_settings,
+        np.random.default_rng(0),
+        masks,
+        on_epoch,
+    )
+    mlp.write_back()
+    refresh_layers(outcome)
+    metric = "r2" if network.head == "identity" else "accuracy"
+    return training_report(metric, settings.clip, history)

@@ -1,0 +1,153 @@
+"""Training a model from a data table: task, split, standardisation, fit, pruning, export."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.params import TrainParams
+from workers.data import Table, is_classification
+from workers.errors import InvalidDataError
+from workers.export import to_onnx
+from workers.network import DTYPE, Activation, Head, Network, initialise
+from workers.training import FitSettings, History, PruneTarget, apply_masks, fit, weight_masks
+
+
+@dataclass
+class Split:
+    x_train: np.ndarray  # raw features
+    y_train: np.ndarray  # class indices, or targets [N, 1]
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+@dataclass
+class TrainOutcome:
+    network: Network
+    classes: np.ndarray | None  # class values in index order; None for regression
+    history: History
+    split: Split
+    dense_onnx: bytes  # the trained model before any final pruning step
+    onnx: bytes
+
+
+def class_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    classes, indices = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise InvalidDataError("the labels hold a single class; classification needs two or more")
+    if classes.dtype.kind in "f":
+        classes = classes.astype(np.int64)
+    return indices, classes
+
+
+def split_rows(rows: int, share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(rows)
+    held_out = max(1, round(share * rows))
+    if rows - held_out < 1:
+        raise InvalidDataError(f"validation_split {share} leaves no rows to train on")
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+def architecture(
+    params: TrainParams, classification: bool, classes: int
+) -> tuple[list[int], list[Activation], Head]:
+    """Hidden sizes, hidden activations and head for params.model on this task."""
+    spec = params.model
+    if spec.type == "linear":
+        if classification:
+            raise InvalidDataError(
+                "model.type linear is a regressor but the labels are classes; use logistic, "
+                "softmax or mlp, or set task=regression"
+            )
+        return [], [], "identity"
+    if spec.type in ("logistic", "softmax") and not classification:
+        raise InvalidDataError(
+            f"model.type {spec.type} is a classifier but the labels are continuous; use linear "
+            "or mlp, or set task=classification"
+        )
+    if spec.type == "logistic":
+        if classes != 2:
+            raise InvalidDataError(
+                f"model.type logistic is binary but the labels have {classes} classes; use softmax"
+            )
+        return [], [], "sigmoid"
+    if spec.type == "softmax":
+        return [], [], "softmax"
+    hidden = list(spec.hidden)
+    return hidden, [spec.activation] * len(hidden), "softmax" if classification else "identity"
+
+
+def _fold_target_scale(network: Network, mean: np.ndarray, std: np.ndarray) -> None:
+    """Training saw standardised targets; fold y = z * std + mean into the last layer."""
+    network.weights[-1] *= std
+    network.biases[-1] *= std
+    network.biases[-1] += mean
+
+
+def train_model(
+    table: Table, params: TrainParams, on_epoch: Callable[[int, int], None] | None = None
+) -> TrainOutcome:
+    rng = np.random.default_rng(params.seed)
+    features = table.features[""]
+    if table.labels is None:
+        raise InvalidDataError("training needs a label column")
+    classification = is_classification(table.labels, params.task)
+    classes = None
+    if classification:
+        targets, classes = class_indices(table.labels)
+    else:
+        if table.labels.dtype.kind not in "biuf":
+            raise InvalidDataError("regression needs numeric labels; set task=classification")
+        targets = table.labels.astype(DTYPE).reshape(-1, 1)
+    train_rows, val_rows = split_rows(len(features), params.validation_split, rng)
+    split = Split(features[train_rows], targets[train_rows], features[val_rows], targets[val_rows])
+
+    n_classes = 0 if classes is None else len(classes)
+    hidden, activations, head = architecture(params, classification, n_classes)
+    outputs = n_classes if head == "softmax" else 1
+    network = initialise([features.shape[1], *hidden, outputs], activations, head, rng)
+    mean = split.x_train.mean(axis=0)
+    std = split.x_train.std(axis=0)
+    network.mean = mean.astype(DTYPE)
+    network.scale = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0).astype(DTYPE)
+
+    y_train, y_val = split.y_train, split.y_val
+    if head == "identity":
+        y_mean, y_std = split.y_train.mean(axis=0), split.y_train.std(axis=0)
+        y_std = np.where(y_std > 0, y_std, 1.0).astype(DTYPE)
+        y_train, y_val = (y_train - y_mean) / y_std, (y_val - y_mean) / y_std
+    elif head == "sigmoid":
+        y_train, y_val = y_train.astype(DTYPE), y_val.astype(DTYPE)
+
+    prune = params.prune
+    target = (
+        None
+        if prune is None
+        else PruneTarget(prune.sparsity, prune.threshold, prune.scope, prune.schedule)
+    )
+    settings = FitSettings(
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        learning_rate=params.learning_rate,
+        optimizer=params.optimizer,
+        clip=params.clip,
+        weight_decay=params.weight_decay,
+        patience=params.patience,
+        prune=target if target is not None and target.schedule == "gradual" else None,
+    )
+    history = fit(
+        network,
+        network.standardise(split.x_train),
+        y_train,
+        network.standardise(split.x_val),
+        y_val,
+        settings,
+        rng,
+        on_epoch=on_epoch,
+    )
+    if head == "identity":
+        _fold_target_scale(network, y_mean.astype(DTYPE), y_std)
+    dense = to_onnx(network, classes)
+    if target is not None and target.schedule == "one_shot":
+        apply_masks(network, weight_masks(network, target, target.sparsity))
+    return TrainOutcome(network, classes, history, split, dense, to_onnx(network, classes))

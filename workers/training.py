@@ -1,0 +1,180 @@
+"""The training loop: mini-batches, clipped gradients, masks that keep pruned weights at zero,
+gradual or one-shot pruning, early stopping, and the statistics the report shows."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from schemas.params import ClipParams, Optimizer, PruneSchedule, Scope
+from schemas.report import ClipStats, TrainingReport
+from workers.clipping import clip_gradients
+from workers.errors import InputError
+from workers.network import Network
+from workers.optimizers import Step
+from workers.pruning import magnitude_masks
+
+# Gradual pruning (Zhu & Gupta 2017) ramps sparsity up over this share of the epochs and
+# fine-tunes with the final mask for the rest.
+GRADUAL_RAMP_SHARE = 0.75
+
+EpochProgress = Callable[[int, int], None]  # (epochs done, epochs in all)
+
+
+class TrainingDivergedError(InputError):
+    title = "Training diverged"
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    sparsity: float | None
+    threshold: float | None
+    scope: Scope
+    schedule: PruneSchedule
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: Optimizer
+    clip: ClipParams
+    weight_decay: float = 0.0
+    patience: int | None = None
+    prune: PruneTarget | None = None
+
+
+@dataclass
+class History:
+    loss: list[float] = field(default_factory=list)  # mean training loss per epoch
+    validation: list[float] = field(default_factory=list)  # validation metric per epoch
+    grad_norms: list[float] = field(default_factory=list)  # global norm before clipping, per step
+    clipped: list[bool] = field(default_factory=list)  # did clipping change the step
+    stopped_early: bool = False
+
+
+def score(network: Network, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy for classification heads, r2 for regression, on standardised x."""
+    logits, _, _ = network.forward(x)
+    if network.head == "softmax":
+        return float(np.mean(np.argmax(logits, axis=1) == y))
+    if network.head == "sigmoid":
+        return float(np.mean((logits[:, 0] > 0) == (y > 0.5)))
+    total = float(np.sum((y - y.mean(axis=0)) ** 2))
+    return 1.0 - float(np.sum((y - logits) ** 2)) / total if total > 0 else 0.0
+
+
+def gradual_sparsity(final: float, epoch: int, ramp_epochs: int) -> float:
+    """Zhu & Gupta's cubic schedule from 0: s = final * (1 - (1 - epoch / ramp)^3)."""
+    progress = min(1.0, epoch / ramp_epochs)
+    return final * (1.0 - (1.0 - progress) ** 3)
+
+
+def weight_masks(network: Network, target: PruneTarget, sparsity: float | None) -> list[np.ndarray]:
+    keep = magnitude_masks(
+        network.weights,
+        sparsity=sparsity if target.threshold is None else None,
+        threshold=target.threshold,
+        scope=target.scope,
+    )
+    return [k.astype(w.dtype) for k, w in zip(keep, network.weights, strict=True)]
+
+
+def apply_masks(network: Network, masks: list[np.ndarray] | None) -> None:
+    if masks is not None:
+        for w, mask in zip(network.weights, masks, strict=True):
+            w *= mask
+
+
+def fit(
+    network: Network,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    settings: FitSettings,
+    rng: np.random.Generator,
+    masks: list[np.ndarray] | None = None,
+    on_epoch: EpochProgress | None = None,
+) -> History:
+    """Train `network` in place on standardised inputs.
+
+    `masks` (one per weight matrix, 1 keep / 0 pruned) hold pruned weights at zero throughout.
+    """
+    history = History()
+    params = network.params
+    step = Step(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
+    target = settings.prune
+    ramp = max(1, round(GRADUAL_RAMP_SHARE * settings.epochs))
+    gradual = target is not None and target.schedule == "gradual"
+    best: tuple[float, list[np.ndarray]] | None = None
+    since_best = 0
+    rows = len(x_train)
+    for epoch in range(settings.epochs):
+        if gradual and 0 < epoch <= ramp:
+            assert target is not None and target.sparsity is not None
+            masks = weight_masks(network, target, gradual_sparsity(target.sparsity, epoch, ramp))
+            apply_masks(network, masks)
+        order = rng.permutation(rows)
+        losses = []
+        for start in range(0, rows, settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            loss, grads = network.loss_and_grads(x_train[batch], y_train[batch])
+            if masks is not None:
+                for g, mask in zip(grads[::2], masks, strict=True):
+                    g *= mask
+            clipped, norm = clip_gradients(
+                grads, settings.clip.mode, settings.clip.threshold, params
+            )
+            if not (np.isfinite(loss) and np.isfinite(norm)):
+                raise TrainingDivergedError(
+                    f"training diverged at step {len(history.grad_norms) + 1} (epoch {epoch + 1}):"
+                    f" loss {loss}, gradient norm {norm}; lower learning_rate or clip gradients"
+                    " (clip.mode global_norm with a threshold near the typical gradient norm)"
+                )
+            history.grad_norms.append(norm)
+            history.clipped.append(any(c is not g for c, g in zip(clipped, grads, strict=True)))
+            step(params, clipped)
+            apply_masks(network, masks)
+            losses.append(loss)
+        history.loss.append(float(np.mean(losses)))
+        history.validation.append(score(network, x_val, y_val))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, settings.epochs)
+        if settings.patience is not None and (not gradual or epoch >= ramp):
+            if best is None or history.validation[-1] > best[0]:
+                best, since_best = (history.validation[-1], [p.copy() for p in params]), 0
+            else:
+                since_best += 1
+                if since_best >= settings.patience:
+                    history.stopped_early = True
+                    break
+    if best is not None:
+        for p, saved in zip(params, best[1], strict=True):
+            p[...] = saved
+    if target is not None:
+        final = weight_masks(network, target, target.sparsity)
+        apply_masks(network, final)
+    return history
+
+
+def clip_stats(clip: ClipParams, history: History) -> ClipStats:
+    norms = history.grad_norms or [0.0]
+    return ClipStats(
+        mode=clip.mode,
+        threshold=clip.threshold,
+        clipped_fraction=float(np.mean(history.clipped)) if history.clipped else 0.0,
+        grad_norm_p50=float(np.median(norms)),
+        grad_norm_max=float(np.max(norms)),
+    )
+
+
+def training_report(metric: str, clip: ClipParams, history: History) -> TrainingReport:
+    return TrainingReport(
+        loss=history.loss,
+        metric=metric,
+        validation=history.validation,
+        clip=clip_stats(clip, history),
+        stopped_early=history.stopped_early,
+    )
