@@ -11,6 +11,7 @@ from skl2onnx import to_onnx
 from sklearn.datasets import load_diabetes, load_digits, load_iris
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 
@@ -55,3 +56,16 @@ def logistic() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
 def job_dir(tmp_path: Path) -> Path:
     (tmp_path / "input").mkdir()
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def digits_300_100(digits):
+    """The 64-300-100-10 digits MLP of the Deep Compression / LeNet-300-100 lineage, with its
+    train and held-out splits (70/30)."""
+    features, labels = digits
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=0.3, random_state=0
+    )
+    mlp = MLPClassifier(hidden_layer_sizes=(300, 100), max_iter=300, random_state=0)
+    model = to_onnx(_fit(mlp, x_train, y_train), x_train[:1])
+    return model, (x_train, y_train), (x_test, y_test)

@@ -87,6 +87,8 @@ def apply_masks(network: Network, masks: list[np.ndarray] | None) -> None:
             w *= mask
 
 
+# Overflow is detected in the loop and reported with its step; NumPy's warnings add only noise.
+@np.errstate(over="ignore", invalid="ignore")
 def fit(
     network: Network,
     x_train: np.ndarray,

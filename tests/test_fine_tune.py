@@ -1,0 +1,145 @@
+"""Fine-tuning pruned models with clipped gradients wins back what one-shot pruning loses."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from graphs import conv_net
+from helpers import run
+from skl2onnx import to_onnx
+from sklearn.datasets import load_breast_cancer
+from sklearn.neural_network import MLPClassifier
+
+from schemas import PruneParams, TrainParams
+from workers.errors import InputError, UnsupportedModelError
+from workers.jobs import run_prune_job, run_train_job
+
+
+def stage(job_dir: Path, model: bytes, train=None, evaluate=None) -> Path:
+    (job_dir / "input" / "model.onnx").write_bytes(model)
+    for name, data in (("train_data", train), ("eval_data", evaluate)):
+        if data is not None:
+            np.savez(job_dir / "input" / f"{name}.npz", X=data[0], y=data[1])
+            (job_dir / "input" / f"{name}.npz").rename(job_dir / "input" / name)
+    return job_dir
+
+
+FINE_TUNE = {
+    "epochs": 30,
+    "learning_rate": 3e-3,
+    "clip": {"mode": "global_norm", "threshold": 0.25},
+}
+
+
+def test_ninety_percent_pruned_digits_mlp_recovers_within_one_and_a_half_points(
+    job_dir, tmp_path, digits_300_100
+):
+    model, train, held_out = digits_300_100
+    data = model.SerializeToString()
+    one_shot = run_prune_job(stage(job_dir, data, evaluate=held_out), PruneParams(sparsity=0.9))
+    tuned_dir = tmp_path / "tuned"
+    (tuned_dir / "input").mkdir(parents=True)
+    tuned = run_prune_job(
+        stage(tuned_dir, data, train=train, evaluate=held_out),
+        PruneParams(sparsity=0.9, fine_tune=FINE_TUNE),
+    )
+    original = one_shot.accuracy.original
+    assert original > 0.97
+    assert one_shot.accuracy.compressed < original - 0.2  # one-shot alone loses a lot
+    assert tuned.accuracy.compressed >= original - 0.015
+    assert all(abs(layer.sparsity - 0.9) < 1e-3 for layer in tuned.layers)  # masks held
+    clip = tuned.training.clip
+    assert clip.mode == "global_norm" and 0 < clip.clipped_fraction <= 1
+    assert clip.grad_norm_max >= clip.grad_norm_p50 > 0
+    assert len(tuned.training.loss) == 30 and tuned.training.metric == "accuracy"
+    # the fine-tuned file is the same graph with new numbers
+    x_test, y_test = held_out
+    labels, _ = run((tuned_dir / "model.onnx").read_bytes(), {"X": x_test})
+    assert np.mean(labels == y_test) == pytest.approx(tuned.accuracy.compressed)
+
+
+def test_gradual_fine_tuning_ramps_to_the_target(job_dir, digits_300_100):
+    model, train, held_out = digits_300_100
+    report = run_prune_job(
+        stage(job_dir, model.SerializeToString(), train=train, evaluate=held_out),
+        PruneParams(sparsity=0.8, fine_tune={**FINE_TUNE, "epochs": 8, "schedule": "gradual"}),
+    )
+    assert all(abs(layer.sparsity - 0.8) < 1e-3 for layer in report.layers)
+    assert report.accuracy.compressed > 0.93
+
+
+def test_structured_pruning_then_fine_tuning(job_dir, digits_300_100):
+    model, train, held_out = digits_300_100
+    report = run_prune_job(
+        stage(job_dir, model.SerializeToString(), train=train, evaluate=held_out),
+        PruneParams(sparsity=0.5, granularity="structured", fine_tune={**FINE_TUNE, "epochs": 10}),
+    )
+    assert [layer.shape for layer in report.layers] == [[64, 150], [150, 50], [50, 10]]
+    assert report.accuracy.compressed > report.accuracy.original - 0.03
+
+
+def test_binary_sigmoid_head_from_skl2onnx(job_dir):
+    features, labels = load_breast_cancer(return_X_y=True)
+    features = (features / features.max(axis=0)).astype(np.float32)
+    mlp = MLPClassifier(hidden_layer_sizes=(32,), max_iter=300, random_state=0).fit(
+        features, labels
+    )
+    report = run_prune_job(
+        stage(
+            job_dir,
+            to_onnx(mlp, features[:1]).SerializeToString(),
+            train=(features, labels),
+            evaluate=(features, labels),
+        ),
+        PruneParams(sparsity=0.8, fine_tune={"epochs": 10}),
+    )
+    assert report.accuracy.compressed > 0.9
+
+
+def test_regressor_from_skl2onnx(job_dir, mlp_regressor):
+    model, features, target = mlp_regressor
+    report = run_prune_job(
+        stage(
+            job_dir,
+            model.SerializeToString(),
+            train=(features, target),
+            evaluate=(features, target),
+        ),
+        PruneParams(sparsity=0.5, fine_tune={"epochs": 30}),
+    )
+    assert report.training.metric == "r2"
+    assert report.accuracy.compressed > report.accuracy.original - 0.1
+
+
+def test_a_model_trained_by_clipprune_can_be_pruned_and_fine_tuned(job_dir, tmp_path, digits):
+    features, labels = digits
+    train_dir = tmp_path / "train"
+    (train_dir / "input").mkdir(parents=True)
+    stage(train_dir, b"", train=(features[:1200], labels[:1200]))
+    run_train_job(train_dir, TrainParams.model_validate({"model": {"hidden": [128]}, "epochs": 30}))
+    report = run_prune_job(
+        stage(
+            job_dir,
+            (train_dir / "model.onnx").read_bytes(),
+            train=(features[:1200], labels[:1200]),
+            evaluate=(features[1200:], labels[1200:]),
+        ),
+        PruneParams(sparsity=0.7, fine_tune={"epochs": 15}),
+    )
+    assert report.accuracy.original > 0.88  # digits[1200:] are other writers than [:1200]
+    assert report.accuracy.compressed > report.accuracy.original - 0.03
+
+
+def test_a_graph_outside_the_mlp_set_is_refused_naming_the_op(job_dir, digits):
+    features = np.random.default_rng(0).standard_normal((20, 1, 8, 8)).astype(np.float32)
+    (job_dir / "input" / "model.onnx").write_bytes(conv_net().SerializeToString())
+    np.savez(job_dir / "t.npz", X=features, y=np.arange(20) % 10)
+    (job_dir / "t.npz").rename(job_dir / "input" / "train_data")
+    with pytest.raises(UnsupportedModelError, match="Conv node"):
+        run_prune_job(job_dir, PruneParams(sparsity=0.5, fine_tune={}))
+
+
+def test_fine_tune_without_train_data_says_what_is_missing(job_dir, mlp_classifier):
+    stage(job_dir, mlp_classifier.SerializeToString())
+    with pytest.raises(InputError, match="fine_tune needs train_data"):
+        run_prune_job(job_dir, PruneParams(sparsity=0.5, fine_tune={}))
