@@ -60,20 +60,19 @@ def to_onnx(network: Network, classes: np.ndarray | None, name: str = "clipprune
             ]
         else:
             nodes.append(helper.make_node("Softmax", [value], ["probabilities"], axis=1))
-        class_array = classes if classes.dtype.kind == "U" else classes.astype(np.int64)
-        class_tensor = (
-            helper.make_tensor(
-                "classes", TensorProto.STRING, [len(classes)], [c.encode() for c in class_array]
+        if classes.dtype.kind == "U":
+            label_type = TensorProto.STRING
+            class_tensor = helper.make_tensor(
+                "classes", label_type, [len(classes)], [c.encode() for c in classes]
             )
-            if classes.dtype.kind == "U"
-            else numpy_helper.from_array(class_array, "classes")
-        )
+        else:
+            label_type = TensorProto.INT64
+            class_tensor = numpy_helper.from_array(classes.astype(np.int64), "classes")
         inits.append(class_tensor)
         nodes += [
             helper.make_node("ArgMax", ["probabilities"], ["class_index"], axis=1, keepdims=0),
             helper.make_node("Gather", ["classes", "class_index"], ["label"], axis=0),
         ]
-        label_type = TensorProto.STRING if classes.dtype.kind == "U" else TensorProto.INT64
         outputs += [
             helper.make_tensor_value_info("label", label_type, ["N"]),
             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)]),
