@@ -84,7 +84,8 @@ def _progress_bar() -> Iterator[jobs.Progress]:
         return
     from tqdm import tqdm
 
-    with tqdm(total=100, unit="%", file=sys.stderr, leave=False) as bar:
+    bar_format = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+    with tqdm(total=100, file=sys.stderr, leave=False, bar_format=bar_format) as bar:
 
         def update(stage: str, fraction: float) -> None:
             bar.set_description(stage)
