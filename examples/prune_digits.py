@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-from workers.cli import main
+from service.cli import main
 
 OUT = Path("build/example")
 

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from workers.clipping import clip_gradients
+from service.clipping import clip_gradients
 
 
 def f32(*values) -> np.ndarray:

@@ -106,7 +106,7 @@ def test_bad_model_and_bad_data_fail_with_typed_errors(job_dir, digits_files):
 
 def clipprune(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -76,7 +76,7 @@ def test_train_job_with_eval_data_and_gradual_pruning(job_dir, tmp_path):
 
 def clipprune(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

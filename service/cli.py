@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--params", default="{}", help="TrainParams as a JSON object")
     train.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
     train.add_argument("--report", type=Path, help="write the report here, not to stdout")
+
+    serve = commands.add_parser("serve", help="run the REST service (settings: CLIPPRUNE_*)")
+    serve.add_argument("--host", help="bind address (CLIPPRUNE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (CLIPPRUNE_PORT, default 8000)")
     return parser
 
 
@@ -138,6 +142,24 @@ def _train(args: argparse.Namespace) -> None:
     _run(args, files, lambda job_dir, progress: jobs.run_train_job(job_dir, params, progress))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {key: getattr(args, key) for key in ("host", "port") if getattr(args, key)}
+    settings = Settings(**overrides)
+    # One process: the app's own worker processes do the compute.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             _prune(args)
         elif args.command == "train":
             _train(args)
+        elif args.command == "serve":
+            _serve(args)
     except ValidationError as exc:
         print(f"clipprune: error: {_describe(exc)}", file=sys.stderr)
         return 2

@@ -1,0 +1,51 @@
+"""Jobs and problems as the HTTP API shows them."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobKind = Literal["prune", "train"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+
+class FieldProblem(BaseModel):
+    field: str  # dotted path, e.g. "params.sparsity"
+    message: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldProblem] | None = None
+
+
+class JobLinks(BaseModel):
+    self: str
+    model: str
+    report: str
+    report_html: str
+
+
+class Job(BaseModel):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    progress: float = Field(ge=0, le=1)
+    stage: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    params: dict[str, Any]
+    error: Problem | None
+    links: JobLinks
+
+
+class JobPage(BaseModel):
+    items: list[Job]
+    next: str | None  # URL of the next (older) page, None on the last page

@@ -1,0 +1,146 @@
+"""The FastAPI app factory: `create_app(settings)`; no module-level app, no globals."""
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from schemas.params import PruneParams, TrainParams
+from schemas.report import Report
+from service import ops, routes
+from service.artifacts import ArtifactStore
+from service.context import ServiceContext
+from service.local_backend import LocalBackend
+from service.logs import configure_logging, request_id
+from service.metrics import Metrics
+from service.problems import ProblemBodyLimit, install_handlers
+from service.settings import Settings
+from service.store import JobStore
+
+log = logging.getLogger("clipprune.http")
+EXPIRY_INTERVAL_S = 300
+
+
+class RequestContext:
+    """Request id (X-Request-ID in and out), one JSON log line and metrics per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+            request_id.reset(token)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated document, plus the params and report schemas the form fields carry."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, routes=app.routes, description=app.description
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (PruneParams, TrainParams, Report):
+            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(definition.pop("$defs", {}))
+            components[model.__name__] = definition
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(settings.database)
+        artifacts = ArtifactStore(settings.data_dir)
+
+        def finished(job_id: str) -> None:
+            row = store.get(job_id)
+            if row is not None and row.finished_at and row.started_at:
+                metrics.jobs.labels(row.kind, row.status).inc()
+                metrics.job_seconds.labels(row.kind).observe(
+                    (row.finished_at - row.started_at).total_seconds()
+                )
+
+        backend = LocalBackend(settings, store, on_finished=finished)
+        app.state.context = ServiceContext(settings, store, artifacts, backend, metrics)
+        if not settings.keys:
+            log.warning(
+                "no API keys configured (CLIPPRUNE_API_KEYS): the service is open to anyone "
+                "who can reach it"
+            )
+        await backend.start()
+        expiry = asyncio.create_task(_expire(store, artifacts, settings.job_ttl_s))
+        log.info("clipprune ready", extra={"path": str(settings.data_dir)})
+        try:
+            yield
+        finally:
+            expiry.cancel()
+            await backend.stop()
+
+    app = FastAPI(
+        title="clipprune",
+        version="0.1.0",
+        description="Makes models smaller: magnitude pruning and gradient-clipped training. "
+        "Every job answers 202 with a Location to poll; errors are application/problem+json.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    install_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(ops.router)
+    ops.mount_assets(app)
+    app.add_middleware(ProblemBodyLimit, max_body_size=settings.max_upload_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app
+
+
+async def _expire(store: JobStore, artifacts: ArtifactStore, ttl_s: float) -> None:
+    while True:
+        for job_id in await asyncio.to_thread(store.expired, ttl_s):
+            artifacts.delete(job_id)
+            store.delete(job_id)
+        await asyncio.sleep(EXPIRY_INTERVAL_S)

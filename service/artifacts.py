@@ -1,0 +1,42 @@
+"""Job directories on disk: uploads streamed in, results read out, whole jobs removed."""
+
+import shutil
+from pathlib import Path
+from typing import BinaryIO
+
+from workers import jobs
+
+CHUNK = 1 << 20
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def create(self, job_id: str) -> Path:
+        path = self.job_dir(job_id)
+        (path / jobs.INPUT_DIR).mkdir(parents=True)
+        return path
+
+    def save_input(self, job_id: str, name: str, source: BinaryIO) -> int:
+        """Copy an upload into the job's input/ in chunks; returns its size in bytes."""
+        target = self.job_dir(job_id) / jobs.INPUT_DIR / name
+        size = 0
+        with target.open("wb") as out:
+            while chunk := source.read(CHUNK):
+                out.write(chunk)
+                size += len(chunk)
+        return size
+
+    def model(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / jobs.MODEL_OUT
+
+    def report(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / jobs.REPORT_OUT
+
+    def delete(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -1,0 +1,167 @@
+"""The embedded backend: one worker process per job, at most `workers` at once.
+
+A process per job (from a forkserver that has the compute modules imported, so a start costs
+milliseconds) rather than concurrent.futures.ProcessPoolExecutor: a pool cannot stop one running
+job, and one killed worker breaks the whole pool and fails every job in it. Here DELETE and the
+time limit kill exactly one process, a process that dies (OOM, SIGKILL) fails exactly its job,
+and the next job gets a fresh process. The job table is the queue, so a restart loses nothing.
+"""
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+
+from service.artifacts import ArtifactStore
+from service.logs import configure_logging
+from service.runner import problem, run_job
+from service.settings import Settings
+from service.store import JobStore
+
+log = logging.getLogger("clipprune.backend")
+
+TICK_S = 0.2
+MAX_ATTEMPTS = 2  # a job left running by a crashed service is retried once, then failed
+
+
+def _job_process(settings: Settings, job_id: str) -> None:
+    configure_logging()
+    store = JobStore(settings.database)
+    run_job(store, ArtifactStore(settings.data_dir).job_dir(job_id), job_id)
+
+
+@dataclass
+class _Running:
+    process: BaseProcess
+    started: float
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the kernel's out-of-memory killer, or an operator)" if -code == 9 else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {code}"
+
+
+class LocalBackend:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        on_finished: Callable[[str], None] = lambda job_id: None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.on_finished = on_finished
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["service.runner", "workers.jobs"])
+        self.running: dict[str, _Running] = {}
+        self.lock = threading.Lock()
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def recover(self) -> None:
+        """Jobs a dead service left `running`: retried if they have attempts left, else failed."""
+        for job_id in self.store.running():
+            row = self.store.get(job_id)
+            if row is not None and row.attempts < MAX_ATTEMPTS and self.store.requeue(job_id):
+                log.warning(
+                    "requeued job left running by a stopped service", extra={"job_id": job_id}
+                )
+                continue
+            self.store.fail(
+                job_id,
+                problem(500, "Worker lost", "the service stopped while this job ran, twice"),
+                {"running"},
+            )
+
+    async def start(self) -> None:
+        self.recover()
+        self.task = asyncio.create_task(self._loop(), name="clipprune-dispatcher")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        with self.lock:
+            for job_id, running in list(self.running.items()):
+                running.process.kill()
+                running.process.join(5)
+                self.store.requeue(job_id)  # it runs again on the next start
+            self.running.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    def cancel(self, job_id: str) -> None:
+        with self.lock:
+            running = self.running.pop(job_id, None)
+        if running is not None:
+            running.process.kill()
+            running.process.join(5)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.tick)
+            except Exception:
+                log.exception("dispatcher tick failed; retrying")
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), TICK_S)
+
+    def tick(self) -> None:
+        with self.lock:
+            self._reap()
+            self._dispatch()
+
+    def _reap(self) -> None:
+        limit = self.settings.job_timeout_s
+        for job_id, running in list(self.running.items()):
+            process = running.process
+            if process.is_alive():
+                if time.monotonic() - running.started <= limit:
+                    continue
+                process.kill()
+                process.join(5)
+                self.store.fail(
+                    job_id,
+                    problem(
+                        504,
+                        "Job time limit",
+                        f"the job ran longer than {limit:g} s "
+                        "(CLIPPRUNE_JOB_TIMEOUT_S) and was stopped",
+                    ),
+                    {"running"},
+                )
+            else:
+                process.join()
+                if process.exitcode != 0:
+                    detail = f"the job's worker process {describe_exit(process.exitcode)}"
+                    self.store.fail(job_id, problem(500, "Worker process died", detail))
+            del self.running[job_id]
+            self.on_finished(job_id)
+
+    def _dispatch(self) -> None:
+        free = self.settings.workers - len(self.running)
+        if free <= 0:
+            return
+        for job_id in self.store.queued(free):
+            process = self.context.Process(
+                target=_job_process, args=(self.settings, job_id), name=f"clipprune-job-{job_id}"
+            )
+            process.start()
+            self.running[job_id] = _Running(process, time.monotonic())

@@ -1,0 +1,65 @@
+"""Operations: liveness, readiness, metrics, and Swagger UI served from the service itself."""
+
+import shutil
+from pathlib import Path
+
+import swagger_ui_bundle
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.context import context
+
+router = APIRouter(tags=["operations"])
+ASSETS = "/docs/assets"
+
+
+@router.get("/livez", summary="The process answers")
+def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Database, worker pool and disk are usable")
+def readyz(request: Request) -> JSONResponse:
+    ctx = context(request)
+    checks: dict[str, str] = {}
+    try:
+        ctx.store.ping()
+        checks["database"] = "ok"
+    except Exception as exc:  # any driver error means "not ready"; the message says which
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    checks["workers"] = "ok" if ctx.backend.alive else "dispatcher stopped"
+    free = shutil.disk_usage(ctx.settings.data_dir).free
+    minimum = ctx.settings.min_free_disk_bytes
+    checks["disk"] = "ok" if free >= minimum else f"{free} bytes free, below {minimum}"
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+def metrics(request: Request) -> Response:
+    ctx = context(request)
+    ctx.metrics.queue_depth.set(ctx.store.count("queued"))
+    ctx.metrics.running.set(ctx.store.count("running"))
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/docs", include_in_schema=False)
+def docs(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url,
+        title="clipprune API",
+        swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{ASSETS}/favicon-32x32.png",
+    )
+
+
+def mount_assets(app: FastAPI) -> None:
+    app.mount(
+        ASSETS, StaticFiles(directory=Path(swagger_ui_bundle.swagger_ui_path)), name="docs-assets"
+    )

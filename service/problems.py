@@ -1,0 +1,148 @@
+"""RFC 9457 problem details for every error the service answers with."""
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from schemas.job import FieldProblem, Problem
+
+log = logging.getLogger("clipprune.http")
+
+MEDIA_TYPE = "application/problem+json"
+TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Service unavailable",
+}
+
+
+class ProblemError(Exception):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        title: str | None = None,
+        errors: list[FieldProblem] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.problem = Problem(
+            title=title or TITLES.get(status, "Error"), status=status, detail=detail, errors=errors
+        )
+        self.headers = headers
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        problem.model_dump(exclude_none=True),
+        status_code=problem.status,
+        media_type=MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def field_problems(errors: list[Any], prefix: str = "") -> list[FieldProblem]:
+    problems = []
+    for error in errors:
+        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        field = ".".join([prefix, *location] if prefix else location) or prefix or "request"
+        problems.append(FieldProblem(field=field, message=error.get("msg", "invalid")))
+    return problems
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def _problem(_: Request, exc: ProblemError) -> JSONResponse:
+        return problem_response(exc.problem, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        status = exc.status_code
+        problem = Problem(title=TITLES.get(status, "Error"), status=status, detail=detail)
+        return problem_response(problem, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = field_problems(list(exc.errors()))
+        detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
+        return problem_response(
+            Problem(title="Invalid request", status=422, detail=detail, errors=errors)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        problem = Problem(
+            title="Internal error", status=500, detail="an unexpected error; see the service log"
+        )
+        return problem_response(problem)
+
+
+class ProblemBodyLimit:
+    """Starlette's RequestBodyLimitMiddleware answers 413 in plain text; make it a problem.
+
+    Wraps the limit middleware and rewrites only its own plain-text 413 response.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+        from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+
+        self.app = RequestBodyLimitMiddleware(app, max_body_size=max_body_size)
+        self.limit = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rewriting = False
+
+        async def send_problem(message: Message) -> None:
+            nonlocal rewriting
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                rewriting = message["status"] == 413 and headers.get(
+                    b"content-type", b""
+                ).startswith(b"text/plain")
+                if rewriting:
+                    body = self._body()
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 413,
+                            "headers": [
+                                (b"content-type", MEDIA_TYPE.encode()),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if not rewriting:
+                await send(message)
+
+        await self.app(scope, receive, send_problem)
+
+    def _body(self) -> bytes:
+        problem = Problem(
+            title="Content too large",
+            status=413,
+            detail=f"the request body is larger than {self.limit} bytes "
+            "(CLIPPRUNE_MAX_UPLOAD_BYTES); send a smaller file",
+        )
+        return problem.model_dump_json(exclude_none=True).encode()

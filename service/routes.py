@@ -1,0 +1,322 @@
+"""The /v1/jobs routes: submit, wait, list, read, download, cancel."""
+
+import asyncio
+import base64
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from schemas.job import FINISHED, Job, JobLinks, JobPage, Problem
+from schemas.params import PruneParams, TrainParams
+from schemas.report import Report
+from service.auth import authenticate
+from service.context import ServiceContext, context
+from service.problems import MEDIA_TYPE, ProblemError, field_problems
+from service.report_page import render_report
+from service.store import JobRow, aware, new_job_id
+from workers import jobs
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_WAIT_S = 60
+POLL_S = 0.1
+UPLOADS = {"prune": ("model", "eval_data", "train_data"), "train": ("train_data", "eval_data")}
+REQUIRED = {"prune": "model", "train": "train_data"}
+FILE_NAMES = {"model": jobs.MODEL_IN, "eval_data": jobs.EVAL_DATA, "train_data": jobs.TRAIN_DATA}
+PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "train": TrainParams}
+PROBLEM = {"model": Problem, "content": {MEDIA_TYPE: {}}}
+
+
+def owner(request: Request, ctx: Annotated[ServiceContext, Depends(context)]) -> str:
+    return authenticate(request, ctx.settings.keys)
+
+
+Owner = Annotated[str, Depends(owner)]
+Context = Annotated[ServiceContext, Depends(context)]
+
+
+def to_job(row: JobRow) -> Job:
+    base = f"/v1/jobs/{row.id}"
+    return Job(
+        id=row.id,
+        kind=row.kind,  # type: ignore[arg-type]
+        status=row.status,  # type: ignore[arg-type]
+        progress=row.progress,
+        stage=row.stage,
+        created_at=aware(row.created_at),  # type: ignore[arg-type]
+        started_at=aware(row.started_at),
+        finished_at=aware(row.finished_at),
+        params=row.params,
+        error=Problem.model_validate(row.error) if row.error else None,
+        links=JobLinks(
+            self=base,
+            model=f"{base}/model",
+            report=f"{base}/report",
+            report_html=f"{base}/report.html",
+        ),
+    )
+
+
+def _multipart_body(kind: str) -> dict[str, Any]:
+    files = {
+        name: {"type": "string", "format": "binary", "description": description}
+        for name, description in {
+            "model": "the ONNX model to prune",
+            "eval_data": "CSV (header, label last) or NPZ to measure accuracy on",
+            "train_data": "CSV or NPZ: fine-tuning data for prune, the data set for train",
+        }.items()
+        if name in UPLOADS[kind]
+    }
+    example = (
+        {"sparsity": 0.8, "scope": "layer", "encoding": "dense"}
+        if kind == "prune"
+        else {"model": {"type": "mlp", "hidden": [64]}, "epochs": 20}
+    )
+    params = {
+        "type": "string",
+        "description": f"{PARAMS[kind].__name__} as a JSON object (schema in components)",
+        "example": json.dumps(example),
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [REQUIRED[kind]],
+                        "properties": {**files, "params": params},
+                    }
+                }
+            },
+        }
+    }
+
+
+def _params(kind: str, text: str | None) -> BaseModel:
+    try:
+        data = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ProblemError(400, f"params is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProblemError(400, "params must be a JSON object")
+    try:
+        return PARAMS[kind].model_validate(data)
+    except ValidationError as exc:
+        errors = field_problems(list(exc.errors()), prefix="params")
+        detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
+        raise ProblemError(422, detail, title="Invalid parameters", errors=errors) from exc
+
+
+async def _submit(
+    kind: str, request: Request, ctx: ServiceContext, who: str, wait: float
+) -> Response:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ProblemError(
+            415, f"send multipart/form-data (got {content_type or 'no content type'})"
+        )
+    queued = await run_in_threadpool(ctx.store.count, "queued")
+    if queued >= ctx.settings.max_queued_jobs:
+        raise ProblemError(
+            429,
+            f"{queued} jobs are waiting, the most this service queues; try again shortly",
+            headers={"Retry-After": "10"},
+        )
+    async with request.form(
+        max_files=len(UPLOADS[kind]), max_fields=len(UPLOADS[kind]) + 1
+    ) as form:
+        unknown = sorted(set(form.keys()) - {*UPLOADS[kind], "params"})
+        if unknown:
+            raise ProblemError(
+                422,
+                f"unknown form field(s) {', '.join(unknown)}; this endpoint takes "
+                + ", ".join([*UPLOADS[kind], "params"]),
+            )
+        uploads = {name: form.get(name) for name in UPLOADS[kind] if form.get(name) is not None}
+        for name, value in uploads.items():
+            if not isinstance(value, UploadFile):
+                raise ProblemError(422, f"{name} must be a file upload, not a text field")
+        if REQUIRED[kind] not in uploads:
+            raise ProblemError(422, f"the {REQUIRED[kind]} file is required")
+        params_field = form.get("params")
+        if params_field is not None and not isinstance(params_field, str):
+            raise ProblemError(422, "params must be a text field holding JSON, not a file")
+        params = _params(kind, params_field)
+        job_id = new_job_id()
+        await run_in_threadpool(ctx.artifacts.create, job_id)
+        try:
+            for name, upload in uploads.items():
+                assert isinstance(upload, UploadFile)
+                size = await run_in_threadpool(
+                    ctx.artifacts.save_input, job_id, FILE_NAMES[name], upload.file
+                )
+                if size == 0:
+                    raise ProblemError(422, f"the {name} file is empty")
+        except BaseException:
+            await run_in_threadpool(ctx.artifacts.delete, job_id)
+            raise
+    row = await run_in_threadpool(
+        ctx.store.create, job_id, who, kind, params.model_dump(mode="json")
+    )
+    ctx.backend.notify()
+    deadline = asyncio.get_running_loop().time() + wait
+    while wait and row.status not in FINISHED and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(POLL_S)
+        row = await run_in_threadpool(ctx.store.get, job_id) or row
+    job = to_job(row)
+    status = 200 if job.status in FINISHED else 202
+    return JSONResponse(
+        job.model_dump(mode="json"), status_code=status, headers={"Location": job.links.self}
+    )
+
+
+WaitQuery = Annotated[
+    float,
+    Query(ge=0, le=MAX_WAIT_S, description="Wait up to this many seconds for the job to finish"),
+]
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": Job, "description": "Accepted; poll the Location"},
+    200: {"model": Job, "description": "Finished within `wait`"},
+    **{code: PROBLEM for code in (400, 401, 413, 415, 422, 429)},
+}
+
+
+@router.post(
+    "/prune",
+    status_code=202,
+    response_model=Job,
+    responses=SUBMIT_RESPONSES,
+    openapi_extra=_multipart_body("prune"),
+    summary="Prune an ONNX model",
+)
+async def submit_prune(request: Request, ctx: Context, who: Owner, wait: WaitQuery = 0) -> Response:
+    return await _submit("prune", request, ctx, who, wait)
+
+
+@router.post(
+    "/train",
+    status_code=202,
+    response_model=Job,
+    responses=SUBMIT_RESPONSES,
+    openapi_extra=_multipart_body("train"),
+    summary="Train a model with gradient clipping",
+)
+async def submit_train(request: Request, ctx: Context, who: Owner, wait: WaitQuery = 0) -> Response:
+    return await _submit("train", request, ctx, who, wait)
+
+
+def _cursor(row: JobRow) -> str:
+    raw = f"{aware(row.created_at).isoformat()}|{row.id}"  # type: ignore[union-attr]
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _parse_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProblemError(400, "cursor is not one this service handed out") from exc
+
+
+@router.get("", response_model=JobPage, responses={401: PROBLEM}, summary="The caller's jobs")
+def list_jobs(
+    ctx: Context,
+    who: Owner,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="From the previous page's `next`")] = None,
+) -> JobPage:
+    rows = ctx.store.page(who, limit + 1, _parse_cursor(cursor) if cursor else None)
+    items, more = rows[:limit], len(rows) > limit
+    next_url = f"/v1/jobs?limit={limit}&cursor={_cursor(items[-1])}" if more else None
+    return JobPage(items=[to_job(row) for row in items], next=next_url)
+
+
+def _row(ctx: ServiceContext, who: str, job_id: str) -> JobRow:
+    row = ctx.store.get(job_id, owner=who)
+    if row is None:  # someone else's job is as absent as a job that never was
+        raise ProblemError(404, f"no job {job_id}")
+    return row
+
+
+def _finished_row(ctx: ServiceContext, who: str, job_id: str) -> JobRow:
+    row = _row(ctx, who, job_id)
+    if row.status != "succeeded":
+        raise ProblemError(
+            409, f"job {job_id} is {row.status}; results exist once it has succeeded"
+        )
+    return row
+
+
+@router.get("/{job_id}", response_model=Job, responses={401: PROBLEM, 404: PROBLEM})
+def get_job(job_id: str, ctx: Context, who: Owner) -> Job:
+    return to_job(_row(ctx, who, job_id))
+
+
+@router.get(
+    "/{job_id}/model",
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The ONNX file"},
+        304: {"description": "Not modified (If-None-Match)"},
+        **{code: PROBLEM for code in (401, 404, 409)},
+    },
+    summary="Download the compressed ONNX model",
+)
+def get_model(job_id: str, request: Request, ctx: Context, who: Owner) -> Response:
+    _finished_row(ctx, who, job_id)
+    path = ctx.artifacts.model(job_id)
+    report = json.loads(ctx.artifacts.report(job_id).read_text())
+    etag = f'"{report["onnx"]["model_sha256"]}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"clipprune-{job_id}.onnx",
+        headers={"ETag": etag},
+    )
+
+
+@router.get(
+    "/{job_id}/report",
+    response_model=Report,
+    responses={code: PROBLEM for code in (401, 404, 409)},
+    summary="Size and accuracy report",
+)
+def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
+    _finished_row(ctx, who, job_id)
+    return Response(ctx.artifacts.report(job_id).read_bytes(), media_type="application/json")
+
+
+@router.get(
+    "/{job_id}/report.html",
+    response_class=HTMLResponse,
+    responses={code: PROBLEM for code in (401, 404, 409)},
+    summary="The report as a page",
+)
+def get_report_html(job_id: str, ctx: Context, who: Owner) -> HTMLResponse:
+    row = _finished_row(ctx, who, job_id)
+    report = Report.model_validate_json(ctx.artifacts.report(job_id).read_bytes())
+    return HTMLResponse(render_report(row.id, row.kind, report))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    responses={code: PROBLEM for code in (401, 404)},
+    summary="Cancel the job if it is queued or running, and delete it with its files",
+)
+def delete_job(job_id: str, ctx: Context, who: Owner) -> Response:
+    row = _row(ctx, who, job_id)
+    if row.status not in FINISHED:
+        ctx.store.cancel(job_id)
+        ctx.backend.cancel(job_id)
+    ctx.artifacts.delete(job_id)
+    ctx.store.delete(job_id)
+    return Response(status_code=204)

@@ -1,0 +1,74 @@
+"""Running one job to its end inside a worker process, whatever the backend.
+
+The job row is claimed (queued -> running) before any work, progress goes to the row, and the
+job ends `succeeded` or `failed` with a problem that says why. A job that is not queued any more
+(canceled, or already run by another worker) is left alone, so a redelivered job never runs twice.
+"""
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.params import PruneParams, TrainParams
+from service.store import JobStore
+from workers import jobs
+from workers.errors import InputError
+
+log = logging.getLogger("clipprune.job")
+
+PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes always go
+
+
+def problem(status: int, title: str, detail: str) -> dict[str, Any]:
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+
+
+def _progress_writer(store: JobStore, job_id: str) -> jobs.Progress:
+    last = {"stage": "", "time": 0.0}
+
+    def write(stage: str, fraction: float) -> None:
+        moment = time.monotonic()
+        if stage != last["stage"] or moment - last["time"] >= PROGRESS_INTERVAL_S:
+            store.progress(job_id, stage, fraction)
+            last.update(stage=stage, time=moment)
+
+    return write
+
+
+def run_job(store: JobStore, job_dir: Path, job_id: str) -> str:
+    """Claim and run one job; returns its final status (or "skipped" if it was not queued)."""
+    if not store.claim(job_id):
+        return "skipped"
+    row = store.get(job_id)
+    assert row is not None
+    extra = {"job_id": job_id, "kind": row.kind}
+    log.info("job started", extra=extra)
+    started = time.monotonic()
+    progress = _progress_writer(store, job_id)
+    try:
+        if row.kind == "prune":
+            jobs.run_prune_job(job_dir, PruneParams.model_validate(row.params), progress)
+        else:
+            jobs.run_train_job(job_dir, TrainParams.model_validate(row.params), progress)
+    except InputError as exc:
+        store.fail(job_id, problem(422, exc.title, str(exc)), {"running"})
+        log.info("job failed: %s", exc, extra=extra)
+        return "failed"
+    except ValidationError as exc:  # params validated at submit; only a changed schema lands here
+        store.fail(job_id, problem(422, "Invalid parameters", str(exc)), {"running"})
+        return "failed"
+    except MemoryError:
+        store.fail(job_id, problem(507, "Out of memory", "the job ran out of memory"), {"running"})
+        return "failed"
+    except Exception as exc:
+        log.error("job crashed\n%s", traceback.format_exc(), extra=extra)
+        detail = f"clipprune failed on this job ({type(exc).__name__}: {exc}); this is a bug"
+        store.fail(job_id, problem(500, "Internal error", detail), {"running"})
+        return "failed"
+    store.succeed(job_id)
+    log.info("job succeeded in %.2f s", time.monotonic() - started, extra=extra)
+    return "succeeded"

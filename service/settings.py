@@ -1,0 +1,34 @@
+"""Settings from the environment, prefix CLIPPRUNE_ (see README for each)."""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIPPRUNE_", extra="ignore")
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # default: SQLite file in data_dir
+    backend: Literal["local", "celery"] = "local"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    api_keys: str = ""  # comma-separated; empty runs the service open
+    max_upload_bytes: int = Field(512 * 2**20, ge=1024)
+    job_timeout_s: float = Field(3600, gt=0)
+    max_queued_jobs: int = Field(100, ge=1)
+    job_ttl_s: float = Field(7 * 24 * 3600, gt=0)  # finished jobs and their files are deleted after
+    min_free_disk_bytes: int = Field(256 * 2**20, ge=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'clipprune.db').resolve()}"
+
+    @property
+    def keys(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]

@@ -1,0 +1,216 @@
+"""The job store: one table, SQLAlchemy 2, SQLite by default and PostgreSQL by URL.
+
+Every state change is a conditional UPDATE (check-and-set), so two processes can never both
+start a job, and a finished job is never touched again.
+"""
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from schemas.job import FINISHED
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "clipprune_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    stage: Mapped[str] = mapped_column(String(64), default="queued")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back without their zone; they were stored as UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(16)  # 128 random bits: not guessable, not enumerable
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection: Any, _: Any) -> None:
+            # WAL: the API reads while job processes write progress.
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+    def create(self, job_id: str, owner: str, kind: str, params: dict[str, Any]) -> JobRow:
+        row = JobRow(
+            id=job_id,
+            owner=owner,
+            kind=kind,
+            status="queued",
+            params=params,
+            progress=0.0,
+            stage="queued",
+            created_at=now(),
+            attempts=0,
+        )
+        with self.session() as session:
+            session.add(row)
+        return row
+
+    def get(self, job_id: str, owner: str | None = None) -> JobRow | None:
+        with self.session() as session:
+            row = session.get(JobRow, job_id)
+            if row is None or (owner is not None and row.owner != owner):
+                return None
+            return row
+
+    def page(self, owner: str, limit: int, before: tuple[datetime, str] | None) -> list[JobRow]:
+        """The owner's jobs, newest first; `before` is the (created_at, id) of the last seen."""
+        query = select(JobRow).where(JobRow.owner == owner)
+        if before is not None:
+            created, job_id = before
+            query = query.where(
+                (JobRow.created_at < created)
+                | ((JobRow.created_at == created) & (JobRow.id < job_id))
+            )
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def queued(self, limit: int) -> list[str]:
+        """Oldest queued jobs first: the order they are run in."""
+        query = (
+            select(JobRow.id)
+            .where(JobRow.status == "queued")
+            .order_by(JobRow.created_at, JobRow.id)
+            .limit(limit)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def count(self, status: str) -> int:
+        with self.session() as session:
+            query = select(func.count()).select_from(JobRow).where(JobRow.status == status)
+            return int(session.scalar(query) or 0)
+
+    def _transition(self, job_id: str, allowed: set[str] | frozenset[str], **values: Any) -> bool:
+        with self.session() as session:
+            result = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_(allowed))
+                .values(**values)
+            )
+            return result.rowcount == 1
+
+    def claim(self, job_id: str) -> bool:
+        """queued -> running; False when someone else has it or it was canceled."""
+        with self.session() as session:
+            result = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "queued")
+                .values(
+                    status="running",
+                    started_at=now(),
+                    stage="starting",
+                    attempts=JobRow.attempts + 1,
+                )
+            )
+            return result.rowcount == 1
+
+    def progress(self, job_id: str, stage: str, fraction: float) -> None:
+        self._transition(job_id, {"running"}, stage=stage[:64], progress=min(max(fraction, 0), 1))
+
+    def succeed(self, job_id: str) -> bool:
+        return self._transition(
+            job_id, {"running"}, status="succeeded", progress=1.0, stage="done", finished_at=now()
+        )
+
+    def fail(
+        self, job_id: str, problem: dict[str, Any], from_states: set[str] | None = None
+    ) -> bool:
+        return self._transition(
+            job_id,
+            from_states or {"queued", "running"},
+            status="failed",
+            stage="failed",
+            error=problem,
+            finished_at=now(),
+        )
+
+    def cancel(self, job_id: str) -> bool:
+        return self._transition(
+            job_id, {"queued", "running"}, status="canceled", stage="canceled", finished_at=now()
+        )
+
+    def requeue(self, job_id: str) -> bool:
+        return self._transition(job_id, {"running"}, status="queued", stage="queued", progress=0.0)
+
+    def running(self) -> list[str]:
+        with self.session() as session:
+            return list(session.scalars(select(JobRow.id).where(JobRow.status == "running")))
+
+    def delete(self, job_id: str) -> None:
+        with self.session() as session:
+            row = session.get(JobRow, job_id)
+            if row is not None:
+                session.delete(row)
+
+    def expired(self, ttl_s: float) -> list[str]:
+        cutoff = now() - timedelta(seconds=ttl_s)
+        query = select(JobRow.id).where(JobRow.status.in_(FINISHED), JobRow.finished_at < cutoff)
+        with self.session() as session:
+            return list(session.scalars(query))
