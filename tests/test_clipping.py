@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from service.clipping import clip_gradients
+
+from workers.clipping import clip_gradients
 
 
 def f32(*values) -> np.ndarray:
