@@ -1,0 +1,98 @@
+"""A real clipprune service in a real uvicorn process on a free local port, for the tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+FINISHED = {"succeeded", "failed", "canceled"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    log: Path
+
+    def client(self, key: str | None = None, timeout: float = 60) -> httpx.Client:
+        headers = {"X-API-Key": key} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def job_processes(self) -> list[psutil.Process]:
+        """Worker processes running jobs: children of the forkserver, grandchildren of uvicorn."""
+        found = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if "forkserver" in " ".join(child.parent().cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                continue
+        return found
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(data_dir: Path, **settings: Any) -> Server:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CLIPPRUNE_DATA_DIR": str(data_dir),
+        "CLIPPRUNE_WORKERS": "2",
+        **{f"CLIPPRUNE_{key.upper()}": str(value) for key, value in settings.items()},
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / f"server-{port}.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=sink,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, data_dir, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server did not get ready: {log.read_text()[-2000:]}")
+
+
+def wait_for(
+    client: httpx.Client, job_id: str, statuses: set[str] = FINISHED, timeout: float = 120
+) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")

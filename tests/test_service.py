@@ -1,0 +1,208 @@
+"""The REST service through a real uvicorn process: jobs, waiting, problems, files, docs."""
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from server import start_server, wait_for
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("service") / "data")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def digits_upload(mlp_classifier, digits) -> dict[str, bytes]:
+    features, labels = digits
+    csv = io.StringIO()
+    header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
+    np.savetxt(
+        csv, np.c_[features[1200:], labels[1200:]], delimiter=",", header=header, comments=""
+    )
+    return {"model": mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
+
+
+def prune(client, files: dict[str, bytes], params: dict, wait: float = 0):
+    return client.post(
+        "/v1/jobs/prune",
+        params={"wait": wait},
+        files={name: (name, data) for name, data in files.items()},
+        data={"params": json.dumps(params)},
+    )
+
+
+def test_prune_job_end_to_end_with_numbers_rechecked(client, digits_upload, digits):
+    response = prune(client, digits_upload, {"sparsity": 0.5})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
+    assert job["status"] in {"queued", "running", "succeeded"} and job["kind"] == "prune"
+    job = wait_for(client, job["id"])
+    assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
+    assert job["started_at"] <= job["finished_at"]
+
+    model = client.get(job["links"]["model"])
+    assert model.status_code == 200 and model.headers["content-type"] == "application/octet-stream"
+    assert f"clipprune-{job['id']}.onnx" in model.headers["content-disposition"]
+    digest = hashlib.sha256(model.content).hexdigest()
+    assert model.headers["etag"] == f'"{digest}"'
+    assert (
+        client.get(job["links"]["model"], headers={"If-None-Match": f'"{digest}"'}).status_code
+        == 304
+    )
+
+    report = client.get(job["links"]["report"]).json()
+    features, labels = digits
+    session = ort.InferenceSession(model.content, providers=["CPUExecutionProvider"])
+    predicted = session.run(None, {"X": features[1200:]})[0]
+    assert report["accuracy"]["compressed"] == pytest.approx(np.mean(predicted == labels[1200:]))
+    assert report["size"]["compressed_bytes"] == len(model.content)
+    assert report["size"]["original_bytes"] == len(digits_upload["model"])
+    assert report["onnx"]["model_sha256"] == digest
+    page = client.get(job["links"]["report_html"])
+    assert page.status_code == 200 and "<svg" not in page.text and "coefficient" in page.text
+
+
+def test_train_job_from_csv(client, digits):
+    features, labels = digits
+
+    def csv_of(rows: slice) -> bytes:
+        buffer = io.StringIO()
+        header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
+        np.savetxt(
+            buffer, np.c_[features[rows], labels[rows]], delimiter=",", header=header, comments=""
+        )
+        return buffer.getvalue().encode()
+
+    response = client.post(
+        "/v1/jobs/train",
+        files={
+            "train_data": ("train.csv", csv_of(slice(0, 1200))),
+            "eval_data": ("eval.csv", csv_of(slice(1200, None))),
+        },
+        data={"params": json.dumps({"model": {"hidden": [32]}, "epochs": 8})},
+    )
+    assert response.status_code == 202
+    job = wait_for(client, response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    model = client.get(job["links"]["model"]).content
+    report = client.get(job["links"]["report"]).json()
+    predicted = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(
+        None, {"X": features[1200:]}
+    )[0]
+    assert report["accuracy"]["compressed"] == pytest.approx(np.mean(predicted == labels[1200:]))
+    assert (
+        len(report["training"]["loss"]) == 8 and report["training"]["clip"]["mode"] == "global_norm"
+    )
+
+
+def test_wait_returns_the_finished_job_in_one_round_trip(client, digits_upload):
+    response = prune(client, digits_upload, {"threshold": 0.01}, wait=30)
+    assert response.status_code == 200
+    assert response.json()["status"] == "succeeded"
+
+
+def test_list_is_newest_first_and_paginated(client, digits_upload):
+    ids = [
+        prune(client, {"model": digits_upload["model"]}, {"sparsity": 0.1}).json()["id"]
+        for _ in range(3)
+    ]
+    first = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [job["id"] for job in first["items"]] == ids[::-1][:2]
+    second = client.get(first["next"]).json()
+    assert second["items"][0]["id"] == ids[0]
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "field"),
+    [
+        ({"sparsity": 1.5}, 422, "params.sparsity"),
+        ({"sparsity": 0.5, "threshold": 0.1}, 422, "params"),
+        ({"sparsty": 0.5}, 422, "params.sparsty"),
+    ],
+)
+def test_bad_params_are_problems_naming_the_field(client, digits_upload, params, status, field):
+    response = prune(client, digits_upload, params)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == status and problem["title"] and problem["detail"]
+    assert any(error["field"] == field for error in problem["errors"])
+
+
+def test_request_problems(client, digits_upload):
+    not_json = client.post("/v1/jobs/prune", files={"model": ("m", b"x")}, data={"params": "{oops"})
+    assert not_json.status_code == 400 and "params is not valid JSON" in not_json.json()["detail"]
+    not_multipart = client.post("/v1/jobs/prune", json={"sparsity": 0.5})
+    assert not_multipart.status_code == 415
+    no_model = client.post(
+        "/v1/jobs/prune", files={"eval_data": ("e", b"a\n1\n")}, data={"params": "{}"}
+    )
+    assert no_model.status_code == 422 and "model file is required" in no_model.json()["detail"]
+    unknown = client.post("/v1/jobs/prune", files={"modle": ("m", b"x")})
+    assert unknown.status_code == 422 and "modle" in unknown.json()["detail"]
+    missing = client.get("/v1/jobs/0123456789abcdef0123456789abcdef")
+    assert (
+        missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    )
+    assert client.get("/v1/jobs?cursor=nonsense").status_code == 400
+    assert client.get("/nowhere").json()["status"] == 404
+
+
+def test_a_bad_model_fails_the_job_with_the_compute_layers_message(client):
+    response = prune(client, {"model": b"this is not an onnx model"}, {"sparsity": 0.5}, wait=30)
+    job = response.json()
+    assert job["status"] == "failed"
+    assert job["error"]["status"] == 422 and "not a readable ONNX model" in job["error"]["detail"]
+    assert client.get(job["links"]["model"]).status_code == 409
+    assert client.get(job["links"]["report"]).status_code == 409
+
+
+def test_delete_removes_the_job_and_its_files(client, server, digits_upload):
+    job = prune(client, digits_upload, {"sparsity": 0.3}, wait=30).json()
+    assert (Path(server.data_dir) / "jobs" / job["id"]).exists()
+    assert client.delete(job["links"]["self"]).status_code == 204
+    assert client.get(job["links"]["self"]).status_code == 404
+    assert not (Path(server.data_dir) / "jobs" / job["id"]).exists()
+
+
+def test_operations_endpoints_and_offline_docs(client, digits_upload):
+    prune(client, digits_upload, {"sparsity": 0.2}, wait=30)
+    assert client.get("/livez").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ok" and set(ready["checks"]) == {"database", "workers", "disk"}
+    metrics = client.get("/metrics").text
+    assert 'clipprune_jobs_total{kind="prune",status="succeeded"}' in metrics
+    assert "clipprune_queue_depth" in metrics and "clipprune_http_requests_total" in metrics
+    docs = client.get("/docs").text
+    assert "/docs/assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/jobs/prune", "/v1/jobs/train", "/v1/jobs/{job_id}/model"} <= set(schema["paths"])
+    assert {"PruneParams", "TrainParams", "Report", "Job", "Problem"} <= set(
+        schema["components"]["schemas"]
+    )
+    form = schema["paths"]["/v1/jobs/prune"]["post"]["requestBody"]["content"][
+        "multipart/form-data"
+    ]
+    assert json.loads(form["schema"]["properties"]["params"]["example"])["sparsity"] == 0.8
+
+
+def test_request_ids_are_echoed(client):
+    response = client.get("/livez", headers={"X-Request-ID": "abc123"})
+    assert response.headers["x-request-id"] == "abc123"
+    assert len(client.get("/livez").headers["x-request-id"]) == 32
