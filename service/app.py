@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    install_handlers(app)
+    install_handlers(app, settings.max_upload_bytes)
     app.include_router(routes.router)
     app.include_router(ops.router)
     ops.mount_assets(app)

@@ -65,15 +65,26 @@ def field_problems(errors: list[Any], prefix: str = "") -> list[FieldProblem]:
     return problems
 
 
-def install_handlers(app: FastAPI) -> None:
+def too_large(limit: int) -> Problem:
+    return Problem(
+        title="Content too large",
+        status=413,
+        detail=f"the request body is larger than {limit} bytes (CLIPPRUNE_MAX_UPLOAD_BYTES); "
+        "send a smaller file",
+    )
+
+
+def install_handlers(app: FastAPI, upload_limit: int) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(_: Request, exc: ProblemError) -> JSONResponse:
         return problem_response(exc.problem, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         status = exc.status_code
+        if status == 413:  # Starlette's body limit, hit while the form streamed in
+            return problem_response(too_large(upload_limit))
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         problem = Problem(title=TITLES.get(status, "Error"), status=status, detail=detail)
         return problem_response(problem, dict(exc.headers or {}))
 
@@ -139,10 +150,4 @@ class ProblemBodyLimit:
         await self.app(scope, receive, send_problem)
 
     def _body(self) -> bytes:
-        problem = Problem(
-            title="Content too large",
-            status=413,
-            detail=f"the request body is larger than {self.limit} bytes "
-            "(CLIPPRUNE_MAX_UPLOAD_BYTES); send a smaller file",
-        )
-        return problem.model_dump_json(exclude_none=True).encode()
+        return too_large(self.limit).model_dump_json(exclude_none=True).encode()
