@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run example test lint clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 run: $(INSTALLED)
+	$(BIN)/clipprune serve
+
+example: $(INSTALLED)
 	$(BIN)/python examples/prune_digits.py
 
 lint: $(INSTALLED)
@@ -23,4 +26,4 @@ test: lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) build data .pytest_cache .ruff_cache
