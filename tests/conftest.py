@@ -69,3 +69,23 @@ def digits_300_100(digits):
     mlp = MLPClassifier(hidden_layer_sizes=(300, 100), max_iter=300, random_state=0)
     model = to_onnx(_fit(mlp, x_train, y_train), x_train[:1])
     return model, (x_train, y_train), (x_test, y_test)
+
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def postgres_url():
+    """A schema of our own in the machine's PostgreSQL, dropped afterwards."""
+    import secrets
+
+    from sqlalchemy import create_engine, text
+
+    schema = f"clipprune_test_{secrets.token_hex(4)}"
+    admin = create_engine(POSTGRES)
+    with admin.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    with admin.begin() as connection:
+        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()

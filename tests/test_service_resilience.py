@@ -228,3 +228,16 @@ def test_an_upload_over_the_limit_gets_413_and_memory_stays_flat(tmp_path):
         assert not list((tmp_path / "data" / "jobs").iterdir())
     finally:
         server.stop()
+
+
+def test_the_service_runs_on_postgresql(tmp_path, postgres_url, mlp_classifier):
+    server = start_server(tmp_path / "data", database_url=postgres_url)
+    try:
+        with server.client() as client:
+            model = mlp_classifier.SerializeToString()
+            job = submit_prune(client, model, {"sparsity": 0.5}, wait=30).json()
+            assert job["status"] == "succeeded"
+            assert client.get("/readyz").json()["checks"]["database"] == "ok"
+            assert [j["id"] for j in client.get("/v1/jobs").json()["items"]] == [job["id"]]
+    finally:
+        server.stop()
