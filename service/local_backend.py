@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -28,9 +29,21 @@ log = logging.getLogger("clipprune.backend")
 
 TICK_S = 0.2
 MAX_ATTEMPTS = 2  # a job left running by a crashed service is retried once, then failed
+ORPHAN_CHECK_S = 0.5
 
 
-def _job_process(settings: Settings, job_id: str) -> None:
+def _exit_with(service_pid: int) -> None:
+    """A job must not outlive its service: after a crash the restarted service requeues it."""
+    while True:
+        time.sleep(ORPHAN_CHECK_S)
+        try:
+            os.kill(service_pid, 0)
+        except ProcessLookupError:
+            os._exit(70)
+
+
+def _job_process(settings: Settings, job_id: str, service_pid: int) -> None:
+    threading.Thread(target=_exit_with, args=(service_pid,), daemon=True).start()
     configure_logging()
     store = JobStore(settings.database)
     run_job(store, ArtifactStore(settings.data_dir).job_dir(job_id), job_id)
@@ -161,7 +174,9 @@ class LocalBackend:
             return
         for job_id in self.store.queued(free):
             process = self.context.Process(
-                target=_job_process, args=(self.settings, job_id), name=f"clipprune-job-{job_id}"
+                target=_job_process,
+                args=(self.settings, job_id, os.getpid()),
+                name=f"clipprune-job-{job_id}",
             )
             process.start()
             self.running[job_id] = _Running(process, time.monotonic())

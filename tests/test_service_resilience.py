@@ -241,3 +241,43 @@ def test_the_service_runs_on_postgresql(tmp_path, postgres_url, mlp_classifier):
             assert [j["id"] for j in client.get("/v1/jobs").json()["items"]] == [job["id"]]
     finally:
         server.stop()
+
+
+def test_after_a_crash_running_jobs_are_retried_and_workers_do_not_linger(tmp_path, digits_csv):
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir)
+    with server.client() as client:
+        job = submit_train(client, digits_csv, {"model": {"hidden": [64]}, "epochs": 300}).json()
+        wait_for(client, job["id"], {"running"})
+    workers = server.job_processes()
+    assert workers
+    server.process.kill()  # no graceful shutdown: the service just dies
+    server.process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "job processes outlived their service"
+    server = start_server(data_dir)
+    try:
+        with server.client() as client:
+            assert wait_for(client, job["id"])["status"] == "succeeded"
+    finally:
+        server.stop()
+
+
+def test_finished_jobs_expire_with_their_files(tmp_path, mlp_classifier):
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir, job_ttl_s=0.5)
+    with server.client() as client:
+        job = submit_prune(client, mlp_classifier.SerializeToString(), {"sparsity": 0.5}, wait=30)
+        job_id = job.json()["id"]
+    server.stop()
+    time.sleep(1)
+    server = start_server(data_dir, job_ttl_s=0.5)  # expiry runs at start, then every 5 minutes
+    try:
+        with server.client() as client:
+            deadline = time.monotonic() + 10
+            while client.get(f"/v1/jobs/{job_id}").status_code != 404:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert not (data_dir / "jobs" / job_id).exists()
+    finally:
+        server.stop()
