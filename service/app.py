@@ -16,16 +16,17 @@ from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
 from service import ops, routes
 from service.artifacts import ArtifactStore
-from service.context import ServiceContext
+from service.context import Backend, ServiceContext
 from service.local_backend import LocalBackend
 from service.logs import configure_logging, request_id
 from service.metrics import Metrics
 from service.problems import ProblemBodyLimit, install_handlers
 from service.settings import Settings
-from service.store import JobStore
+from service.store import JobStore, aware, now
 
 log = logging.getLogger("clipprune.http")
 EXPIRY_INTERVAL_S = 300
+COUNT_INTERVAL_S = 1.0
 
 
 class RequestContext:
@@ -84,6 +85,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+def make_backend(settings: Settings, store: JobStore) -> Backend:
+    if settings.backend == "celery":
+        from service.celery_backend import CeleryBackend
+
+        return CeleryBackend(settings, store)
+    return LocalBackend(settings, store)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -95,15 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore(settings.database)
         artifacts = ArtifactStore(settings.data_dir)
 
-        def finished(job_id: str) -> None:
-            row = store.get(job_id)
-            if row is not None and row.finished_at and row.started_at:
-                metrics.jobs.labels(row.kind, row.status).inc()
-                metrics.job_seconds.labels(row.kind).observe(
-                    (row.finished_at - row.started_at).total_seconds()
-                )
-
-        backend = LocalBackend(settings, store, on_finished=finished)
+        backend = make_backend(settings, store)
         app.state.context = ServiceContext(settings, store, artifacts, backend, metrics)
         if not settings.keys:
             log.warning(
@@ -112,11 +113,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         await backend.start()
         expiry = asyncio.create_task(_expire(store, artifacts, settings.job_ttl_s))
+        counting = asyncio.create_task(_count_finished(store, metrics))
         log.info("clipprune ready", extra={"path": str(settings.data_dir)})
         try:
             yield
         finally:
             expiry.cancel()
+            counting.cancel()
             await backend.stop()
 
     app = FastAPI(
@@ -144,3 +147,25 @@ async def _expire(store: JobStore, artifacts: ArtifactStore, ttl_s: float) -> No
             artifacts.delete(job_id)
             store.delete(job_id)
         await asyncio.sleep(EXPIRY_INTERVAL_S)
+
+
+async def _count_finished(store: JobStore, metrics: Metrics) -> None:
+    """Count jobs into the metrics as they finish, whichever process finished them."""
+    since = now()
+    counted: set[str] = set()
+    while True:
+        await asyncio.sleep(COUNT_INTERVAL_S)
+        rows = await asyncio.to_thread(store.finished_since, since)
+        for row in rows:
+            if row.id in counted:
+                continue
+            counted.add(row.id)
+            metrics.jobs.labels(row.kind, row.status).inc()
+            if row.started_at is not None and row.finished_at is not None:
+                seconds = (row.finished_at - row.started_at).total_seconds()
+                metrics.job_seconds.labels(row.kind).observe(seconds)
+        if rows:
+            # rows finished in the same instant as the newest stay in `counted` one more round
+            newest = max(aware(row.finished_at) for row in rows)  # type: ignore[type-var]
+            counted = {row.id for row in rows if aware(row.finished_at) == newest}
+            since = newest

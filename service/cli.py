@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the REST service (settings: CLIPPRUNE_*)")
     serve.add_argument("--host", help="bind address (CLIPPRUNE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (CLIPPRUNE_PORT, default 8000)")
+    commands.add_parser(
+        "worker", help="run a Celery worker for CLIPPRUNE_BACKEND=celery (CLIPPRUNE_BROKER_URL)"
+    )
     return parser
 
 
@@ -169,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             _train(args)
         elif args.command == "serve":
             _serve(args)
+        elif args.command == "worker":
+            from service.celery_app import run_worker
+            from service.settings import Settings
+
+            run_worker(Settings())
     except ValidationError as exc:
         print(f"clipprune: error: {_describe(exc)}", file=sys.stderr)
         return 2

@@ -1,14 +1,29 @@
 """What the routes share: built once by the app's lifespan, reached through request.app.state."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import Request
 
 from service.artifacts import ArtifactStore
-from service.local_backend import LocalBackend
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import JobStore
+
+
+class Backend(Protocol):
+    """What the routes need from whatever runs the jobs (local pool or Celery)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def submitted(self, job_id: str) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
 
 
 @dataclass
@@ -16,7 +31,7 @@ class ServiceContext:
     settings: Settings
     store: JobStore
     artifacts: ArtifactStore
-    backend: LocalBackend
+    backend: Backend
     metrics: Metrics
 
 

@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
@@ -46,7 +45,7 @@ def _job_process(settings: Settings, job_id: str, service_pid: int) -> None:
     threading.Thread(target=_exit_with, args=(service_pid,), daemon=True).start()
     configure_logging()
     store = JobStore(settings.database)
-    run_job(store, ArtifactStore(settings.data_dir).job_dir(job_id), job_id)
+    run_job(store, ArtifactStore(settings.data_dir).job_dir(job_id), job_id, settings.heartbeat_s)
 
 
 @dataclass
@@ -67,15 +66,9 @@ def describe_exit(code: int | None) -> str:
 
 
 class LocalBackend:
-    def __init__(
-        self,
-        settings: Settings,
-        store: JobStore,
-        on_finished: Callable[[str], None] = lambda job_id: None,
-    ) -> None:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
-        self.on_finished = on_finished
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(["service.runner", "workers.jobs"])
         self.running: dict[str, _Running] = {}
@@ -116,8 +109,8 @@ class LocalBackend:
     def alive(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    def notify(self) -> None:
-        self.wakeup.set()
+    def submitted(self, job_id: str) -> None:
+        self.wakeup.set()  # the job is in the table; the dispatcher picks it up now
 
     def cancel(self, job_id: str) -> None:
         with self.lock:
@@ -166,7 +159,6 @@ class LocalBackend:
                     detail = f"the job's worker process {describe_exit(process.exitcode)}"
                     self.store.fail(job_id, problem(500, "Worker process died", detail))
             del self.running[job_id]
-            self.on_finished(job_id)
 
     def _dispatch(self) -> None:
         free = self.settings.workers - len(self.running)

@@ -165,7 +165,7 @@ async def _submit(
     row = await run_in_threadpool(
         ctx.store.create, job_id, who, kind, params.model_dump(mode="json")
     )
-    ctx.backend.notify()
+    await run_in_threadpool(ctx.backend.submitted, job_id)
     deadline = asyncio.get_running_loop().time() + wait
     while wait and row.status not in FINISHED and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(POLL_S)

@@ -6,6 +6,9 @@ job ends `succeeded` or `failed` with a problem that says why. A job that is not
 """
 
 import logging
+import os
+import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -39,10 +42,40 @@ def _progress_writer(store: JobStore, job_id: str) -> jobs.Progress:
     return write
 
 
-def run_job(store: JobStore, job_dir: Path, job_id: str) -> str:
-    """Claim and run one job; returns its final status (or "skipped" if it was not queued)."""
-    if not store.claim(job_id):
+def _heartbeat(store: JobStore, job_id: str, every_s: float, stop: threading.Event) -> None:
+    while not stop.wait(every_s):
+        store.heartbeat(job_id)
+
+
+def run_job(
+    store: JobStore,
+    job_dir: Path,
+    job_id: str,
+    heartbeat_s: float,
+    time_limit_errors: tuple[type[BaseException], ...] = (),
+) -> str:
+    """Claim and run one job; returns its final status (or "skipped" if it was not queued).
+
+    While it runs, the job row's heartbeat is renewed every `heartbeat_s`.
+    `time_limit_errors`: exceptions the backend raises in the job when its time is up.
+    """
+    if not store.claim(job_id, f"{socket.gethostname()}:{os.getpid()}"):
         return "skipped"
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(store, job_id, heartbeat_s, stop), daemon=True)
+    beat.start()
+    try:
+        return _run_claimed(store, job_dir, job_id, time_limit_errors)
+    finally:
+        stop.set()
+
+
+def _run_claimed(
+    store: JobStore,
+    job_dir: Path,
+    job_id: str,
+    time_limit_errors: tuple[type[BaseException], ...],
+) -> str:
     row = store.get(job_id)
     assert row is not None
     extra = {"job_id": job_id, "kind": row.kind}
@@ -54,6 +87,10 @@ def run_job(store: JobStore, job_dir: Path, job_id: str) -> str:
             jobs.run_prune_job(job_dir, PruneParams.model_validate(row.params), progress)
         else:
             jobs.run_train_job(job_dir, TrainParams.model_validate(row.params), progress)
+    except time_limit_errors:
+        detail = "the job ran past its time limit (CLIPPRUNE_JOB_TIMEOUT_S) and was stopped"
+        store.fail(job_id, problem(504, "Job time limit", detail), {"running"})
+        return "failed"
     except InputError as exc:
         store.fail(job_id, problem(422, exc.title, str(exc)), {"running"})
         log.info("job failed: %s", exc, extra=extra)

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,8 +22,17 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(100, ge=1)
     job_ttl_s: float = Field(7 * 24 * 3600, gt=0)  # finished jobs and their files are deleted after
     min_free_disk_bytes: int = Field(256 * 2**20, ge=0)
+    broker_prefix: str = "clipprune:"  # Redis key prefix: several deployments can share a Redis
+    heartbeat_s: float = Field(5, gt=0)  # how often a running job renews its lease
+    worker_lease_s: float = Field(60, gt=0)  # a job not heard from for this long is requeued
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> "Settings":
+        if self.worker_lease_s < 3 * self.heartbeat_s:
+            raise ValueError("CLIPPRUNE_WORKER_LEASE_S must be at least 3 x CLIPPRUNE_HEARTBEAT_S")
+        return self
 
     @property
     def database(self) -> str:

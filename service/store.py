@@ -47,6 +47,11 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Which process runs the job and when it last said so: a lease that other processes can
+    # see expire when a worker dies without a word (SIGKILL, OOM, lost machine).
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 def now() -> datetime:
@@ -156,20 +161,50 @@ class JobStore:
             )
             return result.rowcount == 1
 
-    def claim(self, job_id: str) -> bool:
+    def claim(self, job_id: str, worker: str = "") -> bool:
         """queued -> running; False when someone else has it or it was canceled."""
+        moment = now()
         with self.session() as session:
             result = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "queued")
                 .values(
                     status="running",
-                    started_at=now(),
+                    started_at=moment,
                     stage="starting",
                     attempts=JobRow.attempts + 1,
+                    worker=worker[:128],
+                    heartbeat_at=moment,
                 )
             )
             return result.rowcount == 1
+
+    def heartbeat(self, job_id: str) -> None:
+        self._transition(job_id, {"running"}, heartbeat_at=now())
+
+    def stale(self, lease_s: float) -> list[JobRow]:
+        """Running jobs whose worker has not been heard from for lease_s seconds."""
+        cutoff = now() - timedelta(seconds=lease_s)
+        query = select(JobRow).where(JobRow.status == "running", JobRow.heartbeat_at < cutoff)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def mark_published(self, job_id: str) -> None:
+        with self.session() as session:
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(published_at=now()))
+
+    def unpublished(self, published_before: datetime | None = None) -> list[str]:
+        """Queued jobs whose message never reached the broker (or went out before a moment)."""
+        condition = JobRow.published_at.is_(None)
+        if published_before is not None:
+            condition = condition | (JobRow.published_at < published_before)
+        query = (
+            select(JobRow.id)
+            .where(JobRow.status == "queued", condition)
+            .order_by(JobRow.created_at, JobRow.id)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
 
     def progress(self, job_id: str, stage: str, fraction: float) -> None:
         self._transition(job_id, {"running"}, stage=stage[:64], progress=min(max(fraction, 0), 1))
@@ -208,6 +243,11 @@ class JobStore:
             row = session.get(JobRow, job_id)
             if row is not None:
                 session.delete(row)
+
+    def finished_since(self, moment: datetime) -> list[JobRow]:
+        query = select(JobRow).where(JobRow.status.in_(FINISHED), JobRow.finished_at >= moment)
+        with self.session() as session:
+            return list(session.scalars(query))
 
     def expired(self, ttl_s: float) -> list[str]:
         cutoff = now() - timedelta(seconds=ttl_s)

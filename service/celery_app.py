@@ -1,0 +1,81 @@
+"""The distributed backend's worker side: a Celery app whose one task runs one job.
+
+Settings that make long CPU jobs safe: late acks (a job whose worker dies is delivered again),
+prefetch 1 (a worker holds only the job it runs), reject on worker lost, hard and soft time
+limits, and a Redis visibility timeout above the hard limit (else Redis hands a long job to a
+second worker while the first still runs it). The job row is claimed check-and-set, so a
+message delivered twice runs the job once.
+"""
+
+import logging
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.artifacts import ArtifactStore
+from service.logs import configure_logging
+from service.runner import run_job
+from service.settings import Settings
+from service.store import JobStore
+
+TASK = "clipprune.run_job"
+HARD_LIMIT_GRACE_S = 30  # after the soft limit, time to record the failure before the kill
+
+log = logging.getLogger("clipprune.worker")
+
+
+def queue_name(settings: Settings) -> str:
+    return f"{settings.broker_prefix}jobs"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("clipprune", broker=settings.broker_url, set_as_current=False)
+    hard_limit = settings.job_timeout_s + HARD_LIMIT_GRACE_S
+    app.conf.update(
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_reject_on_worker_lost=True,
+        task_soft_time_limit=settings.job_timeout_s,
+        task_time_limit=hard_limit,
+        broker_transport_options={
+            "visibility_timeout": int(hard_limit * 2 + 60),
+            "global_keyprefix": settings.broker_prefix,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_default_queue=queue_name(settings),
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    store: JobStore | None = None
+
+    @app.task(name=TASK)
+    def run(job_id: str) -> str:
+        nonlocal store
+        if store is None:  # one engine per worker process, made in the process that uses it
+            store = JobStore(settings.database)
+        job_dir = ArtifactStore(settings.data_dir).job_dir(job_id)
+        status = run_job(store, job_dir, job_id, settings.heartbeat_s, (SoftTimeLimitExceeded,))
+        log.info("job %s: %s", job_id, status, extra={"job_id": job_id})
+        return status
+
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    """`clipprune worker`: a Celery worker with `settings.workers` processes."""
+    configure_logging()
+    app = make_celery(settings)
+    app.worker_main(
+        [
+            "worker",
+            f"--concurrency={settings.workers}",
+            "--loglevel=INFO",
+            "--hostname=clipprune@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
