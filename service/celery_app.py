@@ -8,6 +8,7 @@ message delivered twice runs the job once.
 """
 
 import logging
+import socket
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -65,6 +66,16 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def worker_name() -> str:
+    return f"clipprune@{socket.gethostname()}"
+
+
+def ping_worker(settings: Settings, timeout_s: float = 3.0) -> bool:
+    """Does this host's worker answer a ping over the broker?"""
+    replies = make_celery(settings).control.ping(destination=[worker_name()], timeout=timeout_s)
+    return bool(replies)
+
+
 def run_worker(settings: Settings) -> None:
     """`clipprune worker`: a Celery worker with `settings.workers` processes."""
     configure_logging()
@@ -74,7 +85,7 @@ def run_worker(settings: Settings) -> None:
             "worker",
             f"--concurrency={settings.workers}",
             "--loglevel=INFO",
-            "--hostname=clipprune@%h",
+            f"--hostname={worker_name()}",
             "--without-gossip",
             "--without-mingle",
         ]

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "worker", help="run a Celery worker for CLIPPRUNE_BACKEND=celery (CLIPPRUNE_BROKER_URL)"
     )
+    commands.add_parser(
+        "ping-worker", help="exit 0 if this host's Celery worker answers (a container healthcheck)"
+    )
     return parser
 
 
@@ -177,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             from service.settings import Settings
 
             run_worker(Settings())
+        elif args.command == "ping-worker":
+            from service.celery_app import ping_worker
+            from service.settings import Settings
+
+            return 0 if ping_worker(Settings()) else 1
     except ValidationError as exc:
         print(f"clipprune: error: {_describe(exc)}", file=sys.stderr)
         return 2
