@@ -103,3 +103,64 @@ def test_a_declared_dimension_beyond_the_cap_is_refused_before_any_work():
     model.graph.initializer[0].dims[0] = 10**12
     with pytest.raises(UnsafeModelError, match="dims"):
         parse_model(model.SerializeToString())
+
+
+def _function_with_if(inner: onnx.NodeProto, domain: str = "local") -> onnx.ModelProto:
+    """A model whose only node calls a local function whose body holds an If around `inner`."""
+    branch_out = inner.output[0]
+    branch = helper.make_graph(
+        [inner], "b", [], [helper.make_tensor_value_info(branch_out, TensorProto.FLOAT, None)]
+    )
+    body = [
+        helper.make_node(
+            "Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        ),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    function = helper.make_function(domain, "F", ["x"], ["y"], body, [helper.make_opsetid("", 17)])
+    graph = helper.make_graph(
+        [helper.make_node("F", ["X"], ["Y"], domain=domain)],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+        functions=[function],
+    )
+    model.ir_version = 8
+    return model
+
+
+def test_external_data_inside_a_function_body_subgraph_is_refused():
+    constant = helper.make_node(
+        "Constant", [], ["w"], value=onnx.numpy_helper.from_array(np.zeros(2, np.float32), "w")
+    )
+    _point_outside(constant.attribute[0].t, "w.bin")
+    with pytest.raises(UnsafeModelError, match="external file"):
+        parse_model(_function_with_if(constant).SerializeToString())
+
+
+def test_unknown_domains_inside_function_bodies_are_refused():
+    evil = helper.make_node("Other", [], ["w"], domain="local")  # the domain has only F
+    with pytest.raises(UnsafeModelError, match="unknown operator domain 'local'"):
+        parse_model(_function_with_if(evil).SerializeToString())
+
+
+def test_a_sparse_initializer_declaring_a_huge_dense_shape_is_refused():
+    model = gemm_mlp([4, 3, 2], trans_b=0)
+    values = onnx.numpy_helper.from_array(np.ones(1, np.float32), "S")
+    indices = onnx.numpy_helper.from_array(np.array([0], np.int64), "")
+    model.graph.sparse_initializer.append(
+        helper.make_sparse_tensor(values, indices, [200000, 200000])
+    )
+    with pytest.raises(UnsafeModelError, match="dense shape"):
+        parse_model(model.SerializeToString())
+
+
+def test_raw_data_longer_than_the_dims_is_refused():
+    model = gemm_mlp([4, 3, 2], trans_b=0)
+    model.graph.initializer[0].raw_data += b"\0" * 8
+    with pytest.raises(InvalidModelError, match="holds"):
+        parse_model(model.SerializeToString())

@@ -5,12 +5,21 @@ files (external data), checked by onnx's checker, and capped in size before any 
 """
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
+from onnx import (
+    AttributeProto,
+    GraphProto,
+    ModelProto,
+    NodeProto,
+    SparseTensorProto,
+    TensorProto,
+    helper,
+)
 
 from workers.errors import InvalidModelError, UnsafeModelError
 
@@ -50,21 +59,42 @@ def _subgraphs(attr: AttributeProto) -> list[GraphProto]:
     return []
 
 
+def _model_graphs(model: ModelProto) -> Iterator[tuple[GraphProto, int]]:
+    """Every graph in the model: the main graph, its subgraphs, and subgraphs inside
+    model-local function bodies (a function body is depth 0, its If/Loop bodies below it)."""
+    yield from iter_graphs(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                for sub in _subgraphs(attr):
+                    yield from iter_graphs(sub, 1)
+
+
 def _all_nodes(model: ModelProto) -> Iterator[NodeProto]:
-    for graph, _ in iter_graphs(model.graph):
+    for graph, _ in _model_graphs(model):
         yield from graph.node
     for function in model.functions:
         yield from function.node
 
 
+def _sparse_tensors(model: ModelProto) -> Iterator[tuple[str, SparseTensorProto]]:
+    for graph, _ in _model_graphs(model):
+        for sparse in graph.sparse_initializer:
+            yield f"sparse initializer {sparse.values.name!r}", sparse
+    for node in _all_nodes(model):
+        for attr in node.attribute:
+            where = f"attribute {attr.name!r} of {node.op_type} node {node.name!r}"
+            if attr.HasField("sparse_tensor"):
+                yield where, attr.sparse_tensor
+            for sparse in attr.sparse_tensors:
+                yield where, sparse
+
+
 def _tensors_of(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
-    """Every tensor the model carries, with where it sits (for messages)."""
-    for graph, _ in iter_graphs(model.graph):
+    """Every dense tensor the model carries, with where it sits (for messages)."""
+    for graph, _ in _model_graphs(model):
         for tensor in graph.initializer:
             yield f"initializer {tensor.name!r}", tensor
-        for sparse in graph.sparse_initializer:
-            yield f"sparse initializer {sparse.values.name!r}", sparse.values
-            yield f"sparse initializer {sparse.values.name!r} (indices)", sparse.indices
     for node in _all_nodes(model):
         for attr in node.attribute:
             where = f"attribute {attr.name!r} of {node.op_type} node {node.name!r}"
@@ -72,19 +102,9 @@ def _tensors_of(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
                 yield where, attr.t
             for tensor in attr.tensors:
                 yield where, tensor
-            if attr.HasField("sparse_tensor"):
-                yield where, attr.sparse_tensor.values
-                yield where, attr.sparse_tensor.indices
-            for sparse in attr.sparse_tensors:
-                yield where, sparse.values
-                yield where, sparse.indices
-
-
-def _elements(dims: list[int]) -> int:
-    count = 1
-    for dim in dims:
-        count *= dim
-    return count
+    for where, sparse in _sparse_tensors(model):
+        yield where, sparse.values
+        yield f"{where} (indices)", sparse.indices
 
 
 def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
@@ -111,9 +131,23 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     return model
 
 
+def _check_dims(where: str, dims: list[int], limits: ModelLimits) -> int:
+    """Refuse out-of-range dims; the element count (exact: Python integers do not overflow)."""
+    if any(not 0 <= dim <= limits.max_dim for dim in dims):
+        raise UnsafeModelError(
+            f"{where} declares dims {dims}; dimensions must be in 0..{limits.max_dim}"
+        )
+    count = math.prod(dims)
+    if count > limits.max_tensor_elements:
+        raise UnsafeModelError(
+            f"{where} has {count} elements; the limit is {limits.max_tensor_elements}"
+        )
+    return count
+
+
 def _check_limits(model: ModelProto, limits: ModelLimits) -> None:
     nodes = 0
-    for graph, depth in iter_graphs(model.graph):
+    for graph, depth in _model_graphs(model):
         if depth > limits.max_subgraph_depth:
             raise UnsafeModelError(
                 f"subgraphs are nested {depth} deep; the limit is {limits.max_subgraph_depth}"
@@ -131,20 +165,37 @@ def _check_limits(model: ModelProto, limits: ModelLimits) -> None:
         raise UnsafeModelError(f"the model has {nodes} nodes; the limit is {limits.max_nodes}")
     total = 0
     for where, tensor in _tensors_of(model):
-        if any(not 0 <= dim <= limits.max_dim for dim in tensor.dims):
-            raise UnsafeModelError(
-                f"{where} declares dims {list(tensor.dims)}; dimensions must be in "
-                f"0..{limits.max_dim}"
-            )
-        count = _elements(list(tensor.dims))
-        if count > limits.max_tensor_elements:
-            raise UnsafeModelError(
-                f"{where} has {count} elements; the limit is {limits.max_tensor_elements}"
-            )
+        count = _check_dims(where, list(tensor.dims), limits)
         total += count
+        _check_raw_size(where, tensor, count)
+    for where, sparse in _sparse_tensors(model):
+        total += _check_dims(f"{where} (dense shape)", list(sparse.dims), limits)
     if total > limits.max_total_elements:
         raise UnsafeModelError(
             f"the model's tensors hold {total} elements; the limit is {limits.max_total_elements}"
+        )
+
+
+_PACKED_4BIT = frozenset(
+    getattr(TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1")
+    if hasattr(TensorProto, name)
+)
+
+
+def _check_raw_size(where: str, tensor: TensorProto, count: int) -> None:
+    """raw_data must hold exactly the declared elements (the checker lets a longer one pass)."""
+    if not tensor.HasField("raw_data") or tensor.data_type == TensorProto.STRING:
+        return
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError) as exc:
+        raise InvalidModelError(f"{where} has unknown data type {tensor.data_type}") from exc
+    expected = (count + 1) // 2 if tensor.data_type in _PACKED_4BIT else count * itemsize
+    if len(tensor.raw_data) != expected:
+        raise InvalidModelError(
+            f"{where} declares {count} elements ({expected} bytes) but holds "
+            f"{len(tensor.raw_data)} bytes of data"
         )
 
 
@@ -161,13 +212,14 @@ def _check_no_external_data(model: ModelProto) -> None:
 
 
 def _check_domains(model: ModelProto) -> None:
-    allowed = KNOWN_DOMAINS | {function.domain for function in model.functions}
+    functions = {(function.domain, function.name) for function in model.functions}
     for node in _all_nodes(model):
-        if node.domain not in allowed:
+        if node.domain not in KNOWN_DOMAINS and (node.domain, node.op_type) not in functions:
             raise UnsafeModelError(
                 f"{node.op_type} node {node.name!r} uses the unknown operator domain "
                 f"{node.domain!r}; supported domains: "
                 + ", ".join(repr(d) for d in sorted(KNOWN_DOMAINS))
+                + ", and functions defined in the model"
             )
 
 
