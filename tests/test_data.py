@@ -52,7 +52,7 @@ def test_a_missing_label_column_names_the_columns(tmp_path):
 def test_npz_with_object_arrays_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, X=np.array([{"a": 1}] * 12, dtype=object), y=np.zeros(12))
-    with pytest.raises(InvalidDataError, match="object arrays"):
+    with pytest.raises(InvalidDataError, match=r"objects \(pickles\), which are refused"):
         read_table(path, None)
 
 
@@ -85,3 +85,41 @@ def test_task_detection():
     assert not is_classification(np.array([0.5, 1.5, 2.0]), "auto")
     assert not is_classification(np.arange(100.0), "auto")  # too many distinct values
     assert not is_classification(np.array([0.0, 1.0]), "regression")
+
+
+def _npz_with_header(path: Path, shape: tuple[int, ...]) -> None:
+    """An NPZ whose one member declares `shape` but carries almost no data."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("X.npy", buffer.getvalue() + b"\0" * 64)
+        archive.writestr("y.npy", buffer.getvalue())
+
+
+def test_an_npz_declaring_terabytes_is_refused_before_reading(tmp_path):
+    path = tmp_path / "bomb.npz"
+    _npz_with_header(path, (1_000_000, 1_000_000))
+    with pytest.raises(InvalidDataError, match="would take 16000000000000 bytes"):
+        read_table(path, None)
+
+
+def test_an_npz_member_that_is_not_an_array_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "odd.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("X.txt", b"hello")
+    with pytest.raises(InvalidDataError, match=r"'X\.txt' in the NPZ file is not an array"):
+        read_table(path, None)
+
+
+def test_an_npz_with_no_rows_is_refused(tmp_path):
+    path = tmp_path / "empty.npz"
+    np.savez(path, X=np.zeros((0, 3)), y=np.zeros(0))
+    with pytest.raises(InvalidDataError, match=r"needs 1\.\."):
+        read_table(path, None)
