@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from graphs import conv_net
 from helpers import run
@@ -143,3 +144,68 @@ def test_fine_tune_without_train_data_says_what_is_missing(job_dir, mlp_classifi
     stage(job_dir, mlp_classifier.SerializeToString())
     with pytest.raises(InputError, match="fine_tune needs train_data"):
         run_prune_job(job_dir, PruneParams(sparsity=0.5, fine_tune={}))
+
+
+def test_gemm_layers_with_bias_inputs_are_fine_tuned(job_dir):
+    from graphs import gemm_mlp
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((200, 8)).astype(np.float32)
+    model = gemm_mlp([8, 16, 12, 3], trans_b=1)
+    (teacher,) = run(model, {"X": features})
+    targets = teacher  # learn to reproduce the dense model after pruning
+    np.savez(job_dir / "t.npz", X=features, y=targets)
+    (job_dir / "t.npz").rename(job_dir / "input" / "train_data")
+    (job_dir / "input" / "model.onnx").write_bytes(model.SerializeToString())
+    report = run_prune_job(
+        job_dir,
+        PruneParams(
+            sparsity=0.5, task="regression", fine_tune={"epochs": 30, "learning_rate": 0.01}
+        ),
+    )
+    assert (
+        report.training.metric == "r2"
+        and report.training.validation[-1] > report.training.validation[0]
+    )
+
+
+def _scale_after(model, op_type: str):
+    """A copy of `model` with Mul(x, 2) inserted after the last `op_type` node."""
+    from onnx import helper, numpy_helper
+
+    edited = type(model)()
+    edited.CopyFrom(model)
+    nodes = list(edited.graph.node)
+    anchor = [node for node in nodes if node.op_type == op_type][-1]
+    scaled = anchor.output[0] + "_scaled"
+    for node in nodes:
+        node.input[:] = [scaled if name == anchor.output[0] else name for name in node.input]
+    mul = helper.make_node("Mul", [anchor.output[0], "two"], [scaled], name="scale")
+    nodes.insert(nodes.index(anchor) + 1, mul)
+    edited.graph.initializer.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+    del edited.graph.node[:]
+    edited.graph.node.extend(nodes)
+    return edited
+
+
+@pytest.mark.parametrize("op_type", ["Add", "Relu"])  # after the output layer / between layers
+def test_an_op_the_walk_does_not_model_is_refused_by_name(job_dir, mlp_regressor, op_type):
+    model, features, target = mlp_regressor
+    edited = _scale_after(model, op_type)
+    stage(job_dir, edited.SerializeToString(), train=(features, target))
+    with pytest.raises(UnsupportedModelError, match="Mul node 'scale'"):
+        run_prune_job(job_dir, PruneParams(sparsity=0.5, fine_tune={"epochs": 1}))
+
+
+def test_gradual_fine_tuning_leaves_excluded_layers_dense(job_dir, digits_300_100):
+    model, train, held_out = digits_300_100
+    report = run_prune_job(
+        stage(job_dir, model.SerializeToString(), train=train, evaluate=held_out),
+        PruneParams(
+            sparsity=0.8, exclude=["^coefficient2$"], fine_tune={"epochs": 4, "schedule": "gradual"}
+        ),
+    )
+    assert [layer.name for layer in report.layers] == ["coefficient", "coefficient1"]
+    out = onnx.load_model_from_string((job_dir / "model.onnx").read_bytes())
+    last = next(t for t in out.graph.initializer if t.name == "coefficient2")
+    assert np.count_nonzero(onnx.numpy_helper.to_array(last)) == 100 * 10

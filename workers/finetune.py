@@ -3,17 +3,17 @@
 The graph must be an MLP chain as scikit-learn (skl2onnx) and clipprune itself write it:
 
     X -> [Cast | Sub/Mul/Div/Add by a constant]* -> [MatMul|Gemm (+ Add bias) -> activation]*
-      -> head (Softmax | Sigmoid | none) -> a tail of label and probability plumbing
+      -> head (Softmax | Sigmoid | none) -> label and probability plumbing
 
-Any op outside that set is refused by name: fine-tuning a graph we only half understand would
-return a model that silently computes something else.
+Any node outside that shape is refused by name: fine-tuning a graph we only half understand
+would return a model that silently computes something else.
 """
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import ModelProto, NodeProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from schemas.params import PruneParams
 from schemas.report import TrainingReport
@@ -24,16 +24,14 @@ from workers.prune import PruneOutcome, refresh_layers
 from workers.training import EpochProgress, FitSettings, PruneTarget, fit, training_report
 from workers.weights import WeightSlot, find_weights
 
-CHAIN_OPS = frozenset({"Cast", "Identity", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div"})
 ACTIVATIONS: dict[str, Activation] = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
-# The label/probability plumbing converters put after the head: no weights, nothing to train.
-TAIL_OPS = frozenset(
+# What converters put after the head to turn scores into labels and probabilities.
+PLUMBING_OPS = frozenset(
     {
-        "Softmax", "Sigmoid", "ArgMax", "ZipMap", "ArrayFeatureExtractor", "Reshape", "Cast",
-        "Identity", "Concat", "Sub", "Gather", "Flatten", "Squeeze", "Unsqueeze", "Shape",
+        "ArgMax", "ZipMap", "ArrayFeatureExtractor", "Reshape", "Cast", "Identity", "Concat",
+        "Gather", "Flatten", "Squeeze", "Unsqueeze", "Sub", "Normalizer",
     }
 )  # fmt: skip
-ALLOWED_OPS = CHAIN_OPS | TAIL_OPS | set(ACTIVATIONS) | {"Softmax"}
 
 
 @dataclass
@@ -121,21 +119,28 @@ def _attr(node: NodeProto, name: str, default: float) -> float:
     return default
 
 
+def _refuse(node: NodeProto, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"fine-tuning needs an MLP graph (MatMul/Gemm layers with Add biases and Relu, Tanh or "
+        f"Sigmoid, then a Softmax, Sigmoid or no head); {node.op_type} node {node.name!r} "
+        f"{why}"
+    )
+
+
 def read_mlp(model: ModelProto) -> OnnxMlp:
+    """The MLP in `model`, or UnsupportedModelError naming the first node that does not fit.
+
+    Every node must be accounted for: part of the chain from the input to the head, a
+    Constant, or label/probability plumbing after the head. A graph that computes anything
+    else would be fine-tuned as something it is not.
+    """
     graph = model.graph
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx", "ai.onnx.ml") or node.op_type not in ALLOWED_OPS:
-            raise UnsupportedModelError(
-                f"fine-tuning needs an MLP graph; {node.op_type} node {node.name!r} is outside the "
-                "ops it understands (MatMul, Gemm, Add, Relu, Tanh, Sigmoid, Softmax and the casts "
-                "and reshapes converters add)"
-            )
     constants = {slot.name: slot for slot in find_weights(model, include=[".*"])}
     initializers = {tensor.name for tensor in graph.initializer}
     inputs = [value.name for value in graph.input if value.name not in initializers]
     if len(inputs) != 1:
         raise UnsupportedModelError(
-            f"fine-tuning needs a model with one input; it has {len(inputs)}"
+            f"fine-tuning needs a model with one input; this one has {len(inputs)}"
         )
     readers: dict[str, list[NodeProto]] = defaultdict(list)
     for node in graph.node:
@@ -143,61 +148,103 @@ def read_mlp(model: ModelProto) -> OnnxMlp:
             readers[name].append(node)
     outputs = {value.name for value in graph.output}
 
+    chain: list[NodeProto] = []
     mlp_layers: list[_Layer] = []
     prefix: list[tuple[str, np.ndarray]] = []
     head: Head = "identity"
     value = inputs[0]
-    just_multiplied = False
+    bias_may_follow = False
     while value not in outputs and len(readers[value]) == 1:
         node = readers[value][0]
         op = node.op_type
-        others = [name for name in node.input if name != value]
-        constant = constants.get(others[0]) if len(others) == 1 else None
-        if op in ("Cast", "Identity"):
+        if node.domain not in ("", "ai.onnx"):
+            break
+        second = node.input[1] if len(node.input) > 1 else ""
+        constant = constants.get(second) if node.input[0] == value else None
+        if op == "Identity" or (op == "Cast" and _attr(node, "to", 0) == TensorProto.FLOAT):
             pass
-        elif op in ("MatMul", "Gemm") and node.input[0] == value and constant is not None:
+        elif op in ("MatMul", "Gemm") and constant is not None:
             if op == "Gemm" and (_attr(node, "alpha", 1.0) != 1 or _attr(node, "beta", 1.0) != 1):
-                raise UnsupportedModelError(f"Gemm node {node.name!r} has alpha/beta other than 1")
+                raise _refuse(node, "has alpha or beta other than 1")
             if op == "Gemm" and _attr(node, "transA", 0):
-                raise UnsupportedModelError(f"Gemm node {node.name!r} has transA=1")
+                raise _refuse(node, "has transA=1")
             layer = _Layer(constant, transposed=op == "Gemm" and bool(_attr(node, "transB", 0)))
-            if op == "Gemm" and len(node.input) > 2 and node.input[2]:
+            has_c = op == "Gemm" and len(node.input) > 2 and bool(node.input[2])
+            if has_c:
                 layer.bias = constants.get(node.input[2])
+                if layer.bias is None:
+                    raise _refuse(node, "has a bias that is not a constant")
             mlp_layers.append(layer)
-            just_multiplied = op == "MatMul"
+            bias_may_follow = not has_c
+            chain.append(node)
             value = node.output[0]
             continue
-        elif op == "Add" and just_multiplied and constant is not None:
+        elif op == "Add" and bias_may_follow and constant is not None:
             mlp_layers[-1].bias = constant
         elif op in ("Sub", "Add", "Mul", "Div") and not mlp_layers and constant is not None:
-            if node.input[0] != value:
-                raise UnsupportedModelError(f"{op} node {node.name!r} takes the input second")
             prefix.append((op, constant.read().astype(DTYPE)))
-        elif op in ACTIVATIONS and mlp_layers:
+        elif op in ACTIVATIONS and mlp_layers and mlp_layers[-1].activation == "identity":
             mlp_layers[-1].activation = ACTIVATIONS[op]
-        elif op == "Softmax" and mlp_layers:
+        elif op == "Softmax" and mlp_layers and _attr(node, "axis", -1) in (1, -1):
             head = "softmax"
+            chain.append(node)
+            value = node.output[0]
             break
         else:
             break
-        just_multiplied = False
+        bias_may_follow = False
+        chain.append(node)
         value = node.output[0]
     if not mlp_layers:
+        stop = readers[value][0] if readers[value] else None
+        if stop is not None:
+            raise _refuse(stop, "stands where the first MatMul/Gemm layer should be")
         raise UnsupportedModelError("fine-tuning found no MatMul/Gemm layer after the model input")
+    _check_only_plumbing_follows(graph, chain, value, readers, constants)
     if head == "identity" and mlp_layers[-1].activation == "sigmoid":
         head = "sigmoid"
         mlp_layers[-1].activation = "identity"
-    weights = [layer.read_weight() for layer in mlp_layers]
-    biases = [layer.read_bias(w.shape[1]) for layer, w in zip(mlp_layers, weights, strict=True)]
     if mlp_layers[-1].activation != "identity":
         raise UnsupportedModelError(
             f"the last layer ends in {mlp_layers[-1].activation}, not a head clipprune can train "
             "(softmax, sigmoid with one output, or none)"
         )
+    weights = [layer.read_weight() for layer in mlp_layers]
+    biases = [layer.read_bias(w.shape[1]) for layer, w in zip(mlp_layers, weights, strict=True)]
     if head == "sigmoid" and weights[-1].shape[1] != 1:
         raise UnsupportedModelError("a sigmoid head must have one output to fine-tune")
     network = Network(weights, biases, [layer.activation for layer in mlp_layers[:-1]], head)
     return OnnxMlp(network, mlp_layers, inputs[0], prefix, _classes(model, head))
+
+
+def _check_only_plumbing_follows(
+    graph: GraphProto,
+    chain: list[NodeProto],
+    head_output: str,
+    readers: dict[str, list[NodeProto]],
+    constants: dict[str, WeightSlot],
+) -> None:
+    """Everything after the head only turns scores into labels and probabilities."""
+    after: list[NodeProto] = []
+    frontier = [head_output]
+    seen: set[int] = set()
+    while frontier:
+        for node in readers[frontier.pop()]:
+            if id(node) not in seen:
+                seen.add(id(node))
+                after.append(node)
+                frontier.extend(node.output)
+    accounted = {id(node) for node in chain} | seen
+    for node in graph.node:
+        if id(node) not in accounted and node.op_type != "Constant":
+            raise _refuse(node, "is not part of the MLP chain")
+    for node in after:
+        if node.op_type not in PLUMBING_OPS or node.domain not in ("", "ai.onnx", "ai.onnx.ml"):
+            raise _refuse(node, "comes after the layers and changes the outputs")
+        if node.op_type == "Sub":  # only 1 - p, which makes [1 - p, p] for a binary classifier
+            one = constants.get(node.input[0])
+            if one is None or one.read().size != 1 or float(one.read().ravel()[0]) != 1.0:
+                raise _refuse(node, "comes after the layers and changes the outputs")
 
 
 def _classes(model: ModelProto, head: Head) -> np.ndarray | None:
@@ -238,7 +285,13 @@ def fine_tune(
     check = validation if validation is not None and validation.labels is not None else train
     x_val, y_val = mlp.prepare(check.features[mlp.input_name]), mlp.targets(check.labels)
 
-    masks: list[np.ndarray] | None = [(w != 0).astype(DTYPE) for w in network.weights]
+    # Only the weights the pruning step chose (include/exclude) are masked or ramped.
+    chosen = {layer.name for layer in outcome.layers}
+    prunable = tuple(layer.weight.name in chosen for layer in mlp.layers)
+    masks: list[np.ndarray] | None = [
+        (w != 0).astype(DTYPE) if may else np.ones_like(w)
+        for w, may in zip(network.weights, prunable, strict=True)
+    ]
     target = None
     if settings.schedule == "gradual":
         if params.granularity != "unstructured" or params.sparsity is None:
@@ -249,7 +302,7 @@ def fine_tune(
         dense = read_mlp(original).network
         network.weights, network.biases = dense.weights, dense.biases
         masks = None
-        target = PruneTarget(params.sparsity, None, params.scope, "gradual")
+        target = PruneTarget(params.sparsity, None, params.scope, "gradual", prunable)
     fit_settings = FitSettings(
         epochs=settings.epochs,
         batch_size=settings.batch_size,

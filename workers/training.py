@@ -31,6 +31,7 @@ class PruneTarget:
     threshold: float | None
     scope: Scope
     schedule: PruneSchedule
+    prunable: tuple[bool, ...] | None = None  # which weight matrices may be pruned; None: all
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,21 @@ def gradual_sparsity(final: float, epoch: int, ramp_epochs: int) -> float:
 
 
 def weight_masks(network: Network, target: PruneTarget, sparsity: float | None) -> list[np.ndarray]:
-    keep = magnitude_masks(
-        network.weights,
-        sparsity=sparsity if target.threshold is None else None,
-        threshold=target.threshold,
-        scope=target.scope,
+    """1 keep / 0 prune per weight matrix; matrices the target leaves alone keep everything."""
+    prunable = target.prunable or (True,) * len(network.weights)
+    chosen = [w for w, may in zip(network.weights, prunable, strict=True) if may]
+    keep = iter(
+        magnitude_masks(
+            chosen,
+            sparsity=sparsity if target.threshold is None else None,
+            threshold=target.threshold,
+            scope=target.scope,
+        )
     )
-    return [k.astype(w.dtype) for k, w in zip(keep, network.weights, strict=True)]
+    return [
+        (next(keep) if may else np.ones(w.shape, dtype=bool)).astype(w.dtype)
+        for w, may in zip(network.weights, prunable, strict=True)
+    ]
 
 
 def apply_masks(network: Network, masks: list[np.ndarray] | None) -> None:
