@@ -1,5 +1,6 @@
 """Job parameters: what a caller may ask for, validated once at the edge."""
 
+import itertools
 import re
 from typing import Literal
 
@@ -11,6 +12,8 @@ Encoding = Literal["dense", "sparse", "int8"]
 Task = Literal["auto", "classification", "regression"]
 Optimizer = Literal["sgd", "momentum", "adam"]
 PruneSchedule = Literal["one_shot", "gradual"]
+
+MAX_HIDDEN_WEIGHTS = 2**26  # 256 MiB of float32 between hidden layers
 
 
 class _Params(BaseModel):
@@ -112,6 +115,12 @@ class ModelSpec(_Params):
     def _widths_positive(cls, hidden: list[int]) -> list[int]:
         if len(hidden) > 16 or any(not 1 <= width <= 16384 for width in hidden):
             raise ValueError("hidden takes at most 16 layers, each of width 1..16384")
+        between = sum(a * b for a, b in itertools.pairwise(hidden))
+        if between > MAX_HIDDEN_WEIGHTS:
+            raise ValueError(
+                f"hidden layers would hold {between} weights between them; the limit is "
+                f"{MAX_HIDDEN_WEIGHTS}"
+            )
         return hidden
 
 

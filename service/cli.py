@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, UsageError, OSError) as exc:
         print(f"clipprune: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("clipprune: error: out of memory; try a smaller model or data set", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug in clipprune: still one line, and a non-zero exit
+        print(f"clipprune: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

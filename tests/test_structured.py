@@ -95,7 +95,25 @@ def test_gemm_chains_with_either_weight_layout(trans_b):
             "b2": (3,),
         }
     features = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
-    assert run(pruned, {"X": features})[0].shape == (32, 3)
+    # exact: the dense model with the removed neurons' outgoing weights zeroed
+    before, after = initializers(model), initializers(pruned)
+    as_in_out = (lambda w: w.T) if trans_b else (lambda w: w)
+    kept0 = kept_columns(as_in_out(before["W0"]), as_in_out(after["W0"]))
+    kept1 = kept_columns(as_in_out(before["W1"])[kept0], as_in_out(after["W1"]))
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    dense = {
+        name: as_in_out(array).copy() if name.startswith("W") else array
+        for name, array in before.items()
+    }
+    dense["W1"][sorted(set(range(20)) - set(kept0)), :] = 0
+    dense["W2"][sorted(set(range(10)) - set(kept1)), :] = 0
+    for tensor in zeroed.graph.initializer:
+        array = as_in_out(dense[tensor.name]) if tensor.name.startswith("W") else dense[tensor.name]
+        tensor.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(array), tensor.name))
+    np.testing.assert_allclose(
+        run(pruned, {"X": features})[0], run(zeroed, {"X": features})[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_zero_sparsity_structured_is_the_original(mlp_classifier, digits):

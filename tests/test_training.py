@@ -155,7 +155,11 @@ def test_early_stopping_keeps_the_best_epoch():
     outcome = train(
         features, labels, model={"hidden": [8]}, epochs=300, learning_rate=0.05, patience=3
     )
-    assert outcome.history.stopped_early and len(outcome.history.loss) < 300
+    history = outcome.history
+    assert history.stopped_early and len(history.loss) < 300
+    predicted = np.argmax(outcome.network.predict(outcome.split.x_val), axis=1)
+    kept = np.mean(predicted == outcome.split.y_val)
+    assert kept == pytest.approx(max(history.validation))  # the best weights, not the last
 
 
 def test_string_class_labels_come_back_as_strings():

@@ -8,10 +8,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from schemas.params import Encoding
+from workers.errors import UnsupportedModelError
 from workers.onnx_model import iter_graphs, serialize
+from workers.weights import find_weights
 
 INDEX_BYTES = 8  # sparse_initializer indices are int64, one linear index per nonzero
 
@@ -25,6 +27,7 @@ def encode(model: ModelProto, encoding: Encoding, pruned: set[str]) -> tuple[byt
         return serialize(model), []
     if encoding == "sparse":
         return _sparse(model, pruned)
+    _require_float32_weights(model)
     return _int8(model), [
         "int8: onnxruntime dynamic quantization (QInt8, symmetric, so pruned zeros stay zero)"
     ]
@@ -58,6 +61,18 @@ def _sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
             "float32): " + ", ".join(kept_dense)
         )
     return serialize(model), notes
+
+
+def _require_float32_weights(model: ModelProto) -> None:
+    """onnxruntime's dynamic quantization handles float32 weights; with others it leaves them
+    as they are or writes a model that does not load."""
+    for slot in find_weights(model):
+        if isinstance(slot.holder, TensorProto) and slot.holder.data_type != TensorProto.FLOAT:
+            kind = TensorProto.DataType.Name(slot.holder.data_type).lower()
+            raise UnsupportedModelError(
+                f"encoding int8 quantizes float32 weights; weight {slot.name!r} is {kind}: "
+                "use encoding dense or sparse"
+            )
 
 
 def _int8(model: ModelProto) -> bytes:

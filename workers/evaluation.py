@@ -5,6 +5,7 @@ are generated from the model's input signature and the report measures how often
 model agrees with the original.
 """
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def generated_feeds(inputs: list[InputSpec], seed: int = 0) -> dict[str, np.ndar
             dim if dim is not None else (GENERATED_ROWS if axis == 0 else 1)
             for axis, dim in enumerate(spec.shape)
         ]
-        if int(np.prod(shape)) > MAX_GENERATED_ELEMENTS:
+        if math.prod(shape) > MAX_GENERATED_ELEMENTS:
             raise UnsupportedModelError(
                 f"input {spec.name!r} of shape {shape} is too large to generate; send eval_data"
             )
@@ -167,7 +168,7 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Outputs:
     except Exception as exc:  # onnxruntime's errors are untyped; the message says what failed
         raise InvalidDataError(f"onnxruntime could not run the model on this data: {exc}") from exc
     scores = labels = None
-    for value in map(_as_array, raw):
+    for value in (np.atleast_1d(_as_array(output)) for output in raw):
         if value.dtype.kind == "f" and scores is None:
             scores = value.reshape(len(value), -1).astype(np.float64)
         elif value.dtype.kind in "iuUSO" and labels is None and value.size == len(value):

@@ -158,11 +158,10 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
 
     progress("evaluating", 0.7)
     accuracy, latency = _evaluate(original_bytes, compressed_bytes, feeds, labels, params.task)
-    params_before, _ = float_params(model)
     _, nonzero_after = float_params(outcome.model)
     report = Report(
         kind="prune",
-        size=size_report(original_bytes, compressed_bytes, params_before, nonzero_after),
+        size=size_report(original_bytes, compressed_bytes, outcome.params_before, nonzero_after),
         layers=outcome.layers,
         accuracy=accuracy,
         latency_ms=latency,

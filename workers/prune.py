@@ -18,6 +18,7 @@ from workers.weights import WeightSlot, all_float_constants, find_weights
 class PruneOutcome:
     model: ModelProto
     layers: list[LayerReport]
+    params_before: int  # float parameters of the original, sparse initializers densified
     pruned: set[str] = field(default_factory=set)  # weights whose values changed
     notes: list[str] = field(default_factory=list)
 
@@ -71,13 +72,14 @@ def prune_model(model: ModelProto, params: PruneParams) -> PruneOutcome:
             "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "
             "ConvTranspose); name tensors to prune with include"
         )
-    before = {slot.name: (slot.shape, slot.read()) for slot in slots}
-    for name, (_, array) in before.items():
+    # By position, not name: two If branches may each hold a Constant of the same name.
+    before = [(slot.shape, slot.read()) for slot in slots]
+    for slot, (_, array) in zip(slots, before, strict=True):
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidModelError(f"weight {name!r} holds NaN or infinite values")
-    outcome = PruneOutcome(model, layers=[])
+            raise InvalidModelError(f"weight {slot.name!r} holds NaN or infinite values")
+    outcome = PruneOutcome(model, layers=[], params_before=float_params(model)[0])
     if params.granularity == "unstructured":
-        _prune_weights(slots, [array for _, array in before.values()], params)
+        _prune_weights(slots, [array for _, array in before], params)
     else:
         layers, skipped = prune_neurons(
             model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
@@ -90,8 +92,7 @@ def prune_model(model: ModelProto, params: PruneParams) -> PruneOutcome:
             f"structured: kept every output neuron of {name}: {why}"
             for name, why in skipped.items()
         ]
-    for slot in slots:
-        shape, original = before[slot.name]
+    for slot, (shape, original) in zip(slots, before, strict=True):
         array = slot.read()
         if array.shape != original.shape or not np.array_equal(array, original):
             outcome.pruned.add(slot.name)

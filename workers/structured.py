@@ -26,7 +26,7 @@ from workers.weights import WeightSlot, find_weights
 # Ops that act on each neuron on its own, so a neuron's value never mixes with another's.
 UNARY_PER_NEURON = frozenset(
     {
-        "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Tanh", "Sigmoid", "HardSigmoid",
+        "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Sigmoid", "HardSigmoid",
         "HardSwish", "Softplus", "Softsign", "Gelu", "Erf", "Identity", "Cast", "Abs", "Neg",
     }
 )  # fmt: skip
@@ -99,12 +99,17 @@ class _ChainFinder:
         for graph in self.graphs:
             for name, nodes in self.readers[id(graph)].items():
                 self.all_readers[name] += len(nodes)
+        # An initializer listed as a graph input is a default the caller may override with a
+        # tensor of the old shape: never slice one.
+        self.overridable = {value.name for graph in self.graphs for value in graph.input}
         self.skipped: dict[str, str] = {}
 
     def _owned(self, name: str) -> WeightSlot | None:
         """The constant `name` if exactly one node anywhere reads it (safe to slice)."""
         slot = self.by_name.get(name)
-        return slot if slot is not None and self.all_readers[name] == 1 else None
+        if slot is None or self.all_readers[name] != 1 or name in self.overridable:
+            return None
+        return slot
 
     def layers(self) -> list[NeuronLayer]:
         found = []
@@ -131,7 +136,7 @@ class _ChainFinder:
         self, node: NodeProto, w1: WeightSlot, graph: GraphProto, outputs: set[str]
     ) -> NeuronLayer | None:
         if len(w1.shape) != 2 or self._owned(w1.name) is None:
-            self._skip(w1, "not a 2-D weight read by exactly one node")
+            self._skip(w1, "not a 2-D weight read by exactly one node (nor a graph input)")
             return None
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             self._skip(w1, "Gemm with transA=1")
@@ -169,9 +174,9 @@ class _ChainFinder:
     ) -> NeuronLayer | None:
         w2 = self._owned(node.input[1]) if len(node.input) > 1 else None
         if w2 is None or len(w2.shape) != 2:
-            self._skip(
-                w1, f"the next layer's weight {node.input[1]!r} is not an owned 2-D constant"
-            )
+            name = node.input[1] if len(node.input) > 1 else "?"
+            why = "is not a 2-D constant read once (nor a graph input)"
+            self._skip(w1, f"the next layer's weight {name!r} {why}")
             return None
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             self._skip(w1, "the next Gemm has transA=1")

@@ -1,5 +1,6 @@
 """Training a model from a data table: task, split, standardisation, fit, pruning, export."""
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ from workers.errors import InvalidDataError
 from workers.export import to_onnx
 from workers.network import DTYPE, Activation, Head, Network, initialise
 from workers.training import FitSettings, History, PruneTarget, apply_masks, fit, weight_masks
+
+MAX_WEIGHTS = 2**27  # 512 MiB of float32, before optimizer state
 
 
 @dataclass
@@ -35,7 +38,13 @@ def class_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     classes, indices = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise InvalidDataError("the labels hold a single class; classification needs two or more")
-    if classes.dtype.kind in "f":
+    if classes.dtype.kind == "f":
+        fractional = classes[classes != np.round(classes)]
+        if fractional.size:
+            raise InvalidDataError(
+                f"class labels must be integers or names; got {fractional[0]:g} "
+                "(set task=regression for continuous labels)"
+            )
         classes = classes.astype(np.int64)
     return indices, classes
 
@@ -105,7 +114,14 @@ def train_model(
     n_classes = 0 if classes is None else len(classes)
     hidden, activations, head = architecture(params, classification, n_classes)
     outputs = n_classes if head == "softmax" else 1
-    network = initialise([features.shape[1], *hidden, outputs], activations, head, rng)
+    sizes = [features.shape[1], *hidden, outputs]
+    weights = sum(a * b for a, b in itertools.pairwise(sizes))
+    if weights > MAX_WEIGHTS:
+        raise InvalidDataError(
+            f"{features.shape[1]} features into hidden {hidden} make {weights} weights; the "
+            f"limit is {MAX_WEIGHTS}: use fewer or narrower layers"
+        )
+    network = initialise(sizes, activations, head, rng)
     mean = split.x_train.mean(axis=0)
     std = split.x_train.std(axis=0)
     network.mean = mean.astype(DTYPE)

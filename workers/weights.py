@@ -116,7 +116,12 @@ def _walk(
     found: dict[int, WeightSlot],
     constants: dict[int, WeightSlot],
 ) -> None:
-    scope = {**outer, **_local_constants(graph)}
+    # A subgraph's formal inputs (a Loop body's state, say) hide outer names they share.
+    hidden = {value.name for value in graph.input}
+    scope = {
+        **{name: slot for name, slot in outer.items() if name not in hidden},
+        **_local_constants(graph),
+    }
     for slot in scope.values():
         constants[id(slot.holder)] = slot
     for node in graph.node:
