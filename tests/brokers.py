@@ -92,6 +92,7 @@ def drop_prefix(url: str, key_prefix: str) -> None:
 class Worker:
     process: subprocess.Popen[bytes]
     log: Path
+    settings: dict[str, str]
 
     def pool(self) -> list[psutil.Process]:
         """The prefork children that run the jobs."""
@@ -122,7 +123,9 @@ def start_worker(data_dir: Path, concurrency: int, **settings: str) -> Worker:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker"], env=env, stdout=sink, stderr=sink
         )
-    worker = Worker(process, log)
+    worker = Worker(
+        process, log, {"workers": str(concurrency), **{k: str(v) for k, v in settings.items()}}
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

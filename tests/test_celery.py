@@ -2,6 +2,9 @@
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -62,7 +65,8 @@ def submit(client, kind: str, files: dict[str, bytes], params: dict):
 
 
 def test_jobs_run_on_celery_workers(tmp_path, deployment, mlp_classifier, digits_csv):
-    server, _ = deployment(any_redis(tmp_path).url)
+    server, worker = deployment(any_redis(tmp_path).url)
+    worker_env = {f"CLIPPRUNE_{key.upper()}": value for key, value in worker.settings.items()}
     with server.client() as client:
         prune_id = submit(
             client, "prune", {"model": mlp_classifier.SerializeToString()}, {"sparsity": 0.5}
@@ -75,6 +79,13 @@ def test_jobs_run_on_celery_workers(tmp_path, deployment, mlp_classifier, digits
             assert job["status"] == "succeeded", job["error"]
             assert client.get(job["links"]["model"]).status_code == 200
         assert client.get("/readyz").json()["checks"]["workers"] == "ok"
+    ping = subprocess.run(
+        [sys.executable, "-m", "service.cli", "ping-worker"],
+        env={**os.environ, **worker_env},
+        capture_output=True,
+        timeout=60,
+    )
+    assert ping.returncode == 0, ping.stderr
 
 
 def test_a_worker_killed_mid_job_never_leaves_it_running(tmp_path, deployment, digits_csv):
