@@ -77,6 +77,11 @@ class PruneParams(_Params):
         None, description="Label column of a CSV eval/train file; default the last column."
     )
     fine_tune: FineTuneParams | None = None
+    sensitivity: bool = Field(
+        False,
+        description="Also prune each tensor alone at several sparsities and report the metric, "
+        "to see which layers tolerate pruning.",
+    )
 
     @field_validator("include", "exclude")
     @classmethod

@@ -53,9 +53,19 @@ class TrainingReport(BaseModel):
     validation: list[float]  # the metric on the validation data, per epoch
     clip: ClipStats
     stopped_early: bool = False
+    grad_norm: list[float] = []  # global norm before clipping, per step (every k-th on long runs)
+    clipped: list[bool] = []  # whether clipping changed that step
+    step_stride: int = 1  # grad_norm[i] is step i * step_stride
 
 
 class SweepPoint(BaseModel):
+    sparsity: float
+    metric: float  # the compressed model's metric on the eval data
+    chosen: bool = False  # the point whose model was returned
+
+
+class SensitivityPoint(BaseModel):
+    name: str  # the tensor pruned, alone
     sparsity: float
     metric: float
 
@@ -76,4 +86,5 @@ class Report(BaseModel):
     onnx: OnnxReport
     training: TrainingReport | None = None
     sweep: list[SweepPoint] | None = None
+    sensitivity: list[SensitivityPoint] | None = None
     notes: list[str] = []  # what the job decided on the caller's behalf, in plain words

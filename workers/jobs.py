@@ -22,12 +22,11 @@ from schemas.report import (
     SizeReport,
 )
 from workers import evaluation
+from workers.compress import Compressor, search, sensitivity, sensitivity_notes
 from workers.data import read_table
-from workers.encoding import encode
 from workers.errors import InputError
-from workers.finetune import fine_tune
 from workers.onnx_model import opsets, parse_model, sha256
-from workers.prune import float_params, layer_report, prune_model
+from workers.prune import float_params, layer_report
 from workers.train import train_model
 from workers.training import EpochProgress, training_report
 
@@ -118,59 +117,77 @@ def _epoch_progress(progress: Progress, start: float, end: float) -> EpochProgre
 
 def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_progress) -> Report:
     """Prune input/model.onnx (fine-tuning on input/train_data when params.fine_tune is set);
-    evaluate on input/eval_data if present, else on generated inputs."""
+    evaluate on input/eval_data if present, else on generated inputs. With max_accuracy_drop,
+    search the sparsity; with sensitivity, also scan each layer alone."""
     inputs = job_dir / INPUT_DIR
-    train_path = inputs / TRAIN_DATA
+    train_path, eval_path = inputs / TRAIN_DATA, inputs / EVAL_DATA
     if params.fine_tune is not None and not train_path.exists():
         raise InputError("fine_tune needs train_data: the data to fine-tune the pruned model on")
-    if params.max_accuracy_drop is not None:
-        raise InputError("max_accuracy_drop is not supported by this version yet")
     progress("loading", 0.0)
     original_bytes = (inputs / MODEL_IN).read_bytes()
     model = parse_model(original_bytes)
     specs = evaluation.model_inputs(model)
-    eval_path = inputs / EVAL_DATA
     notes: list[str] = []
+    validation = None
     if eval_path.exists():
-        table = evaluation.load_eval_data(eval_path, specs, params.label)
-        feeds, labels = table.features, table.labels
+        validation = evaluation.load_eval_data(eval_path, specs, params.label)
+        feeds, labels = validation.features, validation.labels
     else:
         feeds, labels = evaluation.generated_feeds(specs), None
         notes.append("no eval_data: accuracy is agreement with the original on generated inputs")
-
-    progress("pruning", 0.05)
-    outcome = prune_model(model, params)
-    training = None
+    train = None
     if params.fine_tune is not None:
-        train_table = evaluation.load_eval_data(train_path, specs, params.label)
-        progress("fine-tuning", 0.1)
-        validation = table if eval_path.exists() else None
-        training = fine_tune(
-            model, outcome, params, train_table, validation, _epoch_progress(progress, 0.1, 0.6)
-        )
-        if not eval_path.exists():
+        train = evaluation.load_eval_data(train_path, specs, params.label)
+        if validation is None:
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
-    else:
-        if train_path.exists():
-            notes.append("train_data was sent without fine_tune, so it was not used")
-    progress("encoding", 0.6)
-    compressed_bytes, encoding_notes = encode(outcome.model, params.encoding, outcome.pruned)
+    elif train_path.exists():
+        notes.append("train_data was sent without fine_tune, so it was not used")
+    compressor = Compressor(model, original_bytes, feeds, labels, params, train, validation)
 
-    progress("evaluating", 0.7)
-    accuracy, latency = _evaluate(original_bytes, compressed_bytes, feeds, labels, params.task)
-    _, nonzero_after = float_params(outcome.model)
+    sweep = None
+    if params.max_accuracy_drop is None:
+        progress("pruning", 0.05)
+        chosen = compressor.candidate(params, _epoch_progress(progress, 0.1, 0.6))
+    else:
+        found, sparsity, sweep = search(compressor, params.max_accuracy_drop, progress)
+        if found is None:
+            keep = params.model_copy(
+                update={"sparsity": 0.0, "max_accuracy_drop": None, "fine_tune": None}
+            )
+            chosen = compressor.candidate(keep.model_copy(update={"encoding": "dense"}))
+            chosen.data = original_bytes
+            notes.append(
+                f"no sparsity tried kept the {compressor.baseline:.4f} metric within "
+                f"{params.max_accuracy_drop}; the original model is returned unchanged"
+            )
+        else:
+            chosen = found
+            notes.append(
+                f"search: sparsity {sparsity} is the largest tried whose metric drops by at most "
+                f"{params.max_accuracy_drop} ({len(sweep)} candidates)"
+            )
+    sensitivity_points = None
+    if params.sensitivity:
+        sensitivity_points = sensitivity(compressor, progress)
+        notes += sensitivity_notes(sensitivity_points, compressor.baseline)
+
+    progress("evaluating", 0.9)
+    accuracy, latency = _evaluate(original_bytes, chosen.data, feeds, labels, params.task)
+    _, nonzero_after = float_params(chosen.outcome.model)
     report = Report(
         kind="prune",
-        size=size_report(original_bytes, compressed_bytes, outcome.params_before, nonzero_after),
-        layers=outcome.layers,
+        size=size_report(original_bytes, chosen.data, chosen.outcome.params_before, nonzero_after),
+        layers=chosen.outcome.layers,
         accuracy=accuracy,
         latency_ms=latency,
-        onnx=onnx_report(compressed_bytes),
-        training=training,
-        notes=notes + outcome.notes + encoding_notes,
+        onnx=onnx_report(chosen.data),
+        training=chosen.training,
+        sweep=sweep,
+        sensitivity=sensitivity_points,
+        notes=notes + chosen.notes,
     )
     progress("writing", 0.95)
-    return _finish(job_dir, compressed_bytes, report, progress)
+    return _finish(job_dir, chosen.data, report, progress)
 
 
 def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_progress) -> Report:

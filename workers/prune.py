@@ -62,11 +62,14 @@ def layer_report(name: str, original_shape: tuple[int, ...], array: np.ndarray) 
     )
 
 
-def prune_model(model: ModelProto, params: PruneParams) -> PruneOutcome:
-    """Prune a copy of `model` by params.sparsity or params.threshold."""
+def prune_model(model: ModelProto, params: PruneParams, only: str | None = None) -> PruneOutcome:
+    """Prune a copy of `model` by params.sparsity or params.threshold; `only` names the one
+    prunable tensor to touch (a sensitivity scan), None touches them all."""
     model = copy_model(model)
     densify_sparse_initializers(model)
     slots = find_weights(model, params.include, params.exclude)
+    if only is not None:
+        slots = [slot for slot in slots if slot.name == only]
     if not slots:
         raise UnsupportedModelError(
             "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "

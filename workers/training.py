@@ -181,11 +181,18 @@ def clip_stats(clip: ClipParams, history: History) -> ClipStats:
     )
 
 
+MAX_REPORTED_STEPS = 2000  # per-step series in a report are thinned to about this many
+
+
 def training_report(metric: str, clip: ClipParams, history: History) -> TrainingReport:
+    stride = max(1, -(-len(history.grad_norms) // MAX_REPORTED_STEPS))
     return TrainingReport(
         loss=history.loss,
         metric=metric,
         validation=history.validation,
         clip=clip_stats(clip, history),
         stopped_early=history.stopped_early,
+        grad_norm=history.grad_norms[::stride],
+        clipped=history.clipped[::stride],
+        step_stride=stride,
     )

@@ -1,0 +1,83 @@
+"""The accuracy-bounded sparsity search and the per-layer sensitivity scan."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from graphs import gemm_mlp
+from helpers import run
+
+from schemas import PruneParams
+from workers.jobs import run_prune_job
+
+
+def stage(job_dir: Path, model: bytes, evaluate=None, train=None) -> None:
+    (job_dir / "input" / "model.onnx").write_bytes(model)
+    for name, data in (("eval_data", evaluate), ("train_data", train)):
+        if data is not None:
+            np.savez(job_dir / f"{name}.npz", X=data[0], y=data[1])
+            (job_dir / f"{name}.npz").rename(job_dir / "input" / name)
+
+
+@pytest.mark.parametrize("bound", [0.0, 0.01, 0.05])
+def test_the_search_never_returns_a_model_that_breaks_the_bound(job_dir, digits_300_100, bound):
+    model, _, held_out = digits_300_100
+    stage(job_dir, model.SerializeToString(), evaluate=held_out)
+    seen = []
+    report = run_prune_job(
+        job_dir, PruneParams(max_accuracy_drop=bound), lambda stage, f: seen.append(stage)
+    )
+    assert report.accuracy.delta >= -bound - 1e-12
+    chosen = [point for point in report.sweep if point.chosen]
+    points = [point.sparsity for point in report.sweep]
+    assert points == sorted(points) and len(points) >= 5
+    assert sum(stage.startswith("candidate") for stage in seen) == len(points)
+    if chosen:
+        (point,) = chosen
+        assert point.metric == pytest.approx(report.accuracy.compressed)
+        failing = [p for p in report.sweep if report.accuracy.original - p.metric > bound]
+        assert all(p.sparsity > point.sparsity for p in failing)  # the largest that passed
+        assert all(abs(layer.sparsity - point.sparsity) <= 1e-3 for layer in report.layers)
+    x_test, y_test = held_out
+    labels, _ = run((job_dir / "model.onnx").read_bytes(), {"X": x_test})
+    assert np.mean(labels == y_test) == pytest.approx(report.accuracy.compressed)
+
+
+def test_a_bound_no_sparsity_meets_returns_the_original_model(job_dir):
+    model = gemm_mlp([8, 32, 16, 2], trans_b=0)
+    features = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    (targets,) = run(model, {"X": features})  # r2 of the original is exactly 1
+    data = model.SerializeToString()
+    stage(job_dir, data, evaluate=(features, targets))
+    report = run_prune_job(job_dir, PruneParams(max_accuracy_drop=0.0, task="regression"))
+    assert report.accuracy.original == pytest.approx(1.0)
+    assert not any(point.chosen for point in report.sweep)
+    assert (job_dir / "model.onnx").read_bytes() == data
+    assert report.size.ratio == 1.0 and report.accuracy.delta == 0.0
+    assert any("original model is returned unchanged" in note for note in report.notes)
+
+
+def test_search_with_fine_tuning_reaches_further(job_dir, tmp_path, digits_300_100):
+    model, train, held_out = digits_300_100
+    stage(job_dir, model.SerializeToString(), evaluate=held_out, train=train)
+    fine_tune = {
+        "epochs": 15,
+        "learning_rate": 3e-3,
+        "clip": {"mode": "global_norm", "threshold": 0.25},
+    }
+    report = run_prune_job(job_dir, PruneParams(max_accuracy_drop=0.01, fine_tune=fine_tune))
+    (chosen,) = [point for point in report.sweep if point.chosen]
+    assert chosen.sparsity >= 0.9 and report.accuracy.delta >= -0.01
+    assert report.training is not None
+
+
+def test_sensitivity_scans_each_layer_alone(job_dir, digits_300_100):
+    model, _, held_out = digits_300_100
+    stage(job_dir, model.SerializeToString(), evaluate=held_out)
+    report = run_prune_job(job_dir, PruneParams(sparsity=0.5, sensitivity=True))
+    names = {point.name for point in report.sensitivity}
+    assert names == {"coefficient", "coefficient1", "coefficient2"}
+    assert len(report.sensitivity) == 3 * 4
+    by_point = {(p.name, p.sparsity): p.metric for p in report.sensitivity}
+    assert by_point[("coefficient2", 0.95)] < by_point[("coefficient2", 0.5)]
+    assert any(note.startswith("sensitivity:") for note in report.notes)
