@@ -23,6 +23,7 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 
 test: lint
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
 
 clean:

@@ -38,5 +38,8 @@ class ArtifactStore:
     def report(self, job_id: str) -> Path:
         return self.job_dir(job_id) / jobs.REPORT_OUT
 
+    def report_html(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "report.html"
+
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

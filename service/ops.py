@@ -3,7 +3,7 @@
 import shutil
 from pathlib import Path
 
-import swagger_ui_bundle
+import fastapi_offline
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -55,11 +55,11 @@ def docs(request: Request) -> HTMLResponse:
         title="clipprune API",
         swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
         swagger_css_url=f"{ASSETS}/swagger-ui.css",
-        swagger_favicon_url=f"{ASSETS}/favicon-32x32.png",
+        swagger_favicon_url=f"{ASSETS}/favicon.png",
     )
 
 
 def mount_assets(app: FastAPI) -> None:
-    app.mount(
-        ASSETS, StaticFiles(directory=Path(swagger_ui_bundle.swagger_ui_path)), name="docs-assets"
-    )
+    # Swagger UI 5 (it reads the OpenAPI 3.1 FastAPI writes), as fastapi-offline packages it.
+    assets = StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static")
+    app.mount(ASSETS, assets, name="docs-assets")

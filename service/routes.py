@@ -18,9 +18,8 @@ from schemas.report import Report
 from service.auth import authenticate
 from service.context import ServiceContext, context
 from service.problems import MEDIA_TYPE, ProblemError, field_problems
-from service.report_page import render_report
 from service.store import JobRow, aware, new_job_id
-from workers import jobs
+from workers import jobs, report_html
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -302,8 +301,11 @@ def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
 )
 def get_report_html(job_id: str, ctx: Context, who: Owner) -> HTMLResponse:
     row = _finished_row(ctx, who, job_id)
-    report = Report.model_validate_json(ctx.artifacts.report(job_id).read_bytes())
-    return HTMLResponse(render_report(row.id, row.kind, report))
+    page = ctx.artifacts.report_html(job_id)
+    if not page.exists():  # drawn on first request, then served from the job's directory
+        report = Report.model_validate_json(ctx.artifacts.report(job_id).read_bytes())
+        jobs.write_atomically(page, report_html.render(row.id, row.kind, report).encode())
+    return HTMLResponse(page.read_text())
 
 
 @router.delete(
