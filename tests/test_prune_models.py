@@ -132,3 +132,23 @@ def test_int8_encoding_is_about_four_times_smaller_and_close(digits):
     assert len(int8) < len(dense) / 3
     (a,), (b,) = run(dense, {"X": features}), run(int8, {"X": features})
     assert np.mean(np.argmax(a, 1) == np.argmax(b, 1)) > 0.9
+
+
+def test_int8_keeps_the_interface_and_computes_what_the_quantizer_wrote(mlp_classifier, digits):
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    features, _ = digits
+    outcome = prune_model(mlp_classifier, PruneParams(sparsity=0.5))
+    data, _ = encode(outcome.model, "int8", outcome.pruned)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_dynamic(outcome.model, Path(tmp) / "q.onnx", weight_type=QuantType.QInt8)
+        plain = (Path(tmp) / "q.onnx").read_bytes()
+    assert len(data) < len(plain)
+    compacted = onnx.load_model_from_string(data)
+    assert [v.name for v in compacted.graph.input] == ["X"]
+    assert [v.name for v in compacted.graph.output] == ["output_label", "output_probability"]
+    for a, b in zip(run(plain, {"X": features}), run(data, {"X": features}), strict=True):
+        assert np.array_equal(a, b)
