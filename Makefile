@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run example test lint clean
+.PHONY: run example test lint bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: $(INSTALLED)
 test: lint
 	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/frontier.py
 
 clean:
 	rm -rf $(VENV) build data .pytest_cache .ruff_cache
