@@ -10,12 +10,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --upgrade pip
-# Dependencies first, in a layer of their own: a code change then reinstalls only the package.
-COPY pyproject.toml README.md ./
+# Dependencies first, in a layer of their own (empty packages stand in for the code), so a
+# change to the code or README reinstalls only the package itself.
+COPY pyproject.toml ./
 RUN mkdir schemas workers service \
-    && touch schemas/__init__.py workers/__init__.py service/__init__.py \
+    && touch README.md schemas/__init__.py workers/__init__.py service/__init__.py \
     && /opt/venv/bin/python -m pip install . \
-    && rm -rf schemas workers service build ./*.egg-info
+    && rm -rf README.md schemas workers service build ./*.egg-info
+COPY README.md ./
 COPY schemas ./schemas
 COPY workers ./workers
 COPY service ./service

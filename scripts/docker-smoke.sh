@@ -84,7 +84,7 @@ stage_done() {
     local seconds
     seconds=$(awk -v a="$STAGE_START" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
     TIMES+=("$(printf '%-9s %7s s%s' "$STAGE" "$seconds" "${1:+  $1}")")
-    log "stage $STAGE: done in $seconds s ${1:+($1)}"
+    log "stage $STAGE: done in $seconds s${1:+ ($1)}"
 }
 
 apt_install() {
@@ -295,7 +295,7 @@ stage jobs "a prune and a train job through http://127.0.0.1:$PORT"
 # Which worker container ran which job (the workers log the job id when it ends).
 compose logs --no-color worker > "$WORK/worker.log" 2>&1 || true
 while read -r kind id; do
-    ran=$(grep -F "$id" "$WORK/worker.log" | awk '{ print $1 }' | sort -u | tr '\n' ' ')
+    ran=$(grep -F "$id" "$WORK/worker.log" | awk '{ print $1 }' | sort -u | paste -sd " ")
     log "$kind job $id ran on: ${ran:-(not in the worker logs)}"
 done < "$WORK/job-ids"
 stage_done
