@@ -130,6 +130,11 @@ cleanup() {
                 kill -0 "$DOCKERD_PID" 2> /dev/null || break
                 sleep 1
             done
+            if [ "$rc" = 0 ]; then
+                rm -f "$DOCKERD_LOG"
+            else
+                echo "dockerd's log: $DOCKERD_LOG" >&2
+            fi
         fi
     fi
     # debootstrap mounts /proc and /sys in the root it builds; never delete through them.
@@ -257,7 +262,8 @@ PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); p
 API_KEY=smoke-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 export CLIPPRUNE_IMAGE=$APP_IMAGE REDIS_IMAGE POSTGRES_IMAGE BASE_IMAGE
 export CLIPPRUNE_PORT=$PORT CLIPPRUNE_API_KEYS=$API_KEY
-export POSTGRES_PASSWORD=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+POSTGRES_PASSWORD=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+export POSTGRES_PASSWORD
 COMPOSE_UP=1
 compose down -v --remove-orphans > /dev/null 2>&1 || true # what an interrupted run left
 logged compose-up compose up -d --no-build --scale worker=2
