@@ -28,6 +28,7 @@ test: lint
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/frontier.py
+	$(BIN)/python bench/training_speed.py
 
 clean:
 	rm -rf $(VENV) build data .pytest_cache .ruff_cache

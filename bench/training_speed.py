@@ -1,0 +1,87 @@
+"""Training speed of the NumPy MLP against the machine's own sgemm rate, measured in this run.
+
+Run: .venv/bin/python bench/training_speed.py
+
+MLP 784-512-256-10, batch 128, 10,000 synthetic samples, one epoch, global_norm clipping.
+Baselines: one large float32 np.matmul (the sgemm rate), and the same loop with clipping off.
+Targets (issue 7): training FLOP rate >= 70% of sgemm; clipping overhead <= 5% of step time.
+"""
+
+import itertools
+import sys
+import time
+
+import numpy as np
+
+from schemas.params import ClipParams
+from workers.network import initialise
+from workers.training import FitSettings, fit
+
+SIZES = [784, 512, 256, 10]
+BATCH, SAMPLES, REPEATS = 128, 10_000, 3
+
+
+def best_of(repeats: int, run) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def sgemm_rate() -> float:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2048, 2048), dtype=np.float32)
+    b = rng.standard_normal((2048, 2048), dtype=np.float32)
+    a @ b  # warm up the BLAS threads
+    return 2 * 2048**3 / best_of(REPEATS, lambda: a @ b)
+
+
+def epoch_seconds(mode: str) -> float:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((SAMPLES, SIZES[0])).astype(np.float32)
+    y = rng.integers(0, SIZES[-1], SAMPLES)
+    settings = FitSettings(
+        epochs=1,
+        batch_size=BATCH,
+        learning_rate=1e-3,
+        optimizer="adam",
+        clip=ClipParams(mode=mode, threshold=1.0),
+    )
+
+    def one_epoch() -> None:
+        network = initialise(SIZES, ["relu", "relu"], "softmax", np.random.default_rng(0))
+        fit(network, x, y, x[:256], y[:256], settings, np.random.default_rng(0))
+
+    return best_of(REPEATS, one_epoch)
+
+
+def main() -> int:
+    weights = sum(a * b for a, b in itertools.pairwise(SIZES))
+    # forward 2*B*W, backward 4*B*W (weight and input gradients), per sample: 6*W
+    flops = 6 * weights * SAMPLES
+    rate = sgemm_rate()
+    plain = epoch_seconds("none")
+    clipped = epoch_seconds("global_norm")
+    achieved = flops / clipped
+    share = achieved / rate
+    overhead = clipped / plain - 1
+    print(f"{'':<34} {'baseline':>12} {'figure':>12} {'ratio':>8}  target")
+    print(
+        f"{'training FLOP rate (GFLOP/s)':<34} {rate / 1e9:>12.1f} {achieved / 1e9:>12.1f} "
+        f"{share:>8.2f}  >= 0.70 {'PASS' if share >= 0.7 else 'MISS'}"
+    )
+    print(
+        f"{'epoch with clipping (s)':<34} {plain:>12.3f} {clipped:>12.3f} {1 + overhead:>8.3f}  "
+        f"<= 1.05 {'PASS' if overhead <= 0.05 else 'MISS'}"
+    )
+    try:
+        import torch  # noqa: F401  (informational only; not a dependency)
+    except ImportError:
+        print("PyTorch not installed: no comparison (informational)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
