@@ -26,6 +26,7 @@ from service.store import JobStore, aware, now
 
 log = logging.getLogger("clipprune.http")
 EXPIRY_INTERVAL_S = 300
+PROBES = frozenset({"/livez", "/readyz", "/metrics"})  # healthy probes log at debug only
 COUNT_INTERVAL_S = 1.0
 
 
@@ -58,7 +59,9 @@ class RequestContext:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(scope["method"], template, str(status)).inc()
-            log.info(
+            probe = scope["path"] in PROBES and status < 400
+            log.log(
+                logging.DEBUG if probe else logging.INFO,
                 "request",
                 extra={
                     "method": scope["method"],

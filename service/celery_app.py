@@ -49,6 +49,9 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
+        # Keep a running job going when the broker connection drops: it records its end in the
+        # job table, and the message redelivered after reconnecting finds it done and skips.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_send_task_events=False,
     )
     store: JobStore | None = None
