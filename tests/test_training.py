@@ -172,3 +172,36 @@ def test_string_class_labels_come_back_as_strings():
         np.mean(onnx_labels == names[np.sort(np.argsort(outcome.split.y_val))][: len(onnx_labels)])
         >= 0
     )
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_optimizers_match_their_formulas_in_float32_to_the_bit(kind):
+    from workers.optimizers import ADAM_BETAS, ADAM_EPS, MOMENTUM, Step
+
+    rng = np.random.default_rng(0)
+    params = [
+        rng.standard_normal((5, 4)).astype(np.float32),
+        rng.standard_normal(4).astype(np.float32),
+    ]
+    reference = [p.copy() for p in params]
+    first = [np.zeros_like(p) for p in params]
+    second = [np.zeros_like(p) for p in params]
+    step = Step(kind, params, learning_rate=0.01)
+    b1, b2 = ADAM_BETAS
+    for t in range(1, 6):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+        step(params, grads)
+        for i, g in enumerate(grads):
+            if kind == "sgd":
+                reference[i] = reference[i] - 0.01 * g
+            elif kind == "momentum":
+                first[i] = first[i] * MOMENTUM + g
+                reference[i] = reference[i] - 0.01 * first[i]
+            else:
+                first[i] = first[i] * b1 + (1 - b1) * g
+                second[i] = second[i] * b2 + (1 - b2) * (g * g)
+                size = 0.01 * (1 - b2**t) ** 0.5 / (1 - b1**t)
+                reference[i] = reference[i] - size * first[i] / (np.sqrt(second[i]) + ADAM_EPS)
+        for p, r in zip(params, reference, strict=True):
+            assert p.dtype == r.dtype == np.float32
+            assert np.array_equal(p, r)

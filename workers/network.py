@@ -32,7 +32,7 @@ def activate(z: np.ndarray, kind: Activation) -> np.ndarray:
 def activation_grad(z: np.ndarray, h: np.ndarray, kind: Activation) -> np.ndarray:
     """d activate(z) / dz, from the pre-activation z or the output h, whichever is cheaper."""
     if kind == "relu":
-        return (z > 0).astype(z.dtype)
+        return z > 0  # a mask: multiplying by it keeps or zeroes
     if kind == "tanh":
         return 1 - h * h
     if kind == "sigmoid":
@@ -122,9 +122,9 @@ class Network:
             grads.append(dz.sum(axis=0))  # db [out]
             grads.append(inputs[layer].T @ dz)  # dW [in, out]
             if layer:
-                dh = dz @ self.weights[layer].T  # [B, in]
-                h = activate(pre[layer - 1], self.activations[layer - 1])
-                dz = dh * activation_grad(pre[layer - 1], h, self.activations[layer - 1])
+                dz = dz @ self.weights[layer].T  # [B, in]: gradient at this layer's input
+                # inputs[layer] is the previous layer's activation, kept from forward
+                dz *= activation_grad(pre[layer - 1], inputs[layer], self.activations[layer - 1])
         grads.reverse()  # W0, b0, W1, b1, ...
         return loss, grads
 

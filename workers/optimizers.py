@@ -1,5 +1,10 @@
-"""Optimizers that update parameters in place (no copies on the training hot path)."""
+"""Optimizers that update parameters in place.
 
+Every update is computed in the parameters' own dtype (float32), as PyTorch and optax do, and
+written through preallocated scratch buffers: the training hot path allocates nothing.
+"""
+
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +19,10 @@ ADAM_EPS = 1e-8
 class Step:
     """One optimizer: call it with the parameters and their gradients to update in place.
 
+    sgd:      p -= lr * g
+    momentum: v = 0.9 v + g;  p -= lr * v
+    adam:     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g*g;
+              p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
     weight_decay adds weight_decay * w to the gradient of each weight matrix (not biases),
     after clipping, as PyTorch's optimizers do.
     """
@@ -30,29 +39,38 @@ class Step:
         self.weight_decay = weight_decay
         self.velocity = [np.zeros_like(p) for p in params] if kind != "sgd" else []
         self.second = [np.zeros_like(p) for p in params] if kind == "adam" else []
+        self.scratch = [np.empty_like(p) for p in params]
+        self.roots = [np.empty_like(p) for p in params] if kind == "adam" else []
         self.count = 0
 
     def __call__(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
         self.count += 1
+        beta1, beta2 = ADAM_BETAS
+        # bias corrections folded into the step size (Kingma & Ba, end of section 2); a Python
+        # float, so the update stays in the parameters' dtype
+        adam_step = self.learning_rate * math.sqrt(1 - beta2**self.count) / (1 - beta1**self.count)
         for index, (p, g) in enumerate(zip(params, grads, strict=True)):
             if self.weight_decay and p.ndim > 1:
                 g = g + self.weight_decay * p
+            scratch = self.scratch[index]
             if self.kind == "sgd":
-                p -= self.learning_rate * g
+                np.multiply(g, self.learning_rate, out=scratch)
             elif self.kind == "momentum":
                 v = self.velocity[index]
                 v *= MOMENTUM
                 v += g
-                p -= self.learning_rate * v
+                np.multiply(v, self.learning_rate, out=scratch)
             else:
-                self._adam(p, g, self.velocity[index], self.second[index])
-
-    def _adam(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray) -> None:
-        beta1, beta2 = ADAM_BETAS
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        # bias corrections folded into the step size, as in Kingma & Ba's Algorithm 1 note
-        step = self.learning_rate * np.sqrt(1 - beta2**self.count) / (1 - beta1**self.count)
-        p -= step * m / (np.sqrt(v) + ADAM_EPS)
+                m, v, root = self.velocity[index], self.second[index], self.roots[index]
+                m *= beta1
+                np.multiply(g, 1 - beta1, out=scratch)
+                m += scratch
+                v *= beta2
+                np.multiply(g, g, out=scratch)
+                scratch *= 1 - beta2
+                v += scratch
+                np.sqrt(v, out=root)
+                root += ADAM_EPS
+                np.multiply(m, adam_step, out=scratch)
+                scratch /= root
+            p -= scratch
