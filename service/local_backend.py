@@ -13,9 +13,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
 from service.artifacts import ArtifactStore
@@ -73,8 +75,13 @@ class LocalBackend:
         self.context.set_forkserver_preload(["service.runner", "workers.jobs"])
         self.running: dict[str, _Running] = {}
         self.lock = threading.Lock()
-        self.wakeup = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        # The dispatcher sleeps until a job process ends or a submit rings this bell, so a
+        # free slot is filled at once rather than at the next tick.
+        self.bell, self.bell_rope = socket.socketpair()
+        self.bell.setblocking(False)
+        self.bell_rope.setblocking(False)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def recover(self) -> None:
         """Jobs a dead service left `running`: retried if they have attempts left, else failed."""
@@ -93,24 +100,33 @@ class LocalBackend:
 
     async def start(self) -> None:
         self.recover()
-        self.task = asyncio.create_task(self._loop(), name="clipprune-dispatcher")
+        self.thread = threading.Thread(target=self._run, name="clipprune-dispatcher", daemon=True)
+        self.thread.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        self.stopping.set()
+        self._ring()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, 10)
         with self.lock:
             for job_id, running in list(self.running.items()):
                 running.process.kill()
                 running.process.join(5)
                 self.store.requeue(job_id)  # it runs again on the next start
             self.running.clear()
+        self.bell.close()
+        self.bell_rope.close()
 
     @property
     def alive(self) -> bool:
-        return self.task is not None and not self.task.done()
+        return self.thread is not None and self.thread.is_alive()
 
     def submitted(self, job_id: str) -> None:
-        self.wakeup.set()  # the job is in the table; the dispatcher picks it up now
+        self._ring()  # the job is in the table; the dispatcher picks it up now
+
+    def _ring(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self.bell_rope.send(b"\0")
 
     def cancel(self, job_id: str) -> None:
         with self.lock:
@@ -119,15 +135,18 @@ class LocalBackend:
             running.process.kill()
             running.process.join(5)
 
-    async def _loop(self) -> None:
-        while True:
+    def _run(self) -> None:
+        while not self.stopping.is_set():
             try:
-                await asyncio.to_thread(self.tick)
+                self.tick()
             except Exception:
                 log.exception("dispatcher tick failed; retrying")
-            self.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), TICK_S)
+            with self.lock:
+                sentinels = [running.process.sentinel for running in self.running.values()]
+            wait([*sentinels, self.bell], timeout=TICK_S)
+            with contextlib.suppress(BlockingIOError, OSError):
+                while self.bell.recv(4096):
+                    pass
 
     def tick(self) -> None:
         with self.lock:
