@@ -29,6 +29,7 @@ test: lint
 bench: $(INSTALLED)
 	$(BIN)/python bench/frontier.py
 	$(BIN)/python bench/training_speed.py
+	$(BIN)/python bench/service.py
 
 clean:
 	rm -rf $(VENV) build data .pytest_cache .ruff_cache
