@@ -30,6 +30,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/frontier.py
 	$(BIN)/python bench/training_speed.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/prune_scale.py
 
 clean:
 	rm -rf $(VENV) build data .pytest_cache .ruff_cache

@@ -1,0 +1,129 @@
+"""Pruning at scale: a 67M-parameter model (four 4096x4096 Gemm layers, ~270 MB of ONNX).
+
+Run: .venv/bin/python bench/prune_scale.py [--only global|layer|structured]
+
+For each setting, bytes in -> pruned bytes out in a fresh process (so peak RSS is its own),
+against a baseline in the same run: NumPy alone on the same weights (abs, partition for the
+k-th value, where). Targets (issue 7): end-to-end time <= 1.5x the baseline, peak RSS <= 2.5x
+the model file size.
+"""
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+WIDTH, LAYERS = 4096, 4
+SETTINGS = {
+    "global": {"sparsity": 0.9, "scope": "global"},
+    "layer": {"sparsity": 0.5, "scope": "layer"},
+    "structured": {"sparsity": 0.5, "granularity": "structured"},
+}
+
+
+def write_model(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    nodes, inits, value = [], [], "X"
+    for layer in range(LAYERS):
+        weight = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32)
+        inits += [
+            numpy_helper.from_array(weight, f"W{layer}"),
+            numpy_helper.from_array(np.zeros(WIDTH, np.float32), f"b{layer}"),
+        ]
+        out = f"h{layer}"
+        nodes.append(helper.make_node("Gemm", [value, f"W{layer}", f"b{layer}"], [out]))
+        value = out
+        if layer < LAYERS - 1:
+            nodes.append(helper.make_node("Relu", [value], [f"a{layer}"]))
+            value = f"a{layer}"
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", WIDTH])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, ["N", WIDTH])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+
+
+def _peak_rss_bytes() -> int:
+    """This process's own high-water RSS (VmHWM; getrusage's maxrss would include what the
+    parent held before the spawn's exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _numpy_baseline(path: str, sparsity: float, queue: multiprocessing.Queue) -> None:
+    started = time.perf_counter()
+    model = onnx.load_model_from_string(Path(path).read_bytes())
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("W")]
+    magnitudes = np.concatenate([np.abs(w).ravel() for w in weights])
+    k = int(sparsity * magnitudes.size)
+    kth = np.partition(magnitudes, k - 1)[k - 1]
+    pruned = [np.where(np.abs(w) > kth, w, 0) for w in weights]
+    assert pruned
+    queue.put((time.perf_counter() - started, _peak_rss_bytes()))
+
+
+def _prune(path: str, params: dict, queue: multiprocessing.Queue) -> None:
+    from schemas import PruneParams
+    from workers.encoding import encode
+    from workers.onnx_model import parse_model
+    from workers.prune import prune_model
+
+    started = time.perf_counter()
+    model = parse_model(Path(path).read_bytes())
+    p = PruneParams.model_validate(params)
+    outcome = prune_model(model, p)
+    data, _ = encode(outcome.model, p.encoding, outcome.pruned)
+    assert data
+    queue.put((time.perf_counter() - started, _peak_rss_bytes()))
+
+
+def measure(target, *args) -> tuple[float, int]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", choices=sorted(SETTINGS))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.onnx"
+        write_model(path)
+        size = path.stat().st_size
+        print(f"model: {LAYERS} x {WIDTH}x{WIDTH} Gemm, {size / 2**20:.0f} MiB")
+        base_s, base_rss = measure(_numpy_baseline, str(path), 0.9)
+        print(f"baseline (NumPy alone): {base_s:.2f} s, peak RSS {base_rss / size:.2f}x the file")
+        print(f"{'setting':<12} {'time (s)':>9} {'x baseline':>11}  {'peak RSS':>9}  targets")
+        for name, params in SETTINGS.items():
+            if args.only and name != args.only:
+                continue
+            seconds, rss = measure(_prune, str(path), params)
+            time_ok, rss_ok = seconds <= 1.5 * base_s, rss <= 2.5 * size
+            print(
+                f"{name:<12} {seconds:>9.2f} {seconds / base_s:>10.2f}x  {rss / size:>8.2f}x  "
+                f"time <= 1.5x {'PASS' if time_ok else 'MISS'}, RSS <= 2.5x "
+                f"{'PASS' if rss_ok else 'MISS'}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
