@@ -1,10 +1,13 @@
-"""The embedded backend: one worker process per job, at most `workers` at once.
+"""The embedded backend: `workers` long-lived worker processes, one job at a time each.
 
-A process per job (from a forkserver that has the compute modules imported, so a start costs
-milliseconds) rather than concurrent.futures.ProcessPoolExecutor: a pool cannot stop one running
-job, and one killed worker breaks the whole pool and fails every job in it. Here DELETE and the
-time limit kill exactly one process, a process that dies (OOM, SIGKILL) fails exactly its job,
-and the next job gets a fresh process. The job table is the queue, so a restart loses nothing.
+Not concurrent.futures.ProcessPoolExecutor: a pool cannot stop one running job, and one killed
+worker breaks the whole pool and fails every job in it. Here each worker is a process of its own
+(forked from a forkserver that has the compute modules imported) with a pipe to the dispatcher:
+DELETE and the time limit kill exactly the worker running that job, a worker that dies (OOM,
+SIGKILL) fails exactly its job, and a fresh worker takes its place. Workers stay warm between
+jobs (onnxruntime and BLAS initialised once) and are recycled after MAX_JOBS_PER_WORKER jobs so
+memory a large job left behind goes back to the system. The job table is the queue, so a
+restart loses nothing.
 """
 
 import asyncio
@@ -17,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from service.artifacts import ArtifactStore
@@ -30,11 +33,13 @@ log = logging.getLogger("clipprune.backend")
 
 TICK_S = 0.2
 MAX_ATTEMPTS = 2  # a job left running by a crashed service is retried once, then failed
+MAX_JOBS_PER_WORKER = 50
 ORPHAN_CHECK_S = 0.5
 
 
 def _exit_with(service_pid: int) -> None:
-    """A job must not outlive its service: after a crash the restarted service requeues it."""
+    """A worker must not outlive its service: after a crash the restarted service requeues
+    the job it was running."""
     while True:
         time.sleep(ORPHAN_CHECK_S)
         try:
@@ -43,17 +48,27 @@ def _exit_with(service_pid: int) -> None:
             os._exit(70)
 
 
-def _job_process(settings: Settings, job_id: str, service_pid: int) -> None:
+def _worker_main(settings: Settings, jobs: Connection, service_pid: int) -> None:
+    """A worker process: run each job id that arrives, answer with its final status."""
     threading.Thread(target=_exit_with, args=(service_pid,), daemon=True).start()
     configure_logging()
     store = JobStore(settings.database)
-    run_job(store, ArtifactStore(settings.data_dir).job_dir(job_id), job_id, settings.heartbeat_s)
+    artifacts = ArtifactStore(settings.data_dir)
+    while True:
+        try:
+            job_id = jobs.recv()
+        except EOFError:  # the dispatcher closed the pipe: time to go
+            return
+        jobs.send(run_job(store, artifacts.job_dir(job_id), job_id, settings.heartbeat_s))
 
 
 @dataclass
-class _Running:
+class _Worker:
     process: BaseProcess
-    started: float
+    jobs: Connection
+    job_id: str | None = None
+    started: float = 0.0
+    done: int = 0  # jobs finished by this process
 
 
 def describe_exit(code: int | None) -> str:
@@ -73,10 +88,9 @@ class LocalBackend:
         self.store = store
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(["service.runner", "workers.jobs"])
-        self.running: dict[str, _Running] = {}
+        self.workers: list[_Worker] = []
         self.lock = threading.Lock()
-        # The dispatcher sleeps until a job process ends or a submit rings this bell, so a
-        # free slot is filled at once rather than at the next tick.
+        # The dispatcher sleeps until a job ends, a worker dies or a submit rings this bell.
         self.bell, self.bell_rope = socket.socketpair()
         self.bell.setblocking(False)
         self.bell_rope.setblocking(False)
@@ -109,11 +123,11 @@ class LocalBackend:
         if self.thread is not None:
             await asyncio.to_thread(self.thread.join, 10)
         with self.lock:
-            for job_id, running in list(self.running.items()):
-                running.process.kill()
-                running.process.join(5)
-                self.store.requeue(job_id)  # it runs again on the next start
-            self.running.clear()
+            for worker in self.workers:
+                self._kill(worker)
+                if worker.job_id is not None:
+                    self.store.requeue(worker.job_id)  # it runs again on the next start
+            self.workers.clear()
         self.bell.close()
         self.bell_rope.close()
 
@@ -130,10 +144,10 @@ class LocalBackend:
 
     def cancel(self, job_id: str) -> None:
         with self.lock:
-            running = self.running.pop(job_id, None)
-        if running is not None:
-            running.process.kill()
-            running.process.join(5)
+            for worker in self.workers:
+                if worker.job_id == job_id:
+                    self._kill(worker)
+        self._ring()  # the dispatcher replaces the worker
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -142,28 +156,60 @@ class LocalBackend:
             except Exception:
                 log.exception("dispatcher tick failed; retrying")
             with self.lock:
-                sentinels = [running.process.sentinel for running in self.running.values()]
-            wait([*sentinels, self.bell], timeout=TICK_S)
+                waits = [w.jobs for w in self.workers if w.job_id and not w.jobs.closed] + [
+                    w.process.sentinel for w in self.workers
+                ]
+            wait([*waits, self.bell], timeout=TICK_S)
             with contextlib.suppress(BlockingIOError, OSError):
                 while self.bell.recv(4096):
                     pass
 
     def tick(self) -> None:
         with self.lock:
+            self._collect()
             self._reap()
+            self._fill()
             self._dispatch()
 
+    def _spawn(self) -> _Worker:
+        ours, theirs = self.context.Pipe()
+        process = self.context.Process(
+            target=_worker_main,
+            args=(self.settings, theirs, os.getpid()),
+            name="clipprune-worker",
+            daemon=False,
+        )
+        process.start()
+        theirs.close()
+        return _Worker(process, ours)
+
+    def _kill(self, worker: _Worker) -> None:
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(5)
+        worker.jobs.close()
+
+    def _collect(self) -> None:
+        """Workers that answered: their job is over (the runner recorded how it ended)."""
+        for worker in self.workers:
+            if worker.job_id is None or worker.jobs.closed:
+                continue
+            with contextlib.suppress(EOFError, OSError):
+                if worker.jobs.poll():
+                    worker.jobs.recv()
+                    worker.job_id = None
+                    worker.done += 1
+
     def _reap(self) -> None:
+        """Workers that died, ran past the time limit, or have done their share: replaced."""
         limit = self.settings.job_timeout_s
-        for job_id, running in list(self.running.items()):
-            process = running.process
-            if process.is_alive():
-                if time.monotonic() - running.started <= limit:
-                    continue
-                process.kill()
-                process.join(5)
+        keep = []
+        for worker in self.workers:
+            process = worker.process
+            if worker.job_id and process.is_alive() and time.monotonic() - worker.started > limit:
+                self._kill(worker)
                 self.store.fail(
-                    job_id,
+                    worker.job_id,
                     problem(
                         504,
                         "Job time limit",
@@ -172,22 +218,32 @@ class LocalBackend:
                     ),
                     {"running"},
                 )
-            else:
+            elif not process.is_alive():
                 process.join()
-                if process.exitcode != 0:
+                worker.jobs.close()
+                if worker.job_id:
                     detail = f"the job's worker process {describe_exit(process.exitcode)}"
-                    self.store.fail(job_id, problem(500, "Worker process died", detail))
-            del self.running[job_id]
+                    self.store.fail(worker.job_id, problem(500, "Worker process died", detail))
+            elif worker.job_id is None and worker.done >= MAX_JOBS_PER_WORKER:
+                worker.jobs.close()  # EOF: the worker returns
+                process.join(5)
+            else:
+                keep.append(worker)
+                continue
+        self.workers = keep
+
+    def _fill(self) -> None:
+        while len(self.workers) < self.settings.workers and not self.stopping.is_set():
+            self.workers.append(self._spawn())
 
     def _dispatch(self) -> None:
-        free = self.settings.workers - len(self.running)
-        if free <= 0:
+        idle = [worker for worker in self.workers if worker.job_id is None]
+        if not idle:
             return
-        for job_id in self.store.queued(free):
-            process = self.context.Process(
-                target=_job_process,
-                args=(self.settings, job_id, os.getpid()),
-                name=f"clipprune-job-{job_id}",
-            )
-            process.start()
-            self.running[job_id] = _Running(process, time.monotonic())
+        # jobs handed out but not yet claimed are still `queued` in the table: skip them
+        handed = {worker.job_id for worker in self.workers if worker.job_id}
+        waiting = [j for j in self.store.queued(len(idle) + len(handed)) if j not in handed]
+        for worker, job_id in zip(idle, waiting, strict=False):
+            worker.jobs.send(job_id)
+            worker.job_id = job_id
+            worker.started = time.monotonic()

@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,8 +34,16 @@ class Server:
         headers = {"X-API-Key": key} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
+    def job_process(self, job_id: str) -> psutil.Process:
+        """The worker process running `job_id`, as its job row records it ("host:pid")."""
+        with sqlite3.connect(self.data_dir / "clipprune.db") as db:
+            (worker,) = db.execute(
+                "SELECT worker FROM clipprune_jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return psutil.Process(int(worker.rsplit(":", 1)[1]))
+
     def job_processes(self) -> list[psutil.Process]:
-        """Worker processes running jobs: children of the forkserver, grandchildren of uvicorn."""
+        """The worker processes: children of the forkserver, grandchildren of uvicorn."""
         found = []
         for child in psutil.Process(self.process.pid).children(recursive=True):
             try:

@@ -71,7 +71,7 @@ def test_a_killed_worker_fails_its_job_and_the_next_job_succeeds(
         with server.client() as client:
             job = submit_train(client, digits_csv, LONG_TRAIN).json()
             wait_for(client, job["id"], {"running"})
-            (worker,) = server.job_processes()
+            worker = server.job_process(job["id"])
             worker.kill()
             failed = wait_for(client, job["id"])
             assert failed["status"] == "failed"
@@ -91,7 +91,7 @@ def test_cancel_stops_a_running_job(tmp_path, digits_csv):
         with server.client() as client:
             job = submit_train(client, digits_csv, LONG_TRAIN).json()
             wait_for(client, job["id"], {"running"})
-            (worker,) = server.job_processes()
+            worker = server.job_process(job["id"])
             assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
             worker.wait(10)
             assert not worker.is_running()
