@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from service.store import JobStore, aware, now
 
 log = logging.getLogger("clipprune.http")
 EXPIRY_INTERVAL_S = 300
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # echoed in headers and logs: nothing else
 PROBES = frozenset({"/livez", "/readyz", "/metrics"})  # healthy probes log at debug only
 COUNT_INTERVAL_S = 1.0
 
@@ -41,7 +43,8 @@ class RequestContext:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500
@@ -145,10 +148,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _expire(store: JobStore, artifacts: ArtifactStore, ttl_s: float) -> None:
-    while True:
-        for job_id in await asyncio.to_thread(store.expired, ttl_s):
+    def expire_once() -> None:
+        for job_id in store.expired(ttl_s):
+            store.delete(job_id)  # the row first, as DELETE does: reads 404 rather than fail
             artifacts.delete(job_id)
-            store.delete(job_id)
+
+    while True:
+        try:
+            await asyncio.to_thread(expire_once)
+        except Exception:  # a database hiccup must not end expiry for the process's life
+            log.exception("expiring old jobs failed; trying again later")
         await asyncio.sleep(EXPIRY_INTERVAL_S)
 
 
@@ -158,7 +167,11 @@ async def _count_finished(store: JobStore, metrics: Metrics) -> None:
     counted: set[str] = set()
     while True:
         await asyncio.sleep(COUNT_INTERVAL_S)
-        rows = await asyncio.to_thread(store.finished_since, since)
+        try:
+            rows = await asyncio.to_thread(store.finished_since, since)
+        except Exception:  # counted on the next round
+            log.exception("counting finished jobs failed")
+            continue
         for row in rows:
             if row.id in counted:
                 continue

@@ -10,7 +10,7 @@ failed. Duplicated messages are harmless: the worker's claim is check-and-set.
 import asyncio
 import contextlib
 import logging
-from datetime import datetime
+from datetime import timedelta
 
 import redis
 
@@ -22,6 +22,7 @@ from service.store import JobStore, now
 log = logging.getLogger("clipprune.backend")
 
 RECONCILE_S = 1.0
+REPUBLISH_AFTER_S = 600
 MAX_ATTEMPTS = 2
 
 
@@ -91,12 +92,15 @@ class CeleryBackend:
             self.broker_ok = False
             return
         self.broker_ok = True
-        restarted_before: datetime | None = None
+        # Queued jobs published long ago are published again: a message can be lost without a
+        # broker restart (a worker that failed before it claimed the job acks it all the
+        # same). A duplicate costs a worker one check-and-set.
+        published_before = now() - timedelta(seconds=REPUBLISH_AFTER_S)
         if self.broker_run_id is not None and run_id != self.broker_run_id:
-            restarted_before = now()  # everything published before the restart is gone
+            published_before = now()  # everything published before the restart is gone
             log.warning("broker restarted; publishing the queued jobs again")
         self.broker_run_id = run_id
-        for job_id in self.store.unpublished(restarted_before):
+        for job_id in self.store.unpublished(published_before):
             self.publish(job_id)
         for row in self.store.stale(self.settings.worker_lease_s):
             if row.attempts < MAX_ATTEMPTS and self.store.requeue(row.id):

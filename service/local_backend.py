@@ -227,6 +227,8 @@ class LocalBackend:
             elif worker.job_id is None and worker.done >= MAX_JOBS_PER_WORKER:
                 worker.jobs.close()  # EOF: the worker returns
                 process.join(5)
+                if process.is_alive():
+                    self._kill(worker)
             else:
                 keep.append(worker)
                 continue

@@ -2,12 +2,16 @@
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import re
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -24,6 +28,9 @@ from workers import jobs, report_html
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_WAIT_S = 60
+MAX_PARAMS_CHARS = 65536
+CHUNK = 1 << 20
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # what new_job_id() makes; anything else is no job
 POLL_S = 0.1
 UPLOADS = {"prune": ("model", "eval_data", "train_data"), "train": ("train_data", "eval_data")}
 REQUIRED = {"prune": "model", "train": "train_data"}
@@ -99,9 +106,13 @@ def _multipart_body(kind: str) -> dict[str, Any]:
 
 
 def _params(kind: str, text: str | None) -> BaseModel:
+    if text and len(text) > MAX_PARAMS_CHARS:
+        raise ProblemError(
+            400, f"params is {len(text)} characters; the limit is {MAX_PARAMS_CHARS}"
+        )
     try:
         data = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
         raise ProblemError(400, f"params is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ProblemError(400, "params must be a JSON object")
@@ -131,6 +142,9 @@ async def _submit(
     async with request.form(
         max_files=len(UPLOADS[kind]), max_fields=len(UPLOADS[kind]) + 1
     ) as form:
+        repeated = sorted({key for key in form if len(form.getlist(key)) > 1})
+        if repeated:
+            raise ProblemError(422, f"form field(s) {', '.join(repeated)} sent more than once")
         unknown = sorted(set(form.keys()) - {*UPLOADS[kind], "params"})
         if unknown:
             raise ProblemError(
@@ -158,17 +172,20 @@ async def _submit(
                 )
                 if size == 0:
                     raise ProblemError(422, f"the {name} file is empty")
+            row = await run_in_threadpool(
+                ctx.store.create, job_id, who, kind, params.model_dump(mode="json")
+            )
         except BaseException:
             await run_in_threadpool(ctx.artifacts.delete, job_id)
             raise
-    row = await run_in_threadpool(
-        ctx.store.create, job_id, who, kind, params.model_dump(mode="json")
-    )
     await run_in_threadpool(ctx.backend.submitted, job_id)
     deadline = asyncio.get_running_loop().time() + wait
     while wait and row.status not in FINISHED and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(POLL_S)
-        row = await run_in_threadpool(ctx.store.get, job_id) or row
+        latest = await run_in_threadpool(ctx.store.get, job_id)
+        if latest is None:
+            raise ProblemError(404, f"job {job_id} was deleted while the request waited")
+        row = latest
     job = to_job(row)
     status = 200 if job.status in FINISHED else 202
     return JSONResponse(
@@ -219,6 +236,8 @@ def _cursor(row: JobRow) -> str:
 def _parse_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        if not JOB_ID.fullmatch(job_id):
+            raise ValueError(job_id)
         return datetime.fromisoformat(created), job_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProblemError(400, "cursor is not one this service handed out") from exc
@@ -238,7 +257,7 @@ def list_jobs(
 
 
 def _row(ctx: ServiceContext, who: str, job_id: str) -> JobRow:
-    row = ctx.store.get(job_id, owner=who)
+    row = ctx.store.get(job_id, owner=who) if JOB_ID.fullmatch(job_id) else None
     if row is None:  # someone else's job is as absent as a job that never was
         raise ProblemError(404, f"no job {job_id}")
     return row
@@ -269,17 +288,38 @@ def get_job(job_id: str, ctx: Context, who: Owner) -> Job:
 )
 def get_model(job_id: str, request: Request, ctx: Context, who: Owner) -> Response:
     _finished_row(ctx, who, job_id)
-    path = ctx.artifacts.model(job_id)
-    report = json.loads(ctx.artifacts.report(job_id).read_text())
+    with _gone_is_404(job_id):
+        # Opened before answering: a DELETE from now on cannot cut the download short.
+        handle = ctx.artifacts.model(job_id).open("rb")
+        report = json.loads(ctx.artifacts.report(job_id).read_bytes())
     etag = f'"{report["onnx"]["model_sha256"]}"'
     if request.headers.get("if-none-match") == etag:
+        handle.close()
         return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(
-        path,
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
         media_type="application/octet-stream",
-        filename=f"clipprune-{job_id}.onnx",
-        headers={"ETag": etag},
+        headers={
+            "ETag": etag,
+            "Content-Length": str(os.fstat(handle.fileno()).st_size),
+            "Content-Disposition": f'attachment; filename="clipprune-{job_id}.onnx"',
+        },
     )
+
+
+@contextlib.contextmanager
+def _gone_is_404(job_id: str) -> Iterator[None]:
+    """The job was deleted (or expired) between reading its row and its files."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise ProblemError(404, f"no job {job_id}") from exc
 
 
 @router.get(
@@ -290,7 +330,8 @@ def get_model(job_id: str, request: Request, ctx: Context, who: Owner) -> Respon
 )
 def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
     _finished_row(ctx, who, job_id)
-    return Response(ctx.artifacts.report(job_id).read_bytes(), media_type="application/json")
+    with _gone_is_404(job_id):
+        return Response(ctx.artifacts.report(job_id).read_bytes(), media_type="application/json")
 
 
 @router.get(
@@ -302,10 +343,11 @@ def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
 def get_report_html(job_id: str, ctx: Context, who: Owner) -> HTMLResponse:
     row = _finished_row(ctx, who, job_id)
     page = ctx.artifacts.report_html(job_id)
-    if not page.exists():  # drawn on first request, then served from the job's directory
-        report = Report.model_validate_json(ctx.artifacts.report(job_id).read_bytes())
-        jobs.write_atomically(page, report_html.render(row.id, row.kind, report).encode())
-    return HTMLResponse(page.read_text())
+    with _gone_is_404(job_id):
+        if not page.exists():  # drawn on first request, then served from the job's directory
+            report = Report.model_validate_json(ctx.artifacts.report(job_id).read_bytes())
+            jobs.write_atomically(page, report_html.render(row.id, row.kind, report).encode())
+        return HTMLResponse(page.read_text())
 
 
 @router.delete(
@@ -319,6 +361,6 @@ def delete_job(job_id: str, ctx: Context, who: Owner) -> Response:
     if row.status not in FINISHED:
         ctx.store.cancel(job_id)
         ctx.backend.cancel(job_id)
+    ctx.store.delete(job_id)  # the row first: from now on every read is a 404, not a half file
     ctx.artifacts.delete(job_id)
-    ctx.store.delete(job_id)
     return Response(status_code=204)

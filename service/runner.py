@@ -7,6 +7,7 @@ job ends `succeeded` or `failed` with a problem that says why. A job that is not
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -30,21 +31,26 @@ def problem(status: int, title: str, detail: str) -> dict[str, Any]:
     return {"type": "about:blank", "title": title, "status": status, "detail": detail}
 
 
-def _progress_writer(store: JobStore, job_id: str) -> jobs.Progress:
+def _progress_writer(store: JobStore, job_id: str, token: str) -> jobs.Progress:
     last = {"stage": "", "time": 0.0}
 
     def write(stage: str, fraction: float) -> None:
         moment = time.monotonic()
         if stage != last["stage"] or moment - last["time"] >= PROGRESS_INTERVAL_S:
-            store.progress(job_id, stage, fraction)
+            store.progress(job_id, token, stage, fraction)
             last.update(stage=stage, time=moment)
 
     return write
 
 
-def _heartbeat(store: JobStore, job_id: str, every_s: float, stop: threading.Event) -> None:
+def _heartbeat(
+    store: JobStore, job_id: str, token: str, every_s: float, stop: threading.Event
+) -> None:
     while not stop.wait(every_s):
-        store.heartbeat(job_id)
+        try:
+            store.heartbeat(job_id, token)
+        except Exception:  # a database hiccup: the next beat tries again within the lease
+            log.warning("heartbeat failed", exc_info=True, extra={"job_id": job_id})
 
 
 def run_job(
@@ -56,16 +62,21 @@ def run_job(
 ) -> str:
     """Claim and run one job; returns its final status (or "skipped" if it was not queued).
 
-    While it runs, the job row's heartbeat is renewed every `heartbeat_s`.
-    `time_limit_errors`: exceptions the backend raises in the job when its time is up.
+    The claim carries a token of this run; every later write to the job row names it, so a
+    run that a lease expiry replaced can no longer change the job. While it runs, the row's
+    heartbeat is renewed every `heartbeat_s`. `time_limit_errors`: exceptions the backend
+    raises in the job when its time is up.
     """
-    if not store.claim(job_id, f"{socket.gethostname()}:{os.getpid()}"):
+    token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    if not store.claim(job_id, token):
         return "skipped"
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store, job_id, heartbeat_s, stop), daemon=True)
+    beat = threading.Thread(
+        target=_heartbeat, args=(store, job_id, token, heartbeat_s, stop), daemon=True
+    )
     beat.start()
     try:
-        return _run_claimed(store, job_dir, job_id, time_limit_errors)
+        return _run_claimed(store, job_dir, job_id, token, time_limit_errors)
     finally:
         stop.set()
 
@@ -74,14 +85,21 @@ def _run_claimed(
     store: JobStore,
     job_dir: Path,
     job_id: str,
+    token: str,
     time_limit_errors: tuple[type[BaseException], ...],
 ) -> str:
     row = store.get(job_id)
-    assert row is not None
+    if row is None:  # deleted between the claim and now
+        return "skipped"
     extra = {"job_id": job_id, "kind": row.kind}
     log.info("job started", extra=extra)
     started = time.monotonic()
-    progress = _progress_writer(store, job_id)
+    progress = _progress_writer(store, job_id, token)
+
+    def fail(status: int, title: str, detail: str) -> str:
+        store.fail(job_id, problem(status, title, detail), {"running"}, token)
+        return "failed"
+
     try:
         if row.kind == "prune":
             jobs.run_prune_job(job_dir, PruneParams.model_validate(row.params), progress)
@@ -89,23 +107,23 @@ def _run_claimed(
             jobs.run_train_job(job_dir, TrainParams.model_validate(row.params), progress)
     except time_limit_errors:
         detail = "the job ran past its time limit (CLIPPRUNE_JOB_TIMEOUT_S) and was stopped"
-        store.fail(job_id, problem(504, "Job time limit", detail), {"running"})
-        return "failed"
+        return fail(504, "Job time limit", detail)
     except InputError as exc:
-        store.fail(job_id, problem(422, exc.title, str(exc)), {"running"})
         log.info("job failed: %s", exc, extra=extra)
-        return "failed"
+        return fail(422, exc.title, str(exc))
     except ValidationError as exc:  # params validated at submit; only a changed schema lands here
-        store.fail(job_id, problem(422, "Invalid parameters", str(exc)), {"running"})
-        return "failed"
+        return fail(422, "Invalid parameters", str(exc))
     except MemoryError:
-        store.fail(job_id, problem(507, "Out of memory", "the job ran out of memory"), {"running"})
-        return "failed"
+        return fail(507, "Out of memory", "the job ran out of memory")
     except Exception as exc:
         log.error("job crashed\n%s", traceback.format_exc(), extra=extra)
         detail = f"clipprune failed on this job ({type(exc).__name__}: {exc}); this is a bug"
-        store.fail(job_id, problem(500, "Internal error", detail), {"running"})
-        return "failed"
-    store.succeed(job_id)
+        return fail(500, "Internal error", detail)
+    if not store.succeed(job_id, token):
+        log.warning(
+            "job finished but its claim had lapsed; result left to the run that holds it",
+            extra=extra,
+        )
+        return "superseded"
     log.info("job succeeded in %.2f s", time.monotonic() - started, extra=extra)
     return "succeeded"

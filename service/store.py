@@ -152,35 +152,75 @@ class JobStore:
             query = select(func.count()).select_from(JobRow).where(JobRow.status == status)
             return int(session.scalar(query) or 0)
 
-    def _transition(self, job_id: str, allowed: set[str] | frozenset[str], **values: Any) -> bool:
+    def _transition(
+        self,
+        job_id: str,
+        allowed: set[str] | frozenset[str],
+        token: str | None = None,
+        **values: Any,
+    ) -> bool:
+        """Change the row only if it is in an allowed state, and, given a claim token, only
+        if that claim still holds (a run a lease expiry replaced cannot touch the job)."""
+        condition = (JobRow.id == job_id) & JobRow.status.in_(allowed)
+        if token is not None:
+            condition = condition & (JobRow.worker == token)
         with self.session() as session:
-            result = session.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status.in_(allowed))
-                .values(**values)
-            )
+            result = session.execute(update(JobRow).where(condition).values(**values))
             return result.rowcount == 1
 
-    def claim(self, job_id: str, worker: str = "") -> bool:
-        """queued -> running; False when someone else has it or it was canceled."""
+    def claim(self, job_id: str, token: str) -> bool:
+        """queued -> running under `token`; False when someone else has it or it was canceled."""
         moment = now()
-        with self.session() as session:
-            result = session.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == "queued")
-                .values(
-                    status="running",
-                    started_at=moment,
-                    stage="starting",
-                    attempts=JobRow.attempts + 1,
-                    worker=worker[:128],
-                    heartbeat_at=moment,
-                )
-            )
-            return result.rowcount == 1
+        return self._transition(
+            job_id,
+            {"queued"},
+            status="running",
+            started_at=moment,
+            stage="starting",
+            attempts=JobRow.attempts + 1,
+            worker=token[:128],
+            heartbeat_at=moment,
+        )
 
-    def heartbeat(self, job_id: str) -> None:
-        self._transition(job_id, {"running"}, heartbeat_at=now())
+    def heartbeat(self, job_id: str, token: str) -> None:
+        self._transition(job_id, {"running"}, token, heartbeat_at=now())
+
+    def progress(self, job_id: str, token: str, stage: str, fraction: float) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        self._transition(job_id, {"running"}, token, stage=stage[:64], progress=fraction)
+
+    def succeed(self, job_id: str, token: str) -> bool:
+        return self._transition(
+            job_id,
+            {"running"},
+            token,
+            status="succeeded",
+            progress=1.0,
+            stage="done",
+            finished_at=now(),
+        )
+
+    def fail(
+        self,
+        job_id: str,
+        problem: dict[str, Any],
+        from_states: set[str] | None = None,
+        token: str | None = None,
+    ) -> bool:
+        return self._transition(
+            job_id,
+            from_states or {"queued", "running"},
+            token,
+            status="failed",
+            stage="failed",
+            error=problem,
+            finished_at=now(),
+        )
+
+    def cancel(self, job_id: str) -> bool:
+        return self._transition(
+            job_id, {"queued", "running"}, status="canceled", stage="canceled", finished_at=now()
+        )
 
     def stale(self, lease_s: float) -> list[JobRow]:
         """Running jobs whose worker has not been heard from for lease_s seconds."""
@@ -205,31 +245,6 @@ class JobStore:
         )
         with self.session() as session:
             return list(session.scalars(query))
-
-    def progress(self, job_id: str, stage: str, fraction: float) -> None:
-        self._transition(job_id, {"running"}, stage=stage[:64], progress=min(max(fraction, 0), 1))
-
-    def succeed(self, job_id: str) -> bool:
-        return self._transition(
-            job_id, {"running"}, status="succeeded", progress=1.0, stage="done", finished_at=now()
-        )
-
-    def fail(
-        self, job_id: str, problem: dict[str, Any], from_states: set[str] | None = None
-    ) -> bool:
-        return self._transition(
-            job_id,
-            from_states or {"queued", "running"},
-            status="failed",
-            stage="failed",
-            error=problem,
-            finished_at=now(),
-        )
-
-    def cancel(self, job_id: str) -> bool:
-        return self._transition(
-            job_id, {"queued", "running"}, status="canceled", stage="canceled", finished_at=now()
-        )
 
     def requeue(self, job_id: str) -> bool:
         return self._transition(job_id, {"running"}, status="queued", stage="queued", progress=0.0)

@@ -35,12 +35,12 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def job_process(self, job_id: str) -> psutil.Process:
-        """The worker process running `job_id`, as its job row records it ("host:pid")."""
+        """The worker process running `job_id`, as its job row's claim records it."""
         with sqlite3.connect(self.data_dir / "clipprune.db") as db:
             (worker,) = db.execute(
                 "SELECT worker FROM clipprune_jobs WHERE id = ?", (job_id,)
             ).fetchone()
-        return psutil.Process(int(worker.rsplit(":", 1)[1]))
+        return psutil.Process(int(worker.split(":")[1]))  # "host:pid:nonce"
 
     def job_processes(self) -> list[psutil.Process]:
         """The worker processes: children of the forkserver, grandchildren of uvicorn."""

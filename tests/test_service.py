@@ -207,3 +207,69 @@ def test_request_ids_are_echoed(client):
     response = client.get("/livez", headers={"X-Request-ID": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
     assert len(client.get("/livez").headers["x-request-id"]) == 32
+
+
+def test_hostile_ids_cursors_params_and_headers_are_4xx(client, digits_upload):
+    assert client.get("/v1/jobs/a%00b").status_code == 404
+    assert client.delete("/v1/jobs/..%2f..%2fetc").status_code == 404
+    assert client.get("/v1/jobs/" + "f" * 5000).status_code == 404
+    import base64
+
+    bad_cursor = base64.urlsafe_b64encode(b"2020-01-01T00:00:00|a\0b").decode()
+    assert client.get("/v1/jobs", params={"cursor": bad_cursor}).status_code == 400
+    for params in ("[" * 100_000, '{"epochs": ' + "9" * 5000 + "}"):
+        response = client.post(
+            "/v1/jobs/train",
+            files={"train_data": ("d.csv", b"a,b\n1,2\n")},
+            data={"params": params},
+        )
+        assert response.status_code == 400, response.text
+    response = client.get("/livez", headers={"X-Request-ID": b"\xff\xfe"})
+    assert response.status_code == 200 and len(response.headers["x-request-id"]) == 32
+    twice = client.post(
+        "/v1/jobs/prune",
+        files=[("model", ("a", digits_upload["model"])), ("model", ("b", digits_upload["model"]))],
+    )
+    assert twice.status_code == 422 and "more than once" in twice.json()["detail"]
+
+
+def test_files_gone_under_a_finished_row_read_as_404_not_500(client, server, digits_upload):
+    import shutil
+
+    job = prune(client, digits_upload, {"sparsity": 0.4}, wait=30).json()
+    shutil.rmtree(Path(server.data_dir) / "jobs" / job["id"])  # as a racing DELETE or expiry
+    for link in ("model", "report", "report_html"):
+        response = client.get(job["links"][link])
+        assert response.status_code == 404, (link, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_waiting_on_a_job_that_gets_deleted_answers_404_at_once(client, digits):
+    import threading
+    import time
+
+    features, labels = digits
+    csv = io.StringIO()
+    np.savetxt(csv, np.c_[features, labels], delimiter=",", header="," * 64, comments="")
+    answer = {}
+
+    def submit() -> None:
+        answer["response"] = client.post(
+            "/v1/jobs/train",
+            params={"wait": 30},
+            files={"train_data": ("d.csv", csv.getvalue().encode())},
+            data={"params": json.dumps({"model": {"hidden": [1024, 1024]}, "epochs": 10000})},
+        )
+
+    thread = threading.Thread(target=submit)
+    started = time.monotonic()
+    thread.start()
+    while True:
+        page = client.get("/v1/jobs", params={"limit": 1}).json()["items"]
+        if page and page[0]["status"] == "running" and page[0]["kind"] == "train":
+            break
+        time.sleep(0.05)
+    assert client.delete(page[0]["links"]["self"]).status_code == 204
+    thread.join(20)
+    assert answer["response"].status_code == 404
+    assert time.monotonic() - started < 25

@@ -22,11 +22,13 @@ def test_lifecycle_and_check_and_set(store):
     store.create(job_id, "owner-a", "prune", {"sparsity": 0.5})
     assert store.get(job_id, owner="owner-b") is None
     assert store.queued(10) == [job_id]
-    assert store.claim(job_id) and not store.claim(job_id)  # only one worker gets it
-    store.progress(job_id, "pruning", 0.4)
+    assert store.claim(job_id, "run-1") and not store.claim(job_id, "run-2")  # only one gets it
+    store.progress(job_id, "run-2", "ignored", 0.9)  # not the claim's run: no effect
+    store.progress(job_id, "run-1", "pruning", 0.4)
     row = store.get(job_id, owner="owner-a")
     assert (row.status, row.stage, row.progress, row.attempts) == ("running", "pruning", 0.4, 1)
-    assert store.succeed(job_id) and not store.fail(job_id, {"detail": "late"})
+    assert not store.succeed(job_id, "run-2")
+    assert store.succeed(job_id, "run-1") and not store.fail(job_id, {"detail": "late"})
     row = store.get(job_id)
     assert row.status == "succeeded" and row.error is None and row.finished_at >= row.started_at
     assert not store.cancel(job_id)  # finished jobs stay as they ended
@@ -37,8 +39,8 @@ def test_concurrent_claims_give_each_job_to_exactly_one_worker(store):
     for job_id in ids:
         store.create(job_id, "o", "train", {})
 
-    def claim_all(_: int) -> list[str]:
-        return [job_id for job_id in ids if store.claim(job_id)]
+    def claim_all(index: int) -> list[str]:
+        return [job_id for job_id in ids if store.claim(job_id, f"run-{index}")]
 
     with ThreadPoolExecutor(4) as pool:
         claimed = [job_id for batch in pool.map(claim_all, range(4)) for job_id in batch]
