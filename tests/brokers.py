@@ -7,7 +7,6 @@ otherwise a redis-server is started if the binary exists. Under CI=true nothing 
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from server import free_port
+from server import free_port, stop_gracefully
 
 MACHINE_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -99,16 +98,7 @@ class Worker:
         return psutil.Process(self.process.pid).children()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for child in psutil.Process().children(recursive=True):
-            if "celery" in " ".join(child.cmdline()) and child.ppid() == 1:
-                child.kill()
+        stop_gracefully(self.process)
 
 
 def start_worker(data_dir: Path, concurrency: int, **settings: str) -> Worker:

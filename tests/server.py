@@ -54,13 +54,18 @@ class Server:
         return found
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_gracefully(self.process)
+
+
+def stop_gracefully(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as an orchestrator stops a container; SIGKILL if it has not ended in 20 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def start_server(data_dir: Path, **settings: Any) -> Server:

@@ -152,10 +152,14 @@ def test_a_job_running_at_shutdown_runs_again_after_restart(tmp_path, digits_csv
         job = submit_train(client, digits_csv, params).json()
         wait_for(client, job["id"], {"running"})
     server.stop()
+    assert_succeeds_after_restart(data_dir, job["id"])
+
+
+def assert_succeeds_after_restart(data_dir, job_id: str) -> None:
     server = start_server(data_dir)
     try:
         with server.client() as client:
-            assert wait_for(client, job["id"])["status"] == "succeeded"
+            assert wait_for(client, job_id)["status"] == "succeeded"
     finally:
         server.stop()
 
@@ -255,12 +259,7 @@ def test_after_a_crash_running_jobs_are_retried_and_workers_do_not_linger(tmp_pa
     server.process.wait()
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, "job processes outlived their service"
-    server = start_server(data_dir)
-    try:
-        with server.client() as client:
-            assert wait_for(client, job["id"])["status"] == "succeeded"
-    finally:
-        server.stop()
+    assert_succeeds_after_restart(data_dir, job["id"])
 
 
 def test_finished_jobs_expire_with_their_files(tmp_path, mlp_classifier):
