@@ -18,7 +18,7 @@ from workers.network import initialise
 from workers.training import FitSettings, fit
 
 SIZES = [784, 512, 256, 10]
-BATCH, SAMPLES, REPEATS = 128, 10_000, 3
+BATCH, SAMPLES, REPEATS = 128, 10_000, 7
 
 
 def best_of(repeats: int, run) -> float:
@@ -38,7 +38,7 @@ def sgemm_rate() -> float:
     return 2 * 2048**3 / best_of(REPEATS, lambda: a @ b)
 
 
-def epoch_seconds(mode: str) -> float:
+def epoch_runner(mode: str):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((SAMPLES, SIZES[0])).astype(np.float32)
     y = rng.integers(0, SIZES[-1], SAMPLES)
@@ -54,7 +54,7 @@ def epoch_seconds(mode: str) -> float:
         network = initialise(SIZES, ["relu", "relu"], "softmax", np.random.default_rng(0))
         fit(network, x, y, x[:256], y[:256], settings, np.random.default_rng(0))
 
-    return best_of(REPEATS, one_epoch)
+    return one_epoch
 
 
 def main() -> int:
@@ -62,8 +62,13 @@ def main() -> int:
     # forward 2*B*W, backward 4*B*W (weight and input gradients), per sample: 6*W
     flops = 6 * weights * SAMPLES
     rate = sgemm_rate()
-    plain = epoch_seconds("none")
-    clipped = epoch_seconds("global_norm")
+    # Alternate the two loops and keep each one's best, so a noisy neighbour hurts both alike.
+    runs = {mode: epoch_runner(mode) for mode in ("none", "global_norm")}
+    best = {mode: float("inf") for mode in runs}
+    for _ in range(REPEATS):
+        for mode, run in runs.items():
+            best[mode] = min(best[mode], best_of(1, run))
+    plain, clipped = best["none"], best["global_norm"]
     achieved = flops / clipped
     share = achieved / rate
     overhead = clipped / plain - 1
