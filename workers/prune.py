@@ -76,14 +76,23 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
             "ConvTranspose); name tensors to prune with include"
         )
     # By position, not name: two If branches may each hold a Constant of the same name.
-    before = [(slot.shape, slot.read()) for slot in slots]
-    for slot, (_, array) in zip(slots, before, strict=True):
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidModelError(f"weight {slot.name!r} holds NaN or infinite values")
+    # No copy of the weights is kept: a 270 MB model must not cost another 270 MB here.
+    shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_params(model)[0])
     if params.granularity == "unstructured":
-        _prune_weights(slots, [array for _, array in before], params)
+        arrays = [slot.read() for slot in slots]
+        _check_finite(slots, arrays)
+        masks = magnitude_masks(
+            arrays, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
+        )
+        for slot, array, keep in zip(slots, arrays, masks, strict=True):
+            if not keep.all():
+                slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
+                outcome.pruned.add(slot.name)
+        del arrays, masks
     else:
+        for slot in slots:
+            _check_finite([slot], [slot.read()])
         layers, skipped = prune_neurons(
             model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
         )
@@ -95,20 +104,18 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
             f"structured: kept every output neuron of {name}: {why}"
             for name, why in skipped.items()
         ]
-    for slot, (shape, original) in zip(slots, before, strict=True):
+    for slot, shape in zip(slots, shapes, strict=True):
         array = slot.read()
-        if array.shape != original.shape or not np.array_equal(array, original):
+        if array.shape != shape:
             outcome.pruned.add(slot.name)
         outcome.layers.append(layer_report(slot.name, shape, array))
     return outcome
 
 
-def _prune_weights(slots: list[WeightSlot], arrays: list[np.ndarray], params: PruneParams) -> None:
-    masks = magnitude_masks(
-        arrays, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
-    )
-    for slot, array, keep in zip(slots, arrays, masks, strict=True):
-        slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
+def _check_finite(slots: list[WeightSlot], arrays: list[np.ndarray]) -> None:
+    for slot, array in zip(slots, arrays, strict=True):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidModelError(f"weight {slot.name!r} holds NaN or infinite values")
 
 
 def float_params(model: ModelProto) -> tuple[int, int]:
