@@ -77,17 +77,22 @@ def _all_nodes(model: ModelProto) -> Iterator[NodeProto]:
         yield from function.node
 
 
+def _attributes(model: ModelProto) -> Iterator[tuple[str, AttributeProto]]:
+    """Every node attribute in the model, with where it sits (for messages)."""
+    for node in _all_nodes(model):
+        for attr in node.attribute:
+            yield f"attribute {attr.name!r} of {node.op_type} node {node.name!r}", attr
+
+
 def _sparse_tensors(model: ModelProto) -> Iterator[tuple[str, SparseTensorProto]]:
     for graph, _ in _model_graphs(model):
         for sparse in graph.sparse_initializer:
             yield f"sparse initializer {sparse.values.name!r}", sparse
-    for node in _all_nodes(model):
-        for attr in node.attribute:
-            where = f"attribute {attr.name!r} of {node.op_type} node {node.name!r}"
-            if attr.HasField("sparse_tensor"):
-                yield where, attr.sparse_tensor
-            for sparse in attr.sparse_tensors:
-                yield where, sparse
+    for where, attr in _attributes(model):
+        if attr.HasField("sparse_tensor"):
+            yield where, attr.sparse_tensor
+        for sparse in attr.sparse_tensors:
+            yield where, sparse
 
 
 def _tensors_of(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
@@ -95,13 +100,11 @@ def _tensors_of(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
     for graph, _ in _model_graphs(model):
         for tensor in graph.initializer:
             yield f"initializer {tensor.name!r}", tensor
-    for node in _all_nodes(model):
-        for attr in node.attribute:
-            where = f"attribute {attr.name!r} of {node.op_type} node {node.name!r}"
-            if attr.HasField("t"):
-                yield where, attr.t
-            for tensor in attr.tensors:
-                yield where, tensor
+    for where, attr in _attributes(model):
+        if attr.HasField("t"):
+            yield where, attr.t
+        for tensor in attr.tensors:
+            yield where, tensor
     for where, sparse in _sparse_tensors(model):
         yield where, sparse.values
         yield f"{where} (indices)", sparse.indices
