@@ -30,16 +30,27 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (features / 16.0).astype(np.float32), labels
 
 
+def _fresh(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy each test may change: pruning works on the model it is given, in place, and the
+    models below are trained once per session."""
+    return onnx.load_model_from_string(model.SerializeToString())
+
+
 @pytest.fixture(scope="session")
-def mlp_classifier(digits) -> onnx.ModelProto:
-    """64-48-24-10 digits MLP: two hidden layers, so structured pruning has a chain."""
+def _mlp_classifier(digits) -> onnx.ModelProto:
     features, labels = digits
     mlp = MLPClassifier(hidden_layer_sizes=(48, 24), max_iter=150, random_state=0)
     return to_onnx(_fit(mlp, features[:1200], labels[:1200]), features[:1])
 
 
+@pytest.fixture
+def mlp_classifier(_mlp_classifier) -> onnx.ModelProto:
+    """64-48-24-10 digits MLP: two hidden layers, so structured pruning has a chain."""
+    return _fresh(_mlp_classifier)
+
+
 @pytest.fixture(scope="session")
-def mlp_regressor() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+def _mlp_regressor() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     features, target = load_diabetes(return_X_y=True)
     features = (features / features.std(axis=0)).astype(np.float32)
     target = (target - target.mean()) / target.std()
@@ -47,12 +58,24 @@ def mlp_regressor() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     return to_onnx(_fit(mlp, features, target), features[:1]), features, target
 
 
+@pytest.fixture
+def mlp_regressor(_mlp_regressor) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    model, features, target = _mlp_regressor
+    return _fresh(model), features, target
+
+
 @pytest.fixture(scope="session")
-def logistic() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+def _logistic() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     features, labels = load_iris(return_X_y=True)
     features = features.astype(np.float32)
     model = _fit(LogisticRegression(max_iter=500), features, labels)
     return to_onnx(model, features[:1]), features, labels
+
+
+@pytest.fixture
+def logistic(_logistic) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    model, features, labels = _logistic
+    return _fresh(model), features, labels
 
 
 @pytest.fixture
@@ -62,7 +85,7 @@ def job_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_300_100(digits):
+def _digits_300_100(digits):
     """The 64-300-100-10 digits MLP of the Deep Compression / LeNet-300-100 lineage, with its
     train and held-out splits (70/30)."""
     features, labels = digits
@@ -72,6 +95,12 @@ def digits_300_100(digits):
     mlp = MLPClassifier(hidden_layer_sizes=(300, 100), max_iter=300, random_state=0)
     model = to_onnx(_fit(mlp, x_train, y_train), x_train[:1])
     return model, (x_train, y_train), (x_test, y_test)
+
+
+@pytest.fixture
+def digits_300_100(_digits_300_100):
+    model, train, test = _digits_300_100
+    return _fresh(model), train, test
 
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

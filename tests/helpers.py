@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from workers.pruning import count_to_prune
 from workers.weights import find_weights
 
 
@@ -27,3 +28,27 @@ def weights(model: onnx.ModelProto | bytes) -> dict[str, np.ndarray]:
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def reference_masks(weights: list[np.ndarray], sparsity: float, scope: str) -> list[np.ndarray]:
+    """The plain way, holding every magnitude at once: what magnitude_masks must equal bit for
+    bit (partition for the k-th, then the first ties by position)."""
+    groups = [[w] for w in weights] if scope == "layer" else [weights]
+    masks = []
+    for group in groups:
+        magnitudes = np.concatenate([np.abs(w).ravel() for w in group])
+        k = count_to_prune(sparsity, magnitudes.size)
+        pruned = np.zeros(magnitudes.size, dtype=bool)
+        if k >= magnitudes.size:
+            pruned[:] = True
+        elif k > 0:
+            kth = np.partition(magnitudes, k - 1)[k - 1]
+            pruned = magnitudes < kth
+            missing = k - int(pruned.sum())
+            pruned[np.flatnonzero(magnitudes == kth)[:missing]] = True
+        bounds = np.cumsum([0] + [w.size for w in group])
+        masks += [
+            ~pruned[a:b].reshape(w.shape)
+            for w, a, b in zip(group, bounds[:-1], bounds[1:], strict=True)
+        ]
+    return masks

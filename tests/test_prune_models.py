@@ -4,18 +4,19 @@ import numpy as np
 import onnx
 import pytest
 from graphs import constant_node_mlp, control_flow, conv_net, gemm_mlp
-from helpers import initializers, run, weights
+from helpers import initializers, reference_masks, run, weights
 
 from schemas import PruneParams
 from workers.encoding import encode
 from workers.onnx_model import parse_model
-from workers.prune import prune_model
+from workers.prune import copy_model, prune_model
+from workers.weights import find_weights
 
 
 def prune_bytes(model: onnx.ModelProto, encoding: str = "dense", **fields) -> bytes:
     """Prune, encode, and check what comes out parses and passes the checker like any upload."""
     params = PruneParams(encoding=encoding, **fields)
-    outcome = prune_model(model, params)
+    outcome = prune_model(copy_model(model), params)
     data, _ = encode(outcome.model, params.encoding, outcome.pruned)
     parse_model(data)
     return data
@@ -152,3 +153,21 @@ def test_int8_keeps_the_interface_and_computes_what_the_quantizer_wrote(mlp_clas
     assert [v.name for v in compacted.graph.output] == ["output_label", "output_probability"]
     for a, b in zip(run(plain, {"X": features}), run(data, {"X": features}), strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"sparsity": 0.9, "scope": "global"}, {"sparsity": 0.5}, {"threshold": 0.05}]
+)
+def test_pruned_bytes_equal_the_plain_path_bit_for_bit(digits_300_100, fields):
+    """Pruning reads the weights one at a time; the bytes must be those of holding them all."""
+    model = digits_300_100[0]
+    expected = copy_model(model)
+    slots = find_weights(expected)
+    arrays = [slot.read() for slot in slots]
+    if "threshold" in fields:
+        masks = [np.abs(a) > fields["threshold"] for a in arrays]
+    else:
+        masks = reference_masks(arrays, fields["sparsity"], fields.get("scope", "layer"))
+    for slot, array, keep in zip(slots, arrays, masks, strict=True):
+        slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
+    assert prune_bytes(model, **fields) == expected.SerializeToString()

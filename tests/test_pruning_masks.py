@@ -1,7 +1,10 @@
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
+from helpers import reference_masks
 
-from workers.pruning import magnitude_masks
+from workers.pruning import CHUNK, magnitude_masks
 
 
 @pytest.fixture
@@ -20,7 +23,7 @@ def test_layer_scope_prunes_the_exact_share_of_each_tensor(tensors, sparsity):
 
 
 def test_global_scope_uses_one_threshold_across_tensors(tensors):
-    masks = magnitude_masks(tensors, sparsity=0.7, scope="global")
+    masks = list(magnitude_masks(tensors, sparsity=0.7, scope="global"))
     total = sum(w.size for w in tensors)
     assert abs(sum(int((~m).sum()) for m in masks) - 0.7 * total) <= 1
     largest_pruned = max(np.abs(w[~m]).max() for w, m in zip(tensors, masks, strict=True))
@@ -47,3 +50,45 @@ def test_threshold_prunes_exactly_magnitudes_at_or_below_it():
 def test_exactly_one_of_sparsity_and_threshold():
     with pytest.raises(ValueError, match="exactly one"):
         magnitude_masks([np.ones(3)], sparsity=0.5, threshold=0.1)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 0.999, 1.0])
+def test_masks_equal_the_plain_partition_across_chunks_ties_and_dtypes(scope, sparsity):
+    rng = np.random.default_rng(7)
+    # more elements than one CHUNK, so the passes cross chunk boundaries; rounding to a few
+    # levels makes many ties, straddling tensors; zeros and -0.0 share a bucket
+    big = np.round(rng.standard_normal(CHUNK + 12344) * 4).astype(np.float32) / 4
+    weights = [
+        big.reshape(-1, 15),
+        np.round(rng.standard_normal((33, 7)), 1),  # float64
+        np.round(rng.standard_normal(300), 2).astype(np.float16),
+        np.array([-0.0, 0.0, 1e-30, -1e-30, 3e38], dtype=np.float32),
+    ]
+    got = list(magnitude_masks(weights, sparsity=sparsity, scope=scope))
+    for keep, expected in zip(got, reference_masks(weights, sparsity, scope), strict=True):
+        assert keep.shape == expected.shape
+        assert np.array_equal(keep, expected)
+
+
+def test_masks_read_a_lazy_sequence_one_tensor_at_a_time():
+    rng = np.random.default_rng(3)
+    stored = [rng.standard_normal((40, 30)).astype(np.float32) for _ in range(3)]
+    loaded: list[int] = []
+
+    class Lazy(Sequence):
+        def __len__(self) -> int:
+            return len(stored)
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                raise TypeError
+            if not -len(stored) <= index < len(stored):
+                raise IndexError(index)
+            loaded.append(index)
+            return stored[index].copy()
+
+    masks = list(magnitude_masks(Lazy(), sparsity=0.6, scope="global"))
+    expected = reference_masks(stored, 0.6, "global")
+    assert all(np.array_equal(a, b) for a, b in zip(masks, expected, strict=True))
+    assert len(loaded) == 3 * len(stored)  # histogram, bucket and mask passes; nothing more

@@ -25,14 +25,14 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def digits_upload(mlp_classifier, digits) -> dict[str, bytes]:
+def digits_upload(_mlp_classifier, digits) -> dict[str, bytes]:
     features, labels = digits
     csv = io.StringIO()
     header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
     np.savetxt(
         csv, np.c_[features[1200:], labels[1200:]], delimiter=",", header=header, comments=""
     )
-    return {"model": mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
+    return {"model": _mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
 
 
 def prune(client, files: dict[str, bytes], params: dict, wait: float = 0):

@@ -10,11 +10,11 @@ from schemas import PruneParams
 from workers.encoding import encode
 from workers.errors import UnsupportedModelError
 from workers.onnx_model import parse_model
-from workers.prune import prune_model
+from workers.prune import copy_model, prune_model
 
 
 def structured(model: onnx.ModelProto, **fields) -> onnx.ModelProto:
-    outcome = prune_model(model, PruneParams(granularity="structured", **fields))
+    outcome = prune_model(copy_model(model), PruneParams(granularity="structured", **fields))
     data, _ = encode(outcome.model, "dense", outcome.pruned)
     return parse_model(data)
 

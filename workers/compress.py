@@ -17,7 +17,7 @@ from workers import evaluation
 from workers.data import Table
 from workers.encoding import encode
 from workers.finetune import fine_tune
-from workers.prune import PruneOutcome, prune_model
+from workers.prune import PruneOutcome, copy_model, prune_model
 from workers.training import EpochProgress
 from workers.weights import find_weights
 
@@ -70,7 +70,7 @@ class Compressor:
     def candidate(
         self, params: PruneParams, on_epoch: EpochProgress | None = None, only: str | None = None
     ) -> Candidate:
-        outcome = prune_model(self.model, params, only)
+        outcome = prune_model(copy_model(self.model), params, only)
         training = None
         if params.fine_tune is not None:
             assert self.train is not None

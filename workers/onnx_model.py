@@ -126,12 +126,16 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     _check_limits(model, limits)
     _check_no_external_data(model)
     _check_domains(model)
+    # The checker gets the bytes (given a ModelProto it would serialize a copy first) and parses
+    # them in C++: the Python model is let go meanwhile and parsed again after, so no two copies
+    # of a model that may be hundreds of MB coexist beside the bytes.
+    del model
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(data)
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InvalidModelError(f"the ONNX checker rejected the model: {first_line}") from exc
-    return model
+    return onnx.load_model_from_string(data)
 
 
 def _check_dims(where: str, dims: list[int], limits: ModelLimits) -> int:

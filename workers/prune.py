@@ -1,5 +1,6 @@
 """Pruning a whole ONNX model: find its weights, compute masks or neuron cuts, write them back."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,10 +63,24 @@ def layer_report(name: str, original_shape: tuple[int, ...], array: np.ndarray) 
     )
 
 
+class SlotValues(Sequence[np.ndarray]):
+    """The weights' current values, each read from the model when indexed: a pass over them
+    holds one tensor at a time, not a second copy of the model."""
+
+    def __init__(self, slots: list[WeightSlot]) -> None:
+        self.slots = slots
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return self.slots[index].read()
+
+
 def prune_model(model: ModelProto, params: PruneParams, only: str | None = None) -> PruneOutcome:
-    """Prune a copy of `model` by params.sparsity or params.threshold; `only` names the one
-    prunable tensor to touch (a sensitivity scan), None touches them all."""
-    model = copy_model(model)
+    """Prune `model` in place by params.sparsity or params.threshold; `only` names the one
+    prunable tensor to touch (a sensitivity scan), None touches them all. A caller that needs
+    the original afterwards prunes a copy_model of it."""
     densify_sparse_initializers(model)
     slots = find_weights(model, params.include, params.exclude)
     if only is not None:
@@ -76,23 +91,24 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
             "ConvTranspose); name tensors to prune with include"
         )
     # By position, not name: two If branches may each hold a Constant of the same name.
-    # No copy of the weights is kept: a 270 MB model must not cost another 270 MB here.
+    # Weights are read one at a time, as each pass needs them: a 270 MB model must not cost
+    # another 270 MB here.
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_params(model)[0])
+    _check_finite(slots)
     if params.granularity == "unstructured":
-        arrays = [slot.read() for slot in slots]
-        _check_finite(slots, arrays)
         masks = magnitude_masks(
-            arrays, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
+            SlotValues(slots),
+            sparsity=params.sparsity,
+            threshold=params.threshold,
+            scope=params.scope,
         )
-        for slot, array, keep in zip(slots, arrays, masks, strict=True):
+        for slot, keep in zip(slots, masks, strict=True):  # slot i is written before i+1 is read
             if not keep.all():
+                array = slot.read()
                 slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
                 outcome.pruned.add(slot.name)
-        del arrays, masks
     else:
-        for slot in slots:
-            _check_finite([slot], [slot.read()])
         layers, skipped = prune_neurons(
             model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
         )
@@ -112,8 +128,9 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
     return outcome
 
 
-def _check_finite(slots: list[WeightSlot], arrays: list[np.ndarray]) -> None:
-    for slot, array in zip(slots, arrays, strict=True):
+def _check_finite(slots: list[WeightSlot]) -> None:
+    for slot in slots:
+        array = slot.read()
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidModelError(f"weight {slot.name!r} holds NaN or infinite values")
 

@@ -2,33 +2,102 @@
 
 A mask is a boolean array shaped like its weight, True where the weight survives. The same
 functions rank single weights (unstructured) and whole neurons by their norm (structured).
+
+The k smallest magnitudes are found without holding them all at once: a 67M-parameter model's
+magnitudes are as large as the model, and pruning must fit in a small multiple of its size.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from schemas.params import Scope
 
+CHUNK = 1 << 20  # elements per step of a pass: temporaries stay a few MB, whatever the model
+BUCKET_BITS = 16
 
-def _prune_k_smallest(magnitudes: np.ndarray, k: int) -> np.ndarray:
-    """A flat mask that prunes exactly the k smallest magnitudes (ties broken by position)."""
-    pruned = np.zeros(magnitudes.size, dtype=bool)
-    if k <= 0:
-        return pruned
-    if k >= magnitudes.size:
-        pruned[:] = True
-        return pruned
-    kth = np.partition(magnitudes, k - 1)[k - 1]
-    np.less(magnitudes, kth, out=pruned)
-    missing = k - int(np.count_nonzero(pruned))
-    pruned[np.flatnonzero(magnitudes == kth)[:missing]] = True
-    return pruned
+
+@dataclass(frozen=True)
+class Cut:
+    """Prunes every magnitude below `value`, and the first `ties` magnitudes equal to it in
+    the order the weights are visited: exactly k, ties broken by position."""
+
+    value: float
+    ties: int
 
 
 def count_to_prune(sparsity: float, size: int) -> int:
     """round(sparsity * size), halves rounded up: the count is exact to the nearest weight."""
     return int(np.floor(sparsity * size + 0.5))
+
+
+def _chunks(weights: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    """|w| of every weight, flat, in order, CHUNK elements at a time."""
+    for weight in weights:
+        flat = weight.reshape(-1)
+        for start in range(0, flat.size, CHUNK):
+            yield np.abs(flat[start : start + CHUNK])
+
+
+def _buckets(magnitudes: np.ndarray) -> np.ndarray:
+    """The leading bits of each magnitude's float64 pattern. For floats >= 0 the pattern orders
+    as the value does, so bucket b holds only magnitudes smaller than those of bucket b + 1."""
+    return (magnitudes.astype(np.float64).view(np.uint64) >> (64 - BUCKET_BITS)).astype(np.intp)
+
+
+def smallest_cut(weights: Sequence[np.ndarray], sparsity: float) -> Cut:
+    """The cut that prunes exactly the `sparsity` share of all |w| across `weights`, smallest
+    first (finite values).
+
+    Two passes over the weights: a histogram of magnitude buckets finds the bucket holding the
+    k-th smallest, then only that bucket's magnitudes are gathered and partitioned.
+    """
+    counts = np.zeros(1 << BUCKET_BITS, dtype=np.int64)
+    for chunk in _chunks(weights):
+        counts += np.bincount(_buckets(chunk), minlength=counts.size)
+    k = count_to_prune(sparsity, int(counts.sum()))
+    if k <= 0:
+        return Cut(value=0.0, ties=0)  # no magnitude is below 0
+    if k >= counts.sum():
+        return Cut(value=np.inf, ties=0)  # every finite magnitude is below inf
+    at_or_below = np.cumsum(counts)
+    bucket = int(np.searchsorted(at_or_below, k))  # the first bucket reaching k
+    below = int(at_or_below[bucket] - counts[bucket])
+    inside = np.concatenate([chunk[_buckets(chunk) == bucket] for chunk in _chunks(weights)])
+    value = np.partition(inside, k - below - 1)[k - below - 1]
+    smaller = below + int(np.count_nonzero(inside < value))
+    return Cut(value=value, ties=k - smaller)
+
+
+def _mask(weight: np.ndarray, cut: Cut, ties: int) -> tuple[np.ndarray, int]:
+    """The keep-mask of one weight, pruning at most `ties` of its |w| == cut.value (the first
+    ones); and how many ties it pruned."""
+    magnitudes = np.abs(weight)
+    keep = magnitudes >= cut.value
+    tied = np.flatnonzero(magnitudes == cut.value)[:ties] if ties else np.empty(0, np.intp)
+    keep.reshape(-1)[tied] = False
+    return keep, tied.size
+
+
+def _masks_under(weights: Sequence[np.ndarray], cut: Cut) -> Iterator[np.ndarray]:
+    """Keep-masks of `weights` under one cut, visited in order (ties broken by position). Only
+    the mask outlives each step, so a lazy `weights` holds one tensor at a time."""
+    ties_left = cut.ties
+    for index in range(len(weights)):
+        keep, tied = _mask(weights[index], cut, ties_left)
+        ties_left -= tied
+        yield keep
+
+
+def _sparsity_masks(
+    weights: Sequence[np.ndarray], sparsity: float, scope: Scope
+) -> Iterator[np.ndarray]:
+    if scope == "global":
+        yield from _masks_under(weights, smallest_cut(weights, sparsity))
+        return
+    for weight in weights:  # each tensor is read once: its passes reuse it
+        yield from _masks_under([weight], smallest_cut([weight], sparsity))
 
 
 def magnitude_masks(
@@ -37,24 +106,17 @@ def magnitude_masks(
     sparsity: float | None = None,
     threshold: float | None = None,
     scope: Scope = "layer",
-) -> list[np.ndarray]:
-    """Keep-masks for `weights`: either the `sparsity` fraction with the smallest |w| is pruned
-    (per tensor for scope "layer", across all tensors for "global"), or every |w| <= threshold.
+) -> Iterator[np.ndarray]:
+    """Keep-masks for `weights`, one at a time in order: either the `sparsity` fraction with the
+    smallest |w| is pruned (per tensor for scope "layer", across all tensors for "global"), or
+    every |w| <= threshold.
+
+    `weights` is read again on each pass, so it may be a sequence that loads each tensor when
+    indexed: then only one tensor is in memory at a time.
     """
     if (sparsity is None) == (threshold is None):
         raise ValueError("give exactly one of sparsity, threshold")
     if threshold is not None:
-        return [np.abs(w) > threshold for w in weights]
+        return (np.abs(w) > threshold for w in weights)
     assert sparsity is not None
-    if scope == "layer":
-        return [
-            ~_prune_k_smallest(np.abs(w).ravel(), count_to_prune(sparsity, w.size)).reshape(w.shape)
-            for w in weights
-        ]
-    magnitudes = np.concatenate([np.abs(w).ravel() for w in weights])  # [total]
-    pruned = _prune_k_smallest(magnitudes, count_to_prune(sparsity, magnitudes.size))
-    bounds = np.cumsum([0] + [w.size for w in weights])
-    return [
-        ~pruned[start:stop].reshape(w.shape)
-        for w, start, stop in zip(weights, bounds[:-1], bounds[1:], strict=True)
-    ]
+    return _sparsity_masks(weights, sparsity, scope)
