@@ -20,24 +20,27 @@ DTYPE = np.float32
 
 
 def activate(z: np.ndarray, kind: Activation) -> np.ndarray:
+    """The activation of z, computed in z's own memory where the ufunc allows: forward keeps
+    only each layer's output, never its pre-activation."""
     if kind == "relu":
-        return np.maximum(z, 0)
+        return np.maximum(z, 0, out=z)
     if kind == "tanh":
-        return np.tanh(z)
+        return np.tanh(z, out=z)
     if kind == "sigmoid":
         return sigmoid(z)
     return z
 
 
-def activation_grad(z: np.ndarray, h: np.ndarray, kind: Activation) -> np.ndarray:
-    """d activate(z) / dz, from the pre-activation z or the output h, whichever is cheaper."""
+def activation_grad(h: np.ndarray, kind: Activation) -> np.ndarray:
+    """d activate(z) / dz from the output h = activate(z): for relu h > 0 exactly where z > 0
+    (NaN stays NaN through max and fails both tests), so z need not be kept."""
     if kind == "relu":
-        return z > 0  # a mask: multiplying by it keeps or zeroes
+        return h > 0  # a mask: multiplying by it keeps or zeroes
     if kind == "tanh":
         return 1 - h * h
     if kind == "sigmoid":
         return h * (1 - h)
-    return np.ones_like(z)
+    return np.ones_like(h)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -71,17 +74,17 @@ class Network:
             return x
         return (x - self.mean) * self.scale
 
-    def forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """Logits [B, out] of the standardised batch x, with each layer's input and
-        pre-activation kept for backward."""
-        inputs, pre = [], []
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits [B, out] of the standardised batch x, with each layer's input kept for
+        backward (a hidden layer's input is the previous layer's activation)."""
+        inputs = []
         h = x
         for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             inputs.append(h)  # [B, in]
-            z = h @ w + b  # [B, out]
-            pre.append(z)
+            z = h @ w  # [B, out]
+            z += b  # in place: the same one rounding as h @ w + b, without a second array
             h = activate(z, self.activations[layer]) if layer < len(self.activations) else z
-        return h, inputs, pre
+        return h, inputs
 
     def output(self, logits: np.ndarray) -> np.ndarray:
         if self.head == "softmax":
@@ -92,7 +95,7 @@ class Network:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Head outputs (probabilities or values) for raw features x: [N, out]."""
-        logits, _, _ = self.forward(self.standardise(x))
+        logits, _ = self.forward(self.standardise(x))
         return self.output(logits)
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
@@ -100,7 +103,7 @@ class Network:
 
         y: class indices [B] for softmax, {0, 1} [B] for sigmoid, targets [B, out] for identity.
         """
-        logits, inputs, pre = self.forward(x)
+        logits, inputs = self.forward(x)
         batch = len(x)
         if self.head == "softmax":
             log_p = log_softmax(logits)  # [B, k]
@@ -124,7 +127,7 @@ class Network:
             if layer:
                 dz = dz @ self.weights[layer].T  # [B, in]: gradient at this layer's input
                 # inputs[layer] is the previous layer's activation, kept from forward
-                dz *= activation_grad(pre[layer - 1], inputs[layer], self.activations[layer - 1])
+                dz *= activation_grad(inputs[layer], self.activations[layer - 1])
         grads.reverse()  # W0, b0, W1, b1, ...
         return loss, grads
 

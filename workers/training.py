@@ -57,7 +57,7 @@ class History:
 
 def score(network: Network, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy for classification heads, r2 for regression, on standardised x."""
-    logits, _, _ = network.forward(x)
+    logits, _ = network.forward(x)
     if network.head == "softmax":
         return float(np.mean(np.argmax(logits, axis=1) == y))
     if network.head == "sigmoid":
