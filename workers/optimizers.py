@@ -2,6 +2,10 @@
 
 Every update is computed in the parameters' own dtype (float32), as PyTorch and optax do, and
 written through preallocated scratch buffers: the training hot path allocates nothing.
+The optimizer's state for all parameters lives in one flat array per quantity, with a view per
+parameter, so each elementwise pass runs once over every parameter rather than once per tensor:
+the same operations on the same elements in the same order, so the same bits, with a sixth of
+the calls.
 """
 
 import math
@@ -14,6 +18,14 @@ from schemas.params import Optimizer
 MOMENTUM = 0.9
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+
+
+def flat_zeros(params: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One zeroed array [sum of sizes] and a view of it shaped as each parameter."""
+    flat = np.zeros(sum(p.size for p in params), np.result_type(*params))
+    ends = np.cumsum([p.size for p in params])
+    views = [flat[end - p.size : end].reshape(p.shape) for p, end in zip(params, ends, strict=True)]
+    return flat, views
 
 
 class Step:
@@ -37,40 +49,49 @@ class Step:
         self.kind = kind
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self.velocity = [np.zeros_like(p) for p in params] if kind != "sgd" else []
-        self.second = [np.zeros_like(p) for p in params] if kind == "adam" else []
-        self.scratch = [np.empty_like(p) for p in params]
-        self.roots = [np.empty_like(p) for p in params] if kind == "adam" else []
+        # flat array [all parameters] and its per-parameter views, for each quantity
+        self.first, self.firsts = flat_zeros(params)  # momentum's velocity, Adam's m
+        self.second, self.seconds = flat_zeros(params) if kind == "adam" else (None, [])
+        self.scratch, self.scratches = flat_zeros(params)
+        self.root = np.empty_like(self.scratch) if kind == "adam" else None
         self.count = 0
 
     def __call__(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
         self.count += 1
+        if self.weight_decay:
+            decay = self.weight_decay
+            grads = [g + decay * p if p.ndim > 1 else g for p, g in zip(params, grads, strict=True)]
+        if self.kind == "sgd":
+            for g, scratch in zip(grads, self.scratches, strict=True):
+                np.multiply(g, self.learning_rate, out=scratch)
+        elif self.kind == "momentum":
+            self.first *= MOMENTUM
+            for g, v in zip(grads, self.firsts, strict=True):
+                v += g
+            np.multiply(self.first, self.learning_rate, out=self.scratch)
+        else:
+            self.adam(grads)
+        for p, scratch in zip(params, self.scratches, strict=True):
+            p -= scratch
+
+    def adam(self, grads: Sequence[np.ndarray]) -> None:
+        """The Adam update into self.scratch; passes over the gradients go tensor by tensor
+        (they are the caller's arrays), the rest once over the flat state."""
         beta1, beta2 = ADAM_BETAS
         # bias corrections folded into the step size (Kingma & Ba, end of section 2); a Python
         # float, so the update stays in the parameters' dtype
-        adam_step = self.learning_rate * math.sqrt(1 - beta2**self.count) / (1 - beta1**self.count)
-        for index, (p, g) in enumerate(zip(params, grads, strict=True)):
-            if self.weight_decay and p.ndim > 1:
-                g = g + self.weight_decay * p
-            scratch = self.scratch[index]
-            if self.kind == "sgd":
-                np.multiply(g, self.learning_rate, out=scratch)
-            elif self.kind == "momentum":
-                v = self.velocity[index]
-                v *= MOMENTUM
-                v += g
-                np.multiply(v, self.learning_rate, out=scratch)
-            else:
-                m, v, root = self.velocity[index], self.second[index], self.roots[index]
-                m *= beta1
-                np.multiply(g, 1 - beta1, out=scratch)
-                m += scratch
-                v *= beta2
-                np.multiply(g, g, out=scratch)
-                scratch *= 1 - beta2
-                v += scratch
-                np.sqrt(v, out=root)
-                root += ADAM_EPS
-                np.multiply(m, adam_step, out=scratch)
-                scratch /= root
-            p -= scratch
+        step = self.learning_rate * math.sqrt(1 - beta2**self.count) / (1 - beta1**self.count)
+        m, v, root, scratch = self.first, self.second, self.root, self.scratch
+        m *= beta1
+        for g, s in zip(grads, self.scratches, strict=True):
+            np.multiply(g, 1 - beta1, out=s)
+        m += scratch
+        v *= beta2
+        for g, s in zip(grads, self.scratches, strict=True):
+            np.multiply(g, g, out=s)
+        scratch *= 1 - beta2
+        v += scratch
+        np.sqrt(v, out=root)
+        root += ADAM_EPS
+        np.multiply(m, step, out=scratch)
+        scratch /= root
