@@ -6,7 +6,7 @@ from pathlib import Path
 import fastapi_offline
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -14,6 +14,14 @@ from service.context import context
 
 router = APIRouter(tags=["operations"])
 ASSETS = "/docs/assets"
+READINESS = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"enum": ["ok", "unavailable"]},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
 
 
 @router.get("/livez", summary="The process answers")
@@ -21,7 +29,18 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Database, worker pool and disk are usable")
+@router.get(
+    "/readyz",
+    summary="Database, worker pool and disk are usable",
+    # Documented, 503 included: an orchestrator's probe and a client read the same document.
+    responses={
+        200: {"content": {"application/json": {"schema": READINESS}}},
+        503: {
+            "content": {"application/json": {"schema": READINESS}},
+            "description": "A check failed; `checks` says which",
+        },
+    },
+)
 def readyz(request: Request) -> JSONResponse:
     ctx = context(request)
     checks: dict[str, str] = {}
@@ -40,7 +59,11 @@ def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,  # documents text/plain, what Prometheus' format is
+)
 def metrics(request: Request) -> Response:
     ctx = context(request)
     ctx.metrics.queue_depth.set(ctx.store.count("queued"))

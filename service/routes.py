@@ -25,8 +25,6 @@ from service.problems import MEDIA_TYPE, ProblemError, field_problems
 from service.store import JobRow, aware, new_job_id
 from workers import jobs, report_html
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
 MAX_WAIT_S = 60
 MAX_PARAMS_CHARS = 65536
 CHUNK = 1 << 20
@@ -36,7 +34,13 @@ UPLOADS = {"prune": ("model", "eval_data", "train_data"), "train": ("train_data"
 REQUIRED = {"prune": "model", "train": "train_data"}
 FILE_NAMES = {"model": jobs.MODEL_IN, "eval_data": jobs.EVAL_DATA, "train_data": jobs.TRAIN_DATA}
 PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "train": TrainParams}
-PROBLEM = {"model": Problem, "content": {MEDIA_TYPE: {}}}
+# The schema under the media type the service sends, and no other: with `"model": Problem`
+# FastAPI documents the body under the route's own type (application/json, text/html) and
+# leaves application/problem+json without a schema, so no client could validate a problem.
+PROBLEM = {"content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+# Every route: no key or a wrong one, and invalid query or form input (a problem, not
+# FastAPI's HTTPValidationError, which it documents for 422 unless told otherwise).
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={401: PROBLEM, 422: PROBLEM})
 
 
 def owner(request: Request, ctx: Annotated[ServiceContext, Depends(context)]) -> str:
@@ -200,7 +204,8 @@ WaitQuery = Annotated[
 SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {"model": Job, "description": "Accepted; poll the Location"},
     200: {"model": Job, "description": "Finished within `wait`"},
-    **{code: PROBLEM for code in (400, 401, 413, 415, 422, 429)},
+    # 404: the job was deleted while the request waited for it
+    **{code: PROBLEM for code in (400, 404, 413, 415, 429)},
 }
 
 
@@ -243,7 +248,7 @@ def _parse_cursor(cursor: str) -> tuple[datetime, str]:
         raise ProblemError(400, "cursor is not one this service handed out") from exc
 
 
-@router.get("", response_model=JobPage, responses={401: PROBLEM}, summary="The caller's jobs")
+@router.get("", response_model=JobPage, responses={400: PROBLEM}, summary="The caller's jobs")
 def list_jobs(
     ctx: Context,
     who: Owner,
@@ -272,17 +277,23 @@ def _finished_row(ctx: ServiceContext, who: str, job_id: str) -> JobRow:
     return row
 
 
-@router.get("/{job_id}", response_model=Job, responses={401: PROBLEM, 404: PROBLEM})
+@router.get("/{job_id}", response_model=Job, responses={404: PROBLEM})
 def get_job(job_id: str, ctx: Context, who: Owner) -> Job:
     return to_job(_row(ctx, who, job_id))
 
 
 @router.get(
     "/{job_id}/model",
+    response_class=Response,  # not JSON: the default class documents application/json for 200
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "The ONNX file"},
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "The ONNX file",
+        },
         304: {"description": "Not modified (If-None-Match)"},
-        **{code: PROBLEM for code in (401, 404, 409)},
+        **{code: PROBLEM for code in (404, 409)},
     },
     summary="Download the compressed ONNX model",
 )
@@ -325,7 +336,7 @@ def _gone_is_404(job_id: str) -> Iterator[None]:
 @router.get(
     "/{job_id}/report",
     response_model=Report,
-    responses={code: PROBLEM for code in (401, 404, 409)},
+    responses={code: PROBLEM for code in (404, 409)},
     summary="Size and accuracy report",
 )
 def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
@@ -337,7 +348,7 @@ def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
 @router.get(
     "/{job_id}/report.html",
     response_class=HTMLResponse,
-    responses={code: PROBLEM for code in (401, 404, 409)},
+    responses={code: PROBLEM for code in (404, 409)},
     summary="The report as a page",
 )
 def get_report_html(job_id: str, ctx: Context, who: Owner) -> HTMLResponse:
@@ -353,7 +364,7 @@ def get_report_html(job_id: str, ctx: Context, who: Owner) -> HTMLResponse:
 @router.delete(
     "/{job_id}",
     status_code=204,
-    responses={code: PROBLEM for code in (401, 404)},
+    responses={404: PROBLEM},
     summary="Cancel the job if it is queued or running, and delete it with its files",
 )
 def delete_job(job_id: str, ctx: Context, who: Owner) -> Response:
