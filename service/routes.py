@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from schemas.job import FINISHED, Job, JobLinks, JobPage, Problem
 from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
-from service.auth import authenticate
+from service.auth import api_key_header, authenticate
 from service.context import ServiceContext, context
 from service.problems import MEDIA_TYPE, ProblemError, field_problems
 from service.store import JobRow, aware, new_job_id
@@ -43,8 +43,11 @@ PROBLEM = {"content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Pro
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={401: PROBLEM, 422: PROBLEM})
 
 
-def owner(request: Request, ctx: Annotated[ServiceContext, Depends(context)]) -> str:
-    return authenticate(request, ctx.settings.keys)
+def owner(
+    ctx: Annotated[ServiceContext, Depends(context)],
+    key: Annotated[str | None, Security(api_key_header)],
+) -> str:
+    return authenticate(key, ctx.settings.keys)
 
 
 Owner = Annotated[str, Depends(owner)]

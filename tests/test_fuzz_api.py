@@ -137,6 +137,13 @@ def test_every_problem_answer_is_documented_as_a_problem(server: Server) -> None
     with the Problem schema, the only media type the service sends them in."""
     document = httpx.get(f"{server.url}/openapi.json").json()
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    # The key is a declared security scheme: Swagger UI can send it, clients know to.
+    schemes = document["components"].get("securitySchemes", {})
+    keyed = [name for name, scheme in schemes.items() if scheme.get("name") == "X-API-Key"]
+    assert [schemes[name] for name in keyed] == [
+        {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    ]
+    missing = []
     for path, item in document["paths"].items():
         for method, operation in item.items():
             responses = operation["responses"]
@@ -148,9 +155,12 @@ def test_every_problem_answer_is_documented_as_a_problem(server: Server) -> None
             if method == "post":  # bad params or form, too large, not multipart, queue full
                 expected |= {"400", "413", "415", "429"}
             assert expected <= set(responses), (method, path, sorted(responses))
+            if path.startswith("/v1/") and {keyed[0]: []} not in operation.get("security", []):
+                missing.append(f"{method.upper()} {path}")
             for code, response in responses.items():
                 if code.startswith("4"):
                     assert response["content"] == problem, (method, path, code)
+    assert not missing, f"operations that do not say they need the key: {missing}"
     ready = document["paths"]["/readyz"]["get"]["responses"]
     assert ready["503"]["content"] == ready["200"]["content"]
     metrics = document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
