@@ -1,5 +1,6 @@
 """Job directories on disk: uploads streamed in, results read out, whole jobs removed."""
 
+import errno
 import shutil
 from pathlib import Path
 from typing import BinaryIO
@@ -7,6 +8,9 @@ from typing import BinaryIO
 from workers import jobs
 
 CHUNK = 1 << 20
+# The errors a write gets when the disk (or the user's quota on it) is full: neither the
+# caller's fault nor a bug, and gone once space is freed.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class ArtifactStore:

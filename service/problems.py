@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.job import FieldProblem, Problem
+from service.artifacts import DISK_FULL
 
 log = logging.getLogger("clipprune.http")
 
@@ -27,6 +28,7 @@ TITLES = {
     429: "Too many requests",
     500: "Internal error",
     503: "Service unavailable",
+    507: "Insufficient storage",
 }
 
 
@@ -95,6 +97,20 @@ def install_handlers(app: FastAPI, upload_limit: int) -> None:
         return problem_response(
             Problem(title="Invalid request", status=422, detail=detail, errors=errors)
         )
+
+    @app.exception_handler(OSError)
+    async def _disk_full(_: Request, exc: OSError) -> JSONResponse:
+        # A full disk (an upload that cannot be stored) is the operator's to fix, not a bug:
+        # say so, as a 507 the client can retry later, rather than a bare 500.
+        if exc.errno not in DISK_FULL:
+            raise exc  # to the handler of every other error, below
+        log.error("the disk is full: %s", exc)
+        problem = Problem(
+            title=TITLES[507],
+            status=507,
+            detail="the service's disk is full; try again later",
+        )
+        return problem_response(problem)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

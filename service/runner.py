@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas.params import PruneParams, TrainParams
+from service.artifacts import DISK_FULL
 from service.store import JobStore
 from workers import jobs
 from workers.errors import InputError
@@ -116,6 +117,14 @@ def _run_claimed(
     except MemoryError:
         return fail(507, "Out of memory", "the job ran out of memory")
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            # Neither the caller's input nor a bug: the same job succeeds once space is freed.
+            log.error("job failed: the disk is full: %s", exc, extra=extra)
+            detail = (
+                f"the disk holding the job's files is full ({exc.strerror}); "
+                "send the job again once space is freed"
+            )
+            return fail(507, "Insufficient storage", detail)
         log.error("job crashed\n%s", traceback.format_exc(), extra=extra)
         detail = f"clipprune failed on this job ({type(exc).__name__}: {exc}); this is a bug"
         return fail(500, "Internal error", detail)

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ def stop_gracefully(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def start_server(data_dir: Path, **settings: Any) -> Server:
+def start_server(data_dir: Path, wrap: Sequence[str] = (), **settings: Any) -> Server:
+    """`wrap`: a command the server runs under (it must exec it), e.g. one that gives it a
+    mount namespace of its own."""
     port = free_port()
     env = {
         **os.environ,
@@ -80,7 +83,7 @@ def start_server(data_dir: Path, **settings: Any) -> Server:
     log = data_dir.parent / f"server-{port}.log"
     with log.open("ab") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [*wrap, sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
             env=env,
             stdout=sink,
             stderr=sink,

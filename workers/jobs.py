@@ -47,8 +47,14 @@ def no_progress(stage: str, fraction: float) -> None:
 def write_atomically(path: Path, data: bytes) -> None:
     """Readers see the old file or the whole new one, never half of it."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        # A write cut short (a full disk) must not keep what it wrote: the half file would
+        # hold the space the disk needs back until the job expired.
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def gzip_size(data: bytes) -> int:

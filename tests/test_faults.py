@@ -1,0 +1,115 @@
+"""Faults a real deployment meets that test_service_resilience does not bring: the artifact store's
+disk filling up (a real, small tmpfs, not a simulated error)."""
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import onnxruntime as ort
+import pytest
+from brokers import skip_or_fail
+from server import Server, start_server
+
+PAGE = 4096  # tmpfs counts space in pages
+SMALL_DISK = "2m"
+
+
+def _private_mounts() -> list[str]:
+    """A mount namespace of the server's own, so a tmpfs mounted there needs no cleanup on the
+    host and leaks nowhere; unprivileged, a user namespace first makes mounting allowed."""
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", "--mount", "--propagation", "private", *user]
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[tuple[Server, Path]]:
+    """A service whose artifact store (DATA_DIR/jobs) is a tmpfs of SMALL_DISK, with its
+    database on the real disk beside it; and the store's directory as the test sees it (through
+    /proc/PID/root, since the mount exists only in the server's namespace)."""
+    data_dir = tmp_path / "data"
+    store = data_dir / "jobs"
+    store.mkdir(parents=True)
+    mount = f'mount -t tmpfs -o size={SMALL_DISK} clipprune-test "$0" && exec "$@"'
+    if shutil.which("unshare") is None:
+        skip_or_fail("no unshare(1) here to give the server a small disk of its own")
+    probe = subprocess.run(
+        [*_private_mounts(), "sh", "-c", mount, str(store), "true"], capture_output=True
+    )
+    if probe.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs in a namespace here: {probe.stderr.decode().strip()}")
+    server = start_server(data_dir, wrap=[*_private_mounts(), "sh", "-c", mount, str(store)])
+    try:
+        yield server, Path(f"/proc/{server.process.pid}/root{store}")
+    finally:
+        server.stop()
+
+
+def _free(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _fill(store: Path, leave: int) -> Path:
+    """Fill the store's disk until `leave` bytes are free; the filler file is returned."""
+    filler = store / "filler"
+    with filler.open("ab") as out:
+        out.write(b"\0" * (_free(store) - leave))
+    assert _free(store) == leave
+    return filler
+
+
+def _prune(client: httpx.Client, model: bytes, wait: float = 30) -> httpx.Response:
+    return client.post(
+        "/v1/jobs/prune",
+        params={"wait": wait},
+        files={"model": ("model.onnx", model)},
+        data={"params": json.dumps({"sparsity": 0.5})},
+    )
+
+
+def _pages(size: int) -> int:
+    return -(-size // PAGE) * PAGE
+
+
+def test_a_full_disk_fails_the_job_saying_so_and_serves_no_partial_model(
+    small_disk, mlp_classifier
+):
+    server, store = small_disk
+    model = mlp_classifier.SerializeToString()
+    # Room for the upload and two pages more: the job's result (as large as the model; dense
+    # keeps every weight) gets two pages written, then the disk is full.
+    filler = _fill(store, _pages(len(model)) + 2 * PAGE)
+    with server.client() as client:
+        job = _prune(client, model).json()
+        assert job["status"] == "failed", job
+        assert job["error"]["status"] == 507 and job["error"]["title"] == "Insufficient storage"
+        assert "disk" in job["error"]["detail"] and "full" in job["error"]["detail"]
+        for link in ("model", "report", "report_html"):
+            refused = client.get(job["links"][link])
+            assert refused.status_code == 409, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+        # Nothing but the upload is left: no result under its name, no half-written one
+        # holding on to the space a full disk needs back.
+        assert sorted(p.name for p in (store / job["id"]).iterdir()) == ["input"]
+
+        # Full to the last page: a submit cannot even store its upload.
+        _fill(store, 0)
+        refused = _prune(client, model)
+        assert refused.status_code == 507, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert "full" in refused.json()["detail"]
+        assert [j["id"] for j in client.get("/v1/jobs").json()["items"]] == [job["id"]]
+        assert sorted(p.name for p in store.iterdir()) == sorted(["filler", job["id"]])
+        assert client.get("/livez").status_code == 200
+
+        filler.unlink()  # space is back: the service carries on
+        later = _prune(client, model).json()
+        assert later["status"] == "succeeded", later
+        download = client.get(later["links"]["model"])
+        assert download.status_code == 200
+        ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
+        assert client.get("/readyz").status_code == 200
