@@ -49,11 +49,13 @@ class Step:
         self.kind = kind
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        # flat array [all parameters] and its per-parameter views, for each quantity
-        self.first, self.firsts = flat_zeros(params)  # momentum's velocity, Adam's m
-        self.second, self.seconds = flat_zeros(params) if kind == "adam" else (None, [])
-        self.scratch, self.scratches = flat_zeros(params)
-        self.root = np.empty_like(self.scratch) if kind == "adam" else None
+        # a flat array [all parameters] per quantity, and views of it shaped as the parameters
+        self.scratch, self.scratches = flat_zeros(params)  # the update, subtracted from params
+        if kind != "sgd":
+            self.first, self.firsts = flat_zeros(params)  # momentum's velocity, Adam's m
+        if kind == "adam":
+            self.second = np.zeros_like(self.first)  # Adam's v
+            self.root = np.empty_like(self.first)  # sqrt(v) + eps
         self.count = 0
 
     def __call__(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
