@@ -126,7 +126,8 @@ class LocalBackend:
             for worker in self.workers:
                 self._kill(worker)
                 if worker.job_id is not None:
-                    self.store.requeue(worker.job_id)  # it runs again on the next start
+                    # it runs again on the next start, with its crash retry still to come
+                    self.store.put_back(worker.job_id)
             self.workers.clear()
         self.bell.close()
         self.bell_rope.close()

@@ -249,6 +249,19 @@ class JobStore:
     def requeue(self, job_id: str) -> bool:
         return self._transition(job_id, {"running"}, status="queued", stage="queued", progress=0.0)
 
+    def put_back(self, job_id: str) -> bool:
+        """running -> queued for a job its own service stopped on purpose (a graceful stop):
+        the interrupted run gives back its attempt, which is kept for the crash retry. A job
+        stopped by a deploy and then by a crash would otherwise be failed, not retried."""
+        condition = (JobRow.id == job_id) & (JobRow.status == "running")
+        with self.session() as session:
+            result = session.execute(
+                update(JobRow)
+                .where(condition)
+                .values(status="queued", stage="queued", progress=0.0, attempts=JobRow.attempts - 1)
+            )
+            return result.rowcount == 1
+
     def running(self) -> list[str]:
         with self.session() as session:
             return list(session.scalars(select(JobRow.id).where(JobRow.status == "running")))

@@ -1,21 +1,33 @@
 """Faults a real deployment meets that test_service_resilience does not bring: the artifact store's
-disk filling up (a real, small tmpfs, not a simulated error)."""
+disk filling up (a real, small tmpfs, not a simulated error), and restarts and crashes with
+jobs waiting in the queue behind the running ones."""
 
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import onnxruntime as ort
 import pytest
 from brokers import skip_or_fail
-from server import Server, start_server
+from server import Server, start_server, wait_for
 
 PAGE = 4096  # tmpfs counts space in pages
 SMALL_DISK = "2m"
+
+
+@pytest.fixture(scope="module")
+def digits_csv(digits) -> bytes:
+    features, labels = digits
+    rows = "\n".join(",".join(f"{v:g}" for v in row) for row in np.c_[features, labels])
+    return (",".join([f"p{i}" for i in range(64)] + ["digit"]) + "\n" + rows).encode()
 
 
 def _private_mounts() -> list[str]:
@@ -113,3 +125,73 @@ def test_a_full_disk_fails_the_job_saying_so_and_serves_no_partial_model(
         assert download.status_code == 200
         ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
         assert client.get("/readyz").status_code == 200
+
+
+def _statuses(data_dir: Path) -> dict[str, tuple[str, int]]:
+    """Every job row as the database holds it: id -> (status, attempts)."""
+    with sqlite3.connect(data_dir / "clipprune.db") as db:
+        rows = db.execute("SELECT id, status, attempts FROM clipprune_jobs").fetchall()
+    return {job_id: (status, attempts) for job_id, status, attempts in rows}
+
+
+def _until_some_run_and_some_wait(data_dir: Path) -> dict[str, tuple[str, int]]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = _statuses(data_dir)
+        if {"running", "queued"} <= {status for status, _ in rows.values()}:
+            return rows
+        time.sleep(0.02)
+    raise AssertionError(f"never saw jobs running and queued at once: {rows}")
+
+
+def _count(rows: dict[str, tuple[str, int]], status: str) -> int:
+    return sum(s == status for s, _ in rows.values())
+
+
+def test_restart_and_crash_with_jobs_queued_lose_none(tmp_path, digits_csv):
+    """Six jobs on two workers: a graceful restart while some run and the rest wait, then a
+    crash while some run and some wait. Every job ends succeeded: none lost, none left
+    queued or running, and a job a graceful stop put back still has its retry for a crash
+    (README: on a graceful stop running jobs run again; after a crash they are retried once)."""
+    data_dir = tmp_path / "data"
+    params = json.dumps({"model": {"hidden": [64]}, "epochs": 15})
+    server = start_server(data_dir)
+    with server.client() as client:
+        ids = [
+            client.post(
+                "/v1/jobs/train",
+                files={"train_data": ("d.csv", digits_csv)},
+                data={"params": params},
+            ).json()["id"]
+            for _ in range(6)
+        ]
+    at_stop = _until_some_run_and_some_wait(data_dir)
+    server.stop()
+    after_stop = _statuses(data_dir)
+    assert set(after_stop) == set(ids)
+    assert {s for s, _ in after_stop.values()} <= {"queued", "succeeded"}, after_stop
+
+    server = start_server(data_dir)
+    _until_some_run_and_some_wait(data_dir)
+    server.process.send_signal(signal.SIGKILL)  # no graceful shutdown: the service just dies
+    server.process.wait()
+    at_crash = _statuses(data_dir)
+
+    server = start_server(data_dir)
+    try:
+        with server.client() as client:
+            ended = {job_id: wait_for(client, job_id, timeout=120) for job_id in ids}
+            print(
+                f"\nat the stop {_count(at_stop, 'running')} running, "
+                f"{_count(at_stop, 'queued')} queued; at the crash "
+                f"{_count(at_crash, 'running')} running, {_count(at_crash, 'queued')} queued"
+            )
+            for job_id, job in ended.items():
+                assert job["status"] == "succeeded", (at_crash[job_id], job)
+                model = client.get(job["links"]["model"])
+                assert model.status_code == 200
+                ort.InferenceSession(model.content, providers=["CPUExecutionProvider"])
+            listed = [j["id"] for j in client.get("/v1/jobs").json()["items"]]
+            assert sorted(listed) == sorted(ids)
+    finally:
+        server.stop()
