@@ -4,6 +4,7 @@ Every state change is a conditional UPDATE (check-and-set), so two processes can
 start a job, and a finished job is never touched again.
 """
 
+import functools
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,9 +17,12 @@ from sqlalchemy import (
     Float,
     Integer,
     String,
+    Update,
+    bindparam,
     create_engine,
     event,
     func,
+    insert,
     select,
     update,
 )
@@ -85,6 +89,36 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+# The statements every job runs, built once and bound per call: building a SQLAlchemy statement
+# (and loading through the ORM) costs several times what SQLite takes to run it, and these run
+# on the same few cores as the jobs.
+JOBS = JobRow.__table__
+GET = select(JOBS).where(JOBS.c.id == bindparam("job_id"))
+INSERT = insert(JOBS)
+QUEUED = (
+    select(JOBS.c.id)
+    .where(JOBS.c.status == "queued")
+    .order_by(JOBS.c.created_at, JOBS.c.id)
+    .limit(bindparam("limit"))
+)
+COUNT = select(func.count()).select_from(JOBS).where(JOBS.c.status == bindparam("status"))
+
+
+@functools.cache
+def _transition_statement(
+    allowed: frozenset[str], with_token: bool, columns: tuple[str, ...], increment: tuple[str, ...]
+) -> Update:
+    """A state change's UPDATE, built once per shape (claim, progress, success, ...)."""
+    condition = (JOBS.c.id == bindparam("job_id")) & JOBS.c.status.in_(sorted(allowed))
+    if with_token:
+        condition = condition & (JOBS.c.worker == bindparam("token"))
+    values: dict[str, Any] = {
+        name: bindparam(f"new_{name}", type_=JOBS.c[name].type) for name in columns
+    }
+    values.update({name: JOBS.c[name] + 1 for name in increment})
+    return update(JOBS).where(condition).values(values)
+
+
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
@@ -101,27 +135,28 @@ class JobStore:
             connection.exec_driver_sql("SELECT 1")
 
     def create(self, job_id: str, owner: str, kind: str, params: dict[str, Any]) -> JobRow:
-        row = JobRow(
-            id=job_id,
-            owner=owner,
-            kind=kind,
-            status="queued",
-            params=params,
-            progress=0.0,
-            stage="queued",
-            created_at=now(),
-            attempts=0,
-        )
-        with self.session() as session:
-            session.add(row)
-        return row
+        values = {
+            "id": job_id,
+            "owner": owner,
+            "kind": kind,
+            "status": "queued",
+            "params": params,
+            "progress": 0.0,
+            "stage": "queued",
+            "created_at": now(),
+            "attempts": 0,
+        }
+        with self.engine.begin() as connection:
+            connection.execute(INSERT, values)
+        return JobRow(**values)
 
     def get(self, job_id: str, owner: str | None = None) -> JobRow | None:
-        with self.session() as session:
-            row = session.get(JobRow, job_id)
-            if row is None or (owner is not None and row.owner != owner):
-                return None
-            return row
+        """The row as it is now (a copy: nothing written to it goes to the database)."""
+        with self.engine.connect() as connection:
+            found = connection.execute(GET, {"job_id": job_id}).one_or_none()
+        if found is None or (owner is not None and found.owner != owner):
+            return None
+        return JobRow(**found._mapping)
 
     def page(self, owner: str, limit: int, before: tuple[datetime, str] | None) -> list[JobRow]:
         """The owner's jobs, newest first; `before` is the (created_at, id) of the last seen."""
@@ -138,35 +173,34 @@ class JobStore:
 
     def queued(self, limit: int) -> list[str]:
         """Oldest queued jobs first: the order they are run in."""
-        query = (
-            select(JobRow.id)
-            .where(JobRow.status == "queued")
-            .order_by(JobRow.created_at, JobRow.id)
-            .limit(limit)
-        )
-        with self.session() as session:
-            return list(session.scalars(query))
+        with self.engine.connect() as connection:
+            return list(connection.execute(QUEUED, {"limit": limit}).scalars())
 
     def count(self, status: str) -> int:
-        with self.session() as session:
-            query = select(func.count()).select_from(JobRow).where(JobRow.status == status)
-            return int(session.scalar(query) or 0)
+        with self.engine.connect() as connection:
+            return int(connection.execute(COUNT, {"status": status}).scalar() or 0)
 
     def _transition(
         self,
         job_id: str,
         allowed: set[str] | frozenset[str],
         token: str | None = None,
+        increment: tuple[str, ...] = (),
         **values: Any,
     ) -> bool:
         """Change the row only if it is in an allowed state, and, given a claim token, only
-        if that claim still holds (a run a lease expiry replaced cannot touch the job)."""
-        condition = (JobRow.id == job_id) & JobRow.status.in_(allowed)
-        if token is not None:
-            condition = condition & (JobRow.worker == token)
-        with self.session() as session:
-            result = session.execute(update(JobRow).where(condition).values(**values))
-            return result.rowcount == 1
+        if that claim still holds (a run a lease expiry replaced cannot touch the job).
+        `increment` names columns to add one to."""
+        statement = _transition_statement(
+            frozenset(allowed), token is not None, tuple(sorted(values)), increment
+        )
+        parameters = {
+            "job_id": job_id,
+            "token": token,
+            **{f"new_{k}": v for k, v in values.items()},
+        }
+        with self.engine.begin() as connection:
+            return connection.execute(statement, parameters).rowcount == 1
 
     def claim(self, job_id: str, token: str) -> bool:
         """queued -> running under `token`; False when someone else has it or it was canceled."""
@@ -174,10 +208,10 @@ class JobStore:
         return self._transition(
             job_id,
             {"queued"},
+            increment=("attempts",),
             status="running",
             started_at=moment,
             stage="starting",
-            attempts=JobRow.attempts + 1,
             worker=token[:128],
             heartbeat_at=moment,
         )
