@@ -18,6 +18,7 @@ from schemas.report import Report
 from service import ops, routes
 from service.artifacts import ArtifactStore
 from service.context import Backend, ServiceContext
+from service.job_ends import JobEnds
 from service.local_backend import LocalBackend
 from service.logs import configure_logging, request_id
 from service.metrics import Metrics
@@ -91,12 +92,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def make_backend(settings: Settings, store: JobStore) -> Backend:
+def make_backend(settings: Settings, store: JobStore, ends: JobEnds) -> Backend:
     if settings.backend == "celery":
         from service.celery_backend import CeleryBackend
 
         return CeleryBackend(settings, store)
-    return LocalBackend(settings, store)
+    return LocalBackend(settings, store, ends)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -110,8 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore(settings.database)
         artifacts = ArtifactStore(settings.data_dir)
 
-        backend = make_backend(settings, store)
-        app.state.context = ServiceContext(settings, store, artifacts, backend, metrics)
+        ends = JobEnds()
+        backend = make_backend(settings, store, ends)
+        app.state.context = ServiceContext(settings, store, artifacts, backend, metrics, ends)
         if not settings.keys:
             log.warning(
                 "no API keys configured (CLIPPRUNE_API_KEYS): the service is open to anyone "

@@ -27,6 +27,8 @@ MAX_ATTEMPTS = 2
 
 
 class CeleryBackend:
+    recheck_s = 0.1  # jobs end in worker processes: a waiting request reads the row to see it
+
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store

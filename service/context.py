@@ -6,6 +6,7 @@ from typing import Protocol
 from fastapi import Request
 
 from service.artifacts import ArtifactStore
+from service.job_ends import JobEnds
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import JobStore
@@ -13,6 +14,10 @@ from service.store import JobStore
 
 class Backend(Protocol):
     """What the routes need from whatever runs the jobs (local pool or Celery)."""
+
+    # How often a request waiting on a job reads its row again without being told of an end:
+    # the poll where jobs end in other processes, a safety net where this one ends them all.
+    recheck_s: float
 
     @property
     def alive(self) -> bool: ...
@@ -33,6 +38,7 @@ class ServiceContext:
     artifacts: ArtifactStore
     backend: Backend
     metrics: Metrics
+    ends: JobEnds
 
 
 def context(request: Request) -> ServiceContext:

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 from service.artifacts import ArtifactStore
+from service.job_ends import JobEnds
 from service.logs import configure_logging
 from service.runner import problem, run_job
 from service.settings import Settings
@@ -83,9 +84,14 @@ def describe_exit(code: int | None) -> str:
 
 
 class LocalBackend:
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    # Every job ends in this process's dispatcher or in a DELETE, which both tell `ends`; the
+    # re-read only bounds the wait should an end ever go untold.
+    recheck_s = 1.0
+
+    def __init__(self, settings: Settings, store: JobStore, ends: JobEnds) -> None:
         self.settings = settings
         self.store = store
+        self.ends = ends
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(["service.runner", "workers.jobs"])
         self.workers: list[_Worker] = []
@@ -198,6 +204,7 @@ class LocalBackend:
             with contextlib.suppress(EOFError, OSError):
                 if worker.jobs.poll():
                     worker.jobs.recv()
+                    self.ends.ended(worker.job_id)
                     worker.job_id = None
                     worker.done += 1
 
@@ -219,12 +226,14 @@ class LocalBackend:
                     ),
                     {"running"},
                 )
+                self.ends.ended(worker.job_id)
             elif not process.is_alive():
                 process.join()
                 worker.jobs.close()
                 if worker.job_id:
                     detail = f"the job's worker process {describe_exit(process.exitcode)}"
                     self.store.fail(worker.job_id, problem(500, "Worker process died", detail))
+                    self.ends.ended(worker.job_id)
             elif worker.job_id is None and worker.done >= MAX_JOBS_PER_WORKER:
                 worker.jobs.close()  # EOF: the worker returns
                 process.join(5)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from schemas.job import FINISHED, Job, JobLinks, JobPage, Problem
 from schemas.params import PruneParams, TrainParams
@@ -29,7 +29,6 @@ MAX_WAIT_S = 60
 MAX_PARAMS_CHARS = 65536
 CHUNK = 1 << 20
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what new_job_id() makes; anything else is no job
-POLL_S = 0.1
 UPLOADS = {"prune": ("model", "eval_data", "train_data"), "train": ("train_data", "eval_data")}
 REQUIRED = {"prune": "model", "train": "train_data"}
 FILE_NAMES = {"model": jobs.MODEL_IN, "eval_data": jobs.EVAL_DATA, "train_data": jobs.TRAIN_DATA}
@@ -131,6 +130,74 @@ def _params(kind: str, text: str | None) -> BaseModel:
         raise ProblemError(422, detail, title="Invalid parameters", errors=errors) from exc
 
 
+def _form_inputs(kind: str, form: FormData) -> tuple[dict[str, UploadFile], BaseModel]:
+    """The uploads and params of a submit form, or the problem with it."""
+    repeated = sorted({key for key in form if len(form.getlist(key)) > 1})
+    if repeated:
+        raise ProblemError(422, f"form field(s) {', '.join(repeated)} sent more than once")
+    unknown = sorted(set(form.keys()) - {*UPLOADS[kind], "params"})
+    if unknown:
+        raise ProblemError(
+            422,
+            f"unknown form field(s) {', '.join(unknown)}; this endpoint takes "
+            + ", ".join([*UPLOADS[kind], "params"]),
+        )
+    uploads = {}
+    for name in UPLOADS[kind]:
+        value = form.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, UploadFile):
+            raise ProblemError(422, f"{name} must be a file upload, not a text field")
+        uploads[name] = value
+    if REQUIRED[kind] not in uploads:
+        raise ProblemError(422, f"the {REQUIRED[kind]} file is required")
+    params_field = form.get("params")
+    if params_field is not None and not isinstance(params_field, str):
+        raise ProblemError(422, "params must be a text field holding JSON, not a file")
+    return uploads, _params(kind, params_field)
+
+
+def _accept(
+    ctx: ServiceContext,
+    job_id: str,
+    who: str,
+    kind: str,
+    params: BaseModel,
+    uploads: dict[str, UploadFile],
+) -> JobRow:
+    """Files to the job directory, then the row, then the backend: one trip to a thread, and
+    no half-made job (files without a row, or the reverse) whatever happens on the way."""
+    ctx.artifacts.create(job_id)
+    try:
+        for name, upload in uploads.items():
+            if ctx.artifacts.save_input(job_id, FILE_NAMES[name], upload.file) == 0:
+                raise ProblemError(422, f"the {name} file is empty")
+        row = ctx.store.create(job_id, who, kind, params.model_dump(mode="json"))
+    except BaseException:
+        ctx.artifacts.delete(job_id)
+        raise
+    ctx.backend.submitted(job_id)
+    return row
+
+
+async def _wait_for_end(
+    ctx: ServiceContext, row: JobRow, ended: asyncio.Event, wait: float
+) -> JobRow:
+    """The job's row once it has ended, or as it is when `wait` seconds have passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while row.status not in FINISHED and (left := deadline - loop.time()) > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), min(left, ctx.backend.recheck_s))
+        ended.clear()  # before the read: an end told from now on wakes the next round
+        latest = await run_in_threadpool(ctx.store.get, row.id)
+        if latest is None:
+            raise ProblemError(404, f"job {row.id} was deleted while the request waited")
+        row = latest
+    return row
+
+
 async def _submit(
     kind: str, request: Request, ctx: ServiceContext, who: str, wait: float
 ) -> Response:
@@ -146,53 +213,14 @@ async def _submit(
             f"{queued} jobs are waiting, the most this service queues; try again shortly",
             headers={"Retry-After": "10"},
         )
-    async with request.form(
-        max_files=len(UPLOADS[kind]), max_fields=len(UPLOADS[kind]) + 1
-    ) as form:
-        repeated = sorted({key for key in form if len(form.getlist(key)) > 1})
-        if repeated:
-            raise ProblemError(422, f"form field(s) {', '.join(repeated)} sent more than once")
-        unknown = sorted(set(form.keys()) - {*UPLOADS[kind], "params"})
-        if unknown:
-            raise ProblemError(
-                422,
-                f"unknown form field(s) {', '.join(unknown)}; this endpoint takes "
-                + ", ".join([*UPLOADS[kind], "params"]),
-            )
-        uploads = {name: form.get(name) for name in UPLOADS[kind] if form.get(name) is not None}
-        for name, value in uploads.items():
-            if not isinstance(value, UploadFile):
-                raise ProblemError(422, f"{name} must be a file upload, not a text field")
-        if REQUIRED[kind] not in uploads:
-            raise ProblemError(422, f"the {REQUIRED[kind]} file is required")
-        params_field = form.get("params")
-        if params_field is not None and not isinstance(params_field, str):
-            raise ProblemError(422, "params must be a text field holding JSON, not a file")
-        params = _params(kind, params_field)
-        job_id = new_job_id()
-        await run_in_threadpool(ctx.artifacts.create, job_id)
-        try:
-            for name, upload in uploads.items():
-                assert isinstance(upload, UploadFile)
-                size = await run_in_threadpool(
-                    ctx.artifacts.save_input, job_id, FILE_NAMES[name], upload.file
-                )
-                if size == 0:
-                    raise ProblemError(422, f"the {name} file is empty")
-            row = await run_in_threadpool(
-                ctx.store.create, job_id, who, kind, params.model_dump(mode="json")
-            )
-        except BaseException:
-            await run_in_threadpool(ctx.artifacts.delete, job_id)
-            raise
-    await run_in_threadpool(ctx.backend.submitted, job_id)
-    deadline = asyncio.get_running_loop().time() + wait
-    while wait and row.status not in FINISHED and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(POLL_S)
-        latest = await run_in_threadpool(ctx.store.get, job_id)
-        if latest is None:
-            raise ProblemError(404, f"job {job_id} was deleted while the request waited")
-        row = latest
+    job_id = new_job_id()
+    with ctx.ends.watch(job_id) as ended:  # before the job can start: its end cannot slip by
+        async with request.form(
+            max_files=len(UPLOADS[kind]), max_fields=len(UPLOADS[kind]) + 1
+        ) as form:
+            uploads, params = _form_inputs(kind, form)
+            row = await run_in_threadpool(_accept, ctx, job_id, who, kind, params, uploads)
+        row = await _wait_for_end(ctx, row, ended, wait)
     job = to_job(row)
     status = 200 if job.status in FINISHED else 202
     return JSONResponse(
@@ -376,5 +404,6 @@ def delete_job(job_id: str, ctx: Context, who: Owner) -> Response:
         ctx.store.cancel(job_id)
         ctx.backend.cancel(job_id)
     ctx.store.delete(job_id)  # the row first: from now on every read is a 404, not a half file
+    ctx.ends.ended(job_id)  # a request waiting on it answers 404 now
     ctx.artifacts.delete(job_id)
     return Response(status_code=204)

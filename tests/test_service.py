@@ -3,6 +3,8 @@
 import hashlib
 import io
 import json
+import statistics
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,19 @@ def test_wait_returns_the_finished_job_in_one_round_trip(client, digits_upload):
     response = prune(client, digits_upload, {"threshold": 0.01}, wait=30)
     assert response.status_code == 200
     assert response.json()["status"] == "succeeded"
+
+
+def test_wait_answers_as_the_job_ends_not_at_the_next_poll(client, digits_upload):
+    """The dispatcher wakes the waiting request when the job ends. A request that read the row
+    every 100 ms would answer 50 ms late on average; the median of eight stays under 30 ms
+    only by luck (about 3%)."""
+    lags = []
+    for _ in range(8):
+        response = prune(client, {"model": digits_upload["model"]}, {"sparsity": 0.1}, wait=30)
+        answered = datetime.now(UTC)
+        assert response.status_code == 200, response.text
+        lags.append(answered - datetime.fromisoformat(response.json()["finished_at"]))
+    assert statistics.median(lags).total_seconds() < 0.03, lags
 
 
 def test_list_is_newest_first_and_paginated(client, digits_upload):
@@ -260,6 +275,7 @@ def test_waiting_on_a_job_that_gets_deleted_answers_404_at_once(client, digits):
             files={"train_data": ("d.csv", csv.getvalue().encode())},
             data={"params": json.dumps({"model": {"hidden": [1024, 1024]}, "epochs": 10000})},
         )
+        answer["answered"] = time.monotonic()
 
     thread = threading.Thread(target=submit)
     started = time.monotonic()
@@ -270,6 +286,58 @@ def test_waiting_on_a_job_that_gets_deleted_answers_404_at_once(client, digits):
             break
         time.sleep(0.05)
     assert client.delete(page[0]["links"]["self"]).status_code == 204
+    deleted = time.monotonic()
     thread.join(20)
     assert answer["response"].status_code == 404
+    # the DELETE wakes the waiting request; it does not wait for its next read of the row
+    assert answer["answered"] - deleted < 0.3
     assert time.monotonic() - started < 25
+
+
+def test_a_delete_wakes_a_request_waiting_on_a_queued_job(client, digits_upload, digits):
+    """No worker ever had this job, so only the DELETE can say it ended: the waiting request
+    answers 404 then, not at its next read of the row (up to a second later)."""
+    import threading
+    import time
+
+    features, labels = digits
+    csv = io.StringIO()
+    np.savetxt(csv, np.c_[features, labels], delimiter=",", header="," * 64, comments="")
+    busy = [  # both workers, so the next job stays queued
+        client.post(
+            "/v1/jobs/train",
+            files={"train_data": ("d.csv", csv.getvalue().encode())},
+            data={"params": json.dumps({"model": {"hidden": [1024, 1024]}, "epochs": 10000})},
+        ).json()["id"]
+        for _ in range(2)
+    ]
+    answer = {}
+
+    def submit() -> None:
+        answer["response"] = prune(
+            client, {"model": digits_upload["model"]}, {"sparsity": 0.1}, wait=30
+        )
+        answer["answered"] = time.monotonic()
+
+    try:
+        for job_id in busy:
+            wait_for(client, job_id, {"running"})
+        thread = threading.Thread(target=submit)
+        thread.start()
+        for _ in range(500):
+            page = client.get("/v1/jobs", params={"limit": 1}).json()["items"]
+            if page and page[0]["kind"] == "prune" and page[0]["id"] not in busy:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"the waiting submit never made its job: {answer}")
+        assert page[0]["status"] == "queued"
+        time.sleep(0.1)  # the request is waiting by now
+        assert client.delete(page[0]["links"]["self"]).status_code == 204
+        deleted = time.monotonic()
+        thread.join(20)
+        assert answer["response"].status_code == 404
+        assert answer["answered"] - deleted < 0.2
+    finally:
+        for job_id in busy:
+            client.delete(f"/v1/jobs/{job_id}")
