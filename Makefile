@@ -27,7 +27,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 # The load and soak test at 1000 jobs (the suite runs it at 200): prints the API process's RSS
-# and open fds after the warm-up and at the end. About 4 minutes on 2 cores.
+# and open fds after the warm-up and at the end. About 2.5 minutes on 2 cores.
 soak: $(INSTALLED)
 	CLIPPRUNE_SOAK_JOBS=1000 $(BIN)/python -m pytest -q -s tests/test_soak.py
 
