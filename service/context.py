@@ -41,5 +41,7 @@ class ServiceContext:
     ends: JobEnds
 
 
-def context(request: Request) -> ServiceContext:
+# async, though it awaits nothing: FastAPI runs a plain-def dependency on a worker thread, a
+# round trip per request (and per dependency) for what is an attribute read.
+async def context(request: Request) -> ServiceContext:
     return request.app.state.context

@@ -2,15 +2,16 @@
 
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import fastapi_offline
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.context import context
+from service.context import ServiceContext, context
 
 router = APIRouter(tags=["operations"])
 ASSETS = "/docs/assets"
@@ -41,8 +42,7 @@ def livez() -> dict[str, str]:
         },
     },
 )
-def readyz(request: Request) -> JSONResponse:
-    ctx = context(request)
+def readyz(ctx: Annotated[ServiceContext, Depends(context)]) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         ctx.store.ping()
@@ -64,8 +64,7 @@ def readyz(request: Request) -> JSONResponse:
     summary="Prometheus metrics",
     response_class=PlainTextResponse,  # documents text/plain, what Prometheus' format is
 )
-def metrics(request: Request) -> Response:
-    ctx = context(request)
+def metrics(ctx: Annotated[ServiceContext, Depends(context)]) -> Response:
     ctx.metrics.queue_depth.set(ctx.store.count("queued"))
     ctx.metrics.running.set(ctx.store.count("running"))
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -42,7 +42,7 @@ PROBLEM = {"content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Pro
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={401: PROBLEM, 422: PROBLEM})
 
 
-def owner(
+async def owner(  # async for the reason `context` is: no thread round trip per request
     ctx: Annotated[ServiceContext, Depends(context)],
     key: Annotated[str | None, Security(api_key_header)],
 ) -> str:
