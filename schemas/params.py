@@ -105,6 +105,12 @@ class PruneParams(_Params):
                 "give exactly one of sparsity, threshold, max_accuracy_drop"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        gradual = self.fine_tune is not None and self.fine_tune.schedule == "gradual"
+        if gradual and (self.granularity != "unstructured" or self.threshold is not None):
+            raise ValueError(
+                "fine_tune.schedule gradual ramps up the sparsity of single weights: use "
+                "granularity unstructured with sparsity or max_accuracy_drop"
+            )
         return self
 
 

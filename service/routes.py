@@ -4,6 +4,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -111,13 +112,25 @@ def _multipart_body(kind: str) -> dict[str, Any]:
     }
 
 
+def _finite(text: str) -> float:
+    """JSON numbers only: Python reads 1e999 as infinity, which no parameter can mean."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+def _not_a_number(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")  # Python's json reads NaN and Infinity
+
+
 def _params(kind: str, text: str | None) -> BaseModel:
     if text and len(text) > MAX_PARAMS_CHARS:
         raise ProblemError(
             400, f"params is {len(text)} characters; the limit is {MAX_PARAMS_CHARS}"
         )
     try:
-        data = json.loads(text) if text else {}
+        data = json.loads(text, parse_float=_finite, parse_constant=_not_a_number) if text else {}
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
         raise ProblemError(400, f"params is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -155,7 +168,13 @@ def _form_inputs(kind: str, form: FormData) -> tuple[dict[str, UploadFile], Base
     params_field = form.get("params")
     if params_field is not None and not isinstance(params_field, str):
         raise ProblemError(422, "params must be a text field holding JSON, not a file")
-    return uploads, _params(kind, params_field)
+    params = _params(kind, params_field)
+    fine_tune = isinstance(params, PruneParams) and params.fine_tune is not None
+    if fine_tune and "train_data" not in uploads:
+        raise ProblemError(
+            422, "params.fine_tune needs a train_data file: the data to fine-tune the model on"
+        )
+    return uploads, params
 
 
 def _accept(

@@ -619,6 +619,18 @@ REFUSED = [
         _prune_with("[" * 50_000), 400, "params is not valid JSON", id="params-nested-50000-deep"
     ),
     pytest.param(
+        _prune_with('{"threshold": NaN}'), 400, "NaN is not a JSON number", id="params-nan"
+    ),
+    pytest.param(
+        _prune_with('{"threshold": Infinity}'),
+        400,
+        "Infinity is not a JSON number",
+        id="params-infinity",
+    ),
+    pytest.param(
+        _prune_with('{"threshold": 1e999}'), 400, "1e999 is out of range", id="params-1e999"
+    ),
+    pytest.param(
         _prune_with({"sparsty": 0.5}),
         422,
         "params.sparsty: Extra inputs are not permitted",
@@ -659,6 +671,34 @@ REFUSED = [
         422,
         "params.fine_tune.epochs: Input should be less than or equal to 1000",
         id="params-fine-tune-epochs-1001",
+    ),
+    pytest.param(
+        _form(
+            "prune",
+            {"sparsity": 0.5, "granularity": "structured", "fine_tune": {"schedule": "gradual"}},
+            model=None,
+            train_data=b"a\n1\n",
+        ),
+        422,
+        "fine_tune.schedule gradual .* granularity unstructured",
+        id="params-gradual-fine-tune-with-structured",
+    ),
+    pytest.param(
+        _form(
+            "prune",
+            {"threshold": 0.1, "fine_tune": {"schedule": "gradual"}},
+            model=None,
+            train_data=b"a\n1\n",
+        ),
+        422,
+        "fine_tune.schedule gradual .* sparsity",
+        id="params-gradual-fine-tune-with-threshold",
+    ),
+    pytest.param(
+        _prune_with({"sparsity": 0.5, "fine_tune": {}}),
+        422,
+        "fine_tune needs a train_data file",
+        id="params-fine-tune-without-train-data",
     ),
     pytest.param(
         _prune_with({"sparsity": 0.5, "include": ["("]}),
