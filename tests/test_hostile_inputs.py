@@ -9,6 +9,7 @@ running, and a normal prune job succeeds.
 import io
 import json
 import re
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -225,6 +226,15 @@ def _double_weights() -> bytes:
         [weight],
     )
     return make_model(graph).SerializeToString()
+
+
+def _bias_named(name: str) -> bytes:
+    """The small MLP with its first bias renamed: not a default weight, so include's patterns
+    are searched in its name."""
+    model = _small()
+    model.graph.initializer[1].name = name
+    model.graph.node[0].input[2] = name
+    return model.SerializeToString()
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -706,6 +716,18 @@ REFUSED = [
         r"params.include: .*'\(' is not a valid regular expression",
         id="params-include-invalid-regex",
     ),
+    pytest.param(
+        _prune_with({"sparsity": 0.5, "exclude": [r"(W)\1"]}),
+        422,
+        r"params.exclude: .*backreferences",
+        id="params-exclude-backreference",
+    ),
+    pytest.param(
+        _prune_with({"sparsity": 0.5, "include": ["a{1001}"]}),
+        422,
+        r"params.include: .*'a\{1001\}' is not a valid regular expression",
+        id="params-include-huge-repetition",
+    ),
     pytest.param(_train_with({"epochs": 10001}), 422, "params.epochs", id="params-epochs-10001"),
     pytest.param(_train_with({"epochs": 1.5}), 422, "params.epochs", id="params-fractional-epochs"),
     pytest.param(
@@ -998,6 +1020,27 @@ def test_a_crafted_filename_reaches_no_header_and_no_path(
             )
     else:
         assert response.headers["content-type"] == "application/problem+json"
+
+
+# --- regexes that backtrack catastrophically in Python's re ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"(a+)+$", r"(a|a)*$", r"(a|aa)+$", r"^(([a-z])+.)+[A-Z]([a-z])+$"]
+)
+def test_a_backtracking_regex_does_not_hang_a_worker(client: httpx.Client, pattern: str) -> None:
+    model = _bias_named("a" * 60 + "!")  # 2^60 paths for a backtracking matcher
+    started = time.monotonic()
+    response = client.post(
+        "/v1/jobs/prune",
+        params={"wait": WAIT_S},
+        files={"model": ("m", model)},
+        data={"params": json.dumps({"sparsity": 0.5, "include": [pattern]})},
+    )
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded", job["error"]
+    assert time.monotonic() - started < 10
 
 
 # --- and the service is still well ---------------------------------------------------------

@@ -6,13 +6,13 @@ If/Loop/Scan subgraph that refers to a weight of an enclosing graph by name. Eac
 a WeightSlot that reads and writes the tensor in place in the ModelProto.
 """
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from schemas.params import name_pattern
 from workers.errors import InvalidModelError
 
 # op_type -> input positions that carry the weight (the first constant one is taken).
@@ -151,8 +151,8 @@ def find_weights(
     found: dict[int, WeightSlot] = {}
     constants: dict[int, WeightSlot] = {}
     _walk(model.graph, {}, found, constants)
-    include_res = [re.compile(pattern) for pattern in include]
-    exclude_res = [re.compile(pattern) for pattern in exclude]
+    include_res = [name_pattern(pattern) for pattern in include]
+    exclude_res = [name_pattern(pattern) for pattern in exclude]
     for key, slot in constants.items():
         if key not in found and any(rx.search(slot.name) for rx in include_res):
             found[key] = slot
