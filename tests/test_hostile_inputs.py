@@ -114,6 +114,22 @@ def _sparse(indices: list[int], dims: list[int]) -> bytes:
     return model.SerializeToString()
 
 
+def _huge_shape(op: str, shape: list[int]) -> bytes:
+    """A second output made from a constant shape: 2 GiB of float32 if anything ran it."""
+    model = _small()
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), "big_shape"))
+    if op == "ConstantOfShape":
+        graph.node.append(helper.make_node(op, ["big_shape"], ["big"], name="inflate"))
+    else:
+        graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), "one"))
+        graph.node.append(helper.make_node(op, ["one", "big_shape"], ["big"], name="inflate"))
+    graph.output.append(
+        helper.make_tensor_value_info("big", TensorProto.FLOAT, [f"d{i}" for i in shape])
+    )
+    return model.SerializeToString()
+
+
 def _unknown_domain() -> bytes:
     model = _small()
     model.graph.node[1].domain = "com.evil"
@@ -360,6 +376,22 @@ FAILED_JOBS = [
         id="model-sparse-more-indices-than-values",
     ),
     pytest.param(
+        _prune(lambda u: _huge_shape("ConstantOfShape", [2**15, 2**14])),
+        r"ConstantOfShape node 'inflate' would make 'big' of shape \[32768, 16384\] "
+        r"\(536870912 elements\); the limit is 268435456",
+        id="model-constantofshape-2gib",
+    ),
+    pytest.param(
+        _prune(lambda u: _huge_shape("Expand", [2**15, 2**14])),
+        r"Expand node 'inflate' would make 'big' of shape \[32768, 16384\]",
+        id="model-expand-2gib",
+    ),
+    pytest.param(
+        _prune(lambda u: _huge_shape("ConstantOfShape", [2**20, 2**20, 2**20])),
+        r"ConstantOfShape node 'inflate' would make 'big' of shape \[1048576, 1048576, 1048576\]",
+        id="model-constantofshape-exabytes",
+    ),
+    pytest.param(
         _prune(lambda u: _unknown_domain()),
         r"uses the unknown operator domain 'com\.evil'",
         id="model-unknown-op-domain",
@@ -383,6 +415,11 @@ FAILED_JOBS = [
         _prune(lambda u: _versions(ir=99)),
         CHECKER + "Your model ir_version 99 is higher than the checker's",
         id="model-ir-version-99",
+    ),
+    pytest.param(
+        _prune(lambda u: _versions(opset=99)),
+        r"imports opset 99 of domain 'ai\.onnx'; the newest this service knows is \d+",
+        id="model-opset-99",
     ),
     pytest.param(
         _prune(lambda u: _no_graph()),

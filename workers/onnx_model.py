@@ -22,6 +22,7 @@ from onnx import (
 )
 
 from workers.errors import InvalidModelError, UnsafeModelError
+from workers.weights import FLOAT_TYPES
 
 # Domains whose operators onnxruntime implements itself. A model-local function adds its own.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -126,6 +127,7 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     _check_limits(model, limits)
     _check_no_external_data(model)
     _check_domains(model)
+    _check_opsets(model)
     # The checker gets the bytes (given a ModelProto it would serialize a copy first) and parses
     # them in C++: the Python model is let go meanwhile and parsed again after, so no two copies
     # of a model that may be hundreds of MB coexist beside the bytes.
@@ -135,6 +137,7 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InvalidModelError(f"the ONNX checker rejected the model: {first_line}") from exc
+    _check_computed_shapes(data, limits)
     return onnx.load_model_from_string(data)
 
 
@@ -215,6 +218,66 @@ def _check_no_external_data(model: ModelProto) -> None:
             raise UnsafeModelError(
                 f"{where} stores its data in an external file ({location!r}); clipprune only "
                 "accepts self-contained models: save with save_as_external_data=False"
+            )
+
+
+# The newest opset of each standard domain that the installed onnx (and so its checker) knows;
+# onnxruntime's newer-opset refusal is a C++ trace, so a model past them is refused here.
+_NEWEST_OPSETS = {
+    "": onnx.defs.onnx_opset_version(),
+    "ai.onnx": onnx.defs.onnx_opset_version(),
+    "ai.onnx.ml": onnx.defs.onnx_ml_opset_version(),
+}
+
+
+def _check_opsets(model: ModelProto) -> None:
+    for entry in model.opset_import:
+        newest = _NEWEST_OPSETS.get(entry.domain)
+        if newest is not None and entry.version > newest:
+            raise UnsafeModelError(
+                f"the model imports opset {entry.version} of domain {entry.domain or 'ai.onnx'!r}"
+                f"; the newest this service knows is {newest}: export the model with opset "
+                f"{newest} or older"
+            )
+
+
+# Float tensors larger than this are weights, not shapes: shape inference never reads them.
+_SHAPE_TENSOR_MAX = 1024
+
+
+def _check_computed_shapes(data: bytes, limits: ModelLimits) -> None:
+    """Refuse a tensor the model would compute past the caps, such as a ConstantOfShape or an
+    Expand to a constant shape of gigabytes: evaluation runs the model in onnxruntime, which
+    would allocate it. onnx infers the shapes with constants propagated, on a copy without the
+    weights' data, so what its C++ side copies and returns stays small."""
+    skeleton = onnx.load_model_from_string(data)
+    for _, tensor in _tensors_of(skeleton):
+        if tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) > _SHAPE_TENSOR_MAX:
+            for field in ("raw_data", "float_data", "double_data", "int32_data"):
+                tensor.ClearField(field)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise InvalidModelError(f"onnx shape inference rejected the model: {first_line}") from exc
+    del skeleton
+    for graph, _ in iter_graphs(inferred.graph):
+        producers = {output: node for node in graph.node for output in node.output}
+        for value in [*graph.value_info, *graph.output]:
+            shape = value.type.tensor_type.shape.dim
+            known = [dim.dim_value for dim in shape if dim.HasField("dim_value")]
+            count = math.prod(known)  # symbolic dimensions (the batch) count as 1
+            if count <= limits.max_tensor_elements and all(
+                0 <= dim <= limits.max_dim for dim in known
+            ):
+                continue
+            dims = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in shape]
+            node = producers.get(value.name)
+            source = f"{node.op_type} node {node.name!r}" if node is not None else "the graph"
+            raise UnsafeModelError(
+                f"{source} would make {value.name!r} of shape {dims} ({count} elements); the "
+                f"limit is {limits.max_tensor_elements} elements and {limits.max_dim} per "
+                "dimension, so the model is refused rather than run"
             )
 
 
