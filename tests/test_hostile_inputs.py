@@ -273,6 +273,24 @@ def _npz_declaring(shape: tuple[int, ...]) -> bytes:
     return archive.getvalue()
 
 
+def _zip_bomb(rows: int = 2**18) -> bytes:
+    """An NPZ of about 130 KB whose X [rows, 64] float64 decompresses to 128 MiB of zeros."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (rows, 64)}
+    )
+    archive = io.BytesIO()
+    with (
+        zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out,
+        out.open("X.npy", "w", force_zip64=True) as member,
+    ):
+        member.write(header.getvalue())
+        chunk = bytes(2**20)
+        for _ in range(rows * 64 * 8 // len(chunk)):
+            member.write(chunk)
+    return archive.getvalue()
+
+
 def _not_an_array() -> bytes:
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as out:
@@ -546,6 +564,11 @@ FAILED_JOBS = [
         _prune_eval(lambda u: _npz_declaring((10**6, 10**6))),
         "the NPZ arrays would take 8000000000000 bytes in memory; the limit is",
         id="eval-npz-declaring-terabytes",
+    ),
+    pytest.param(
+        _prune_eval(lambda u: _zip_bomb()),
+        r"the NPZ arrays would take 134217728 bytes in memory, \d+ times the \d+-byte file",
+        id="eval-npz-zip-bomb",
     ),
     pytest.param(
         _prune_eval(lambda u: _not_an_array()),

@@ -19,6 +19,10 @@ class DataLimits:
     max_rows: int = 1_000_000
     max_columns: int = 10_000
     max_bytes: int = 2**31
+    # A compressed NPZ past this many bytes in memory may be at most max_npz_expansion times
+    # its file: a zip bomb (zeros deflate a thousandfold) costs a worker no more than that.
+    npz_free_bytes: int = 2**26
+    max_npz_expansion: int = 100
 
 
 @dataclass
@@ -143,6 +147,13 @@ def _npz_headers(path: Path, limits: DataLimits) -> None:
     if total > limits.max_bytes:
         raise InvalidDataError(
             f"the NPZ arrays would take {total} bytes in memory; the limit is {limits.max_bytes}"
+        )
+    size = path.stat().st_size
+    if total > max(limits.npz_free_bytes, limits.max_npz_expansion * size):
+        raise InvalidDataError(
+            f"the NPZ arrays would take {total} bytes in memory, {total // size} times the "
+            f"{size}-byte file; past {limits.npz_free_bytes} bytes the limit is "
+            f"{limits.max_npz_expansion} times: send the arrays uncompressed (numpy.savez)"
         )
 
 
