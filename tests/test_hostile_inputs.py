@@ -505,6 +505,11 @@ FAILED_JOBS = [
         r"data for input 'X' has shape \[10, 5\]; the model expects \['N', 64\]",
         id="eval-npz-wrong-shape",
     ),
+    pytest.param(
+        _prune_eval(lambda u: u.csv(labels=u.labels[1200:1300] + 100)),
+        r"eval_data labels 100, 101, .* are not among the model's classes 0, 1, .*9",
+        id="eval-labels-not-the-models-classes",
+    ),
     # eval data files
     pytest.param(
         _prune_eval(lambda u: _replace_cell(u.csv(), 3, 5, "nan")),

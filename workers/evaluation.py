@@ -160,6 +160,13 @@ def _as_array(output: object) -> np.ndarray:
 class Outputs:
     scores: np.ndarray | None  # first float output, [N, k]
     labels: np.ndarray | None  # first integer or string output, [N]
+    classes: np.ndarray | None = None  # every class the model can answer, when it tells
+
+    def known_classes(self) -> np.ndarray | None:
+        """ZipMap's keys; else, for a model whose class is the top score, the column indices."""
+        if self.classes is not None or self.labels is not None or self.scores is None:
+            return self.classes
+        return np.arange(max(2, self.scores.shape[1]))
 
 
 def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Outputs:
@@ -167,15 +174,18 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Outputs:
         raw = sess.run(None, feeds)
     except Exception as exc:  # onnxruntime's errors are untyped; the message says what failed
         raise InvalidDataError(f"onnxruntime could not run the model on this data: {exc}") from exc
-    scores = labels = None
-    for value in (np.atleast_1d(_as_array(output)) for output in raw):
+    scores = labels = classes = None
+    for output in raw:
+        if isinstance(output, list) and output and isinstance(output[0], dict):
+            classes = np.array(sorted(output[0]))
+        value = np.atleast_1d(_as_array(output))
         if value.dtype.kind == "f" and scores is None:
             scores = value.reshape(len(value), -1).astype(np.float64)
         elif value.dtype.kind in "iuUSO" and labels is None and value.size == len(value):
             labels = value.reshape(-1)
     if scores is None and labels is None:
         raise UnsupportedModelError("the model has no tensor output to compare")
-    return Outputs(scores, labels)
+    return Outputs(scores, labels, classes)
 
 
 def _predicted_class(outputs: Outputs) -> np.ndarray:
@@ -211,10 +221,37 @@ def _r2(predicted: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 - residual / total if total > 0 else 0.0
 
 
+def _check_labels(labels: np.ndarray, classes: np.ndarray) -> None:
+    """Labels the model cannot answer mean data for another model (or the wrong column):
+    refused, rather than scored as an accuracy of 0."""
+    if labels.dtype.kind in "biuf" and classes.dtype.kind in "biuf":
+        known = np.isin(labels.astype(np.float64), classes.astype(np.float64))
+    else:  # a CSV's 3.0 is the class "3"
+        known = np.isin(_class_names(labels), _class_names(classes))
+    if known.all():
+        return
+    unknown = ", ".join(_class_names(np.unique(labels[~known])[:5]))
+    raise InvalidDataError(
+        f"eval_data labels {unknown} are not among the model's classes "
+        + ", ".join(_class_names(classes))
+        + "; check the label column, or set task regression for a regressor"
+    )
+
+
+def _class_names(values: np.ndarray) -> list[str]:
+    return [
+        str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        for value in values.tolist()
+    ]
+
+
 def compare(
     original: Outputs, compressed: Outputs, labels: np.ndarray | None, task: Task
 ) -> AccuracyReport:
     classification = _is_classification(task, original, labels)
+    classes = original.known_classes()
+    if classification and labels is not None and classes is not None:
+        _check_labels(labels, classes)
     if classification:
         agree = _same_class(_predicted_class(compressed), _predicted_class(original))
     else:
