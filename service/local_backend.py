@@ -154,6 +154,10 @@ class LocalBackend:
             for worker in self.workers:
                 if worker.job_id == job_id:
                     self._kill(worker)
+                    # Canceled, not lost: the dispatcher must not tell waiters the job ended, or
+                    # they would answer with the row's passing `canceled`; the DELETE tells them
+                    # once the row is gone, and they answer 404.
+                    worker.job_id = None
         self._ring()  # the dispatcher replaces the worker
 
     def _run(self) -> None:
