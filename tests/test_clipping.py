@@ -102,3 +102,19 @@ def test_adaptive_needs_params_and_none_passes_through():
     grads = [f32(100.0)]
     clipped, total = clip_gradients(grads, "none", 1.0)
     assert clipped[0] is grads[0] and total == 100.0
+
+
+@pytest.mark.parametrize("mode", ["value", "norm", "global_norm", "adaptive"])
+def test_out_lends_memory_without_changing_a_bit_or_the_identity_rule(mode):
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal((4, 3)).astype(np.float32), f32(0.01, -0.02, 0.03)]
+    params = [rng.standard_normal((4, 3)).astype(np.float32), f32(1.0, 1.0, 1.0)]
+    expected, expected_total = clip_gradients(grads, mode, 0.5, params)
+    # views of the gradients' own memory, as the training loop lends them
+    owned = [g.copy() for g in grads]
+    clipped, total = clip_gradients(owned, mode, 0.5, params, out=[g.view() for g in owned])
+    assert total == expected_total
+    for c, e, g, o in zip(clipped, expected, grads, owned, strict=True):
+        assert c.tobytes() == e.tobytes()
+        assert (c is o) == (e is g)  # left alone: the very same array; clipped: another
+    assert any(c is not o for c, o in zip(clipped, owned, strict=True))

@@ -4,6 +4,11 @@ Each takes the list of gradient arrays and returns a list. A gradient the mode l
 returned as the very same array object, so `clipped[i] is grads[i]` tells whether clipping
 changed it: that is how training counts clipped steps without comparing arrays.
 Weights are laid out as in ONNX MatMul, [in, out]: an output unit is a column.
+
+`out`, where a function takes it, lends memory for the clipped tensors: value, norm and global
+norm write a clipped tensor into out[i] (the training loop lends views of the gradients' own
+memory, so scaling rewrites cache lines it has just read instead of filling new ones); the
+returned list is always the result.
 """
 
 from collections.abc import Sequence
@@ -18,6 +23,7 @@ ADAPTIVE_EPS = 1e-3  # optax adaptive_grad_clip: units with tiny weights still g
 DIVISION_EPS = 1e-6  # optax unitwise_clip: guards the division, never engages in practice
 
 Arrays = list[np.ndarray]
+Out = Sequence[np.ndarray] | None  # one array per gradient, or None: NumPy allocates
 
 
 def global_norm(grads: Sequence[np.ndarray]) -> float:
@@ -25,32 +31,40 @@ def global_norm(grads: Sequence[np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads)))
 
 
-def clip_by_value(grads: Sequence[np.ndarray], threshold: float) -> Arrays:
+def clip_by_value(grads: Sequence[np.ndarray], threshold: float, out: Out = None) -> Arrays:
     """Every element into [-threshold, threshold] (PyTorch clip_grad_value_)."""
     return [
-        np.clip(g, -threshold, threshold) if np.max(np.abs(g), initial=0.0) > threshold else g
-        for g in grads
+        np.clip(g, -threshold, threshold, out=o)
+        if np.max(np.abs(g), initial=0.0) > threshold
+        else g
+        for g, o in zip(grads, out or [None] * len(grads), strict=True)
     ]
 
 
-def clip_by_norm(grads: Sequence[np.ndarray], threshold: float) -> Arrays:
+def clip_by_norm(grads: Sequence[np.ndarray], threshold: float, out: Out = None) -> Arrays:
     """Each tensor whose 2-norm exceeds threshold scaled down to norm threshold (Keras clipnorm)."""
     clipped = []
-    for g in grads:
+    for g, o in zip(grads, out or [None] * len(grads), strict=True):
         norm = float(np.sqrt(np.vdot(g, g)))
-        clipped.append(g * (threshold / norm) if norm > threshold else g)
+        clipped.append(np.multiply(g, threshold / norm, out=o) if norm > threshold else g)
     return clipped
 
 
 def clip_by_global_norm(
-    grads: Sequence[np.ndarray], threshold: float, total_norm: float | None = None
+    grads: Sequence[np.ndarray],
+    threshold: float,
+    total_norm: float | None = None,
+    out: Out = None,
 ) -> Arrays:
     """All tensors scaled by min(1, threshold / (total_norm + 1e-6)) (PyTorch clip_grad_norm_)."""
     total = global_norm(grads) if total_norm is None else total_norm
     coef = threshold / (total + GLOBAL_NORM_EPS)
     if coef >= 1.0:
         return list(grads)
-    return [g * np.asarray(coef, dtype=g.dtype) for g in grads]
+    return [
+        np.multiply(g, np.asarray(coef, dtype=g.dtype), out=o)
+        for g, o in zip(grads, out or [None] * len(grads), strict=True)
+    ]
 
 
 def unitwise_norm(x: np.ndarray) -> np.ndarray:
@@ -90,20 +104,22 @@ def clip_gradients(
     mode: ClipMode,
     threshold: float,
     params: Sequence[np.ndarray] | None = None,
+    out: Out = None,
 ) -> tuple[Arrays, float]:
     """Clip `grads` by `mode`; returns (clipped, global 2-norm of grads before clipping).
 
-    `params` (the weights, same layout as grads) is needed by mode "adaptive" only.
+    `params` (the weights, same layout as grads) is needed by mode "adaptive" only; `out` lends
+    memory for clipped tensors (see the module docstring; adaptive makes its own).
     """
     total_norm = global_norm(grads)
     if mode == "none":
         return list(grads), total_norm
     if mode == "value":
-        return clip_by_value(grads, threshold), total_norm
+        return clip_by_value(grads, threshold, out), total_norm
     if mode == "norm":
-        return clip_by_norm(grads, threshold), total_norm
+        return clip_by_norm(grads, threshold, out), total_norm
     if mode == "global_norm":
-        return clip_by_global_norm(grads, threshold, total_norm), total_norm
+        return clip_by_global_norm(grads, threshold, total_norm, out), total_norm
     if mode == "adaptive":
         if params is None:
             raise ValueError("adaptive clipping needs params: the weights of each gradient")
