@@ -26,7 +26,7 @@ from workers.compress import Compressor, search, sensitivity, sensitivity_notes
 from workers.data import read_table
 from workers.errors import InputError
 from workers.onnx_model import opsets, parse_model, sha256
-from workers.prune import float_params, layer_report
+from workers.prune import float_param_count, float_params, layer_report
 from workers.train import train_model
 from workers.training import EpochProgress, training_report
 
@@ -234,7 +234,7 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
         layer_report(f"W{index}", tuple(w.shape), w)
         for index, w in enumerate(outcome.network.weights)
     ]
-    params_before, _ = float_params(dense)
+    params_before = float_param_count(dense)
     _, nonzero_after = float_params(parse_model(outcome.onnx))
     report = Report(
         kind="train",

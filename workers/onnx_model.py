@@ -128,6 +128,7 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     _check_no_external_data(model)
     _check_domains(model)
     _check_opsets(model)
+    _check_computed_shapes(model, limits)  # strips the weights' data: `model` is spent
     # The checker gets the bytes (given a ModelProto it would serialize a copy first) and parses
     # them in C++: the Python model is let go meanwhile and parsed again after, so no two copies
     # of a model that may be hundreds of MB coexist beside the bytes.
@@ -137,7 +138,6 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InvalidModelError(f"the ONNX checker rejected the model: {first_line}") from exc
-    _check_computed_shapes(data, limits)
     return onnx.load_model_from_string(data)
 
 
@@ -245,12 +245,11 @@ def _check_opsets(model: ModelProto) -> None:
 _SHAPE_TENSOR_MAX = 1024
 
 
-def _check_computed_shapes(data: bytes, limits: ModelLimits) -> None:
+def _check_computed_shapes(skeleton: ModelProto, limits: ModelLimits) -> None:
     """Refuse a tensor the model would compute past the caps, such as a ConstantOfShape or an
     Expand to a constant shape of gigabytes: evaluation runs the model in onnxruntime, which
-    would allocate it. onnx infers the shapes with constants propagated, on a copy without the
-    weights' data, so what its C++ side copies and returns stays small."""
-    skeleton = onnx.load_model_from_string(data)
+    would allocate it. onnx infers the shapes with constants propagated, after the weights' data
+    is cleared from `skeleton`, so what its C++ side copies and returns stays small."""
     for _, tensor in _tensors_of(skeleton):
         if tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) > _SHAPE_TENSOR_MAX:
             for field in ("raw_data", "float_data", "double_data", "int32_data"):
@@ -260,7 +259,6 @@ def _check_computed_shapes(data: bytes, limits: ModelLimits) -> None:
     except onnx.shape_inference.InferenceError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InvalidModelError(f"onnx shape inference rejected the model: {first_line}") from exc
-    del skeleton
     for graph, _ in iter_graphs(inferred.graph):
         producers = {output: node for node in graph.node for output in node.output}
         for value in [*graph.value_info, *graph.output]:

@@ -1,5 +1,6 @@
 """Pruning a whole ONNX model: find its weights, compute masks or neuron cuts, write them back."""
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -94,7 +95,7 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
     # Weights are read one at a time, as each pass needs them: a 270 MB model must not cost
     # another 270 MB here.
     shapes = [slot.shape for slot in slots]
-    outcome = PruneOutcome(model, layers=[], params_before=float_params(model)[0])
+    outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
     _check_finite(slots)
     if params.granularity == "unstructured":
         masks = magnitude_masks(
@@ -133,6 +134,11 @@ def _check_finite(slots: list[WeightSlot]) -> None:
         array = slot.read()
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidModelError(f"weight {slot.name!r} holds NaN or infinite values")
+
+
+def float_param_count(model: ModelProto) -> int:
+    """Float parameters stored in the model, from their shapes: nothing is read."""
+    return sum(math.prod(slot.shape) for slot in all_float_constants(model))
 
 
 def float_params(model: ModelProto) -> tuple[int, int]:
