@@ -51,8 +51,13 @@ can_run() {
     if command -v dockerd > /dev/null 2>&1; then
         return 0
     fi
-    if command -v apt-get > /dev/null 2>&1 \
-        && apt-cache policy docker.io 2> /dev/null | grep -q 'Candidate: [0-9]'; then
+    if ! command -v apt-get > /dev/null 2>&1; then
+        echo "no Docker engine answers, no dockerd, and no apt-get to install docker.io"
+        return 1
+    fi
+    # A fresh machine may have no package lists yet: fetch them before saying apt has none.
+    apt-cache policy docker.io 2> /dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
+    if apt-cache policy docker.io 2> /dev/null | grep -q 'Candidate: [0-9]'; then
         return 0
     fi
     echo "no Docker engine answers, no dockerd, and apt offers no docker.io"
