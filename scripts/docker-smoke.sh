@@ -56,8 +56,14 @@ can_run() {
         return 1
     fi
     # A fresh machine may have no package lists yet: fetch them before saying apt has none.
-    apt-cache policy docker.io 2> /dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
-    if apt-cache policy docker.io 2> /dev/null | grep -q 'Candidate: [0-9]'; then
+    # (The policy is read into a variable: under pipefail, `| grep -q` can fail on SIGPIPE.)
+    local policy
+    policy=$(apt-cache policy docker.io 2> /dev/null || true)
+    if [[ $policy != *"Candidate: "[0-9]* ]]; then
+        apt-get update -qq
+        policy=$(apt-cache policy docker.io 2> /dev/null || true)
+    fi
+    if [[ $policy == *"Candidate: "[0-9]* ]]; then
         return 0
     fi
     echo "no Docker engine answers, no dockerd, and apt offers no docker.io"
