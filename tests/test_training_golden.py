@@ -8,7 +8,8 @@ loop before any tuning. Run this file as a script to print the current hashes:
 
 BLAS kernels differ between CPUs (the order of the sums inside a matmul), so the hashes only mean
 something on a machine whose sgemm rounds as the recording one did: a fingerprint of a few
-matmuls checks that first and the test skips, saying so, where it differs.
+matmuls checks that first; where it differs, the test checks only that a second run gives the
+same bytes.
 """
 
 import hashlib
@@ -230,9 +231,13 @@ def hashes(case: Case) -> tuple[str, str]:
 
 @pytest.mark.parametrize("name", CASES)
 def test_training_is_bit_identical_to_the_recorded_run(name):
-    if blas_fingerprint() != FINGERPRINT:
-        pytest.skip("this BLAS rounds matmuls unlike the one the hashes were recorded with")
-    assert hashes(CASES[name]) == GOLDEN[name]
+    got = hashes(CASES[name])
+    if blas_fingerprint() == FINGERPRINT:
+        assert got == GOLDEN[name]
+    else:
+        # This BLAS rounds matmuls its own way, so the recorded bytes cannot hold here; what
+        # still must is that the same seed gives the same bytes.
+        assert hashes(CASES[name]) == got
 
 
 def test_the_cases_exercise_what_they_name():
