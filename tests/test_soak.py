@@ -32,7 +32,6 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import psutil
-import pytest
 from server import Server, start_server
 
 from service.store import make_engine
@@ -40,6 +39,8 @@ from service.store import make_engine
 CLIENTS = 50
 WARM_UP_JOBS = 100
 JOBS = int(os.environ.get("CLIPPRUNE_SOAK_JOBS", "200"))
+if JOBS <= WARM_UP_JOBS:  # a setting that would measure nothing is an error, not a skip
+    raise ValueError(f"CLIPPRUNE_SOAK_JOBS={JOBS}: the soak needs more than {WARM_UP_JOBS} jobs")
 RSS_GROWTH = 0.10  # allowed growth of the API process's RSS from warm-up to the end
 SETTLE_S = 10.0  # for sockets the clients closed to be closed by the server too
 
@@ -168,7 +169,6 @@ def _mib(rss: int) -> str:
     return f"{rss / 2**20:.1f} MiB"
 
 
-@pytest.mark.skipif(JOBS < WARM_UP_JOBS + 1, reason="the soak needs more jobs than its warm-up")
 def test_soak_every_job_accounted_for_and_the_api_process_does_not_grow(tmp_path, mlp_classifier):
     model = mlp_classifier.SerializeToString()
     server = start_server(tmp_path / "data")
