@@ -17,6 +17,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
+from workers.prune import copy_model
+
 
 def _fit(estimator, features, labels):
     with warnings.catch_warnings():
@@ -30,10 +32,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (features / 16.0).astype(np.float32), labels
 
 
-def _fresh(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy each test may change: pruning works on the model it is given, in place, and the
-    models below are trained once per session."""
-    return onnx.load_model_from_string(model.SerializeToString())
+# Tests get a copy_model of each: pruning works on the model it is given, in place, and the
+# models below are trained once per session.
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def _mlp_classifier(digits) -> onnx.ModelProto:
 @pytest.fixture
 def mlp_classifier(_mlp_classifier) -> onnx.ModelProto:
     """64-48-24-10 digits MLP: two hidden layers, so structured pruning has a chain."""
-    return _fresh(_mlp_classifier)
+    return copy_model(_mlp_classifier)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def _mlp_regressor() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
 @pytest.fixture
 def mlp_regressor(_mlp_regressor) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     model, features, target = _mlp_regressor
-    return _fresh(model), features, target
+    return copy_model(model), features, target
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def _logistic() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
 @pytest.fixture
 def logistic(_logistic) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     model, features, labels = _logistic
-    return _fresh(model), features, labels
+    return copy_model(model), features, labels
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def _digits_300_100(digits):
 @pytest.fixture
 def digits_300_100(_digits_300_100):
     model, train, test = _digits_300_100
-    return _fresh(model), train, test
+    return copy_model(model), train, test
 
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
