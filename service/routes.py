@@ -24,7 +24,8 @@ from service.auth import api_key_header, authenticate
 from service.context import ServiceContext, context
 from service.problems import MEDIA_TYPE, ProblemError, field_problems
 from service.store import JobRow, aware, new_job_id
-from workers import jobs, report_html
+from workers import jobs
+from workers.jobs import report_html
 
 MAX_WAIT_S = 60
 MAX_PARAMS_CHARS = 65536

@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from workers.prune import copy_model
+from workers.compress.prune import copy_model
 
 
 def _fit(estimator, features, labels):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workers.clipping import clip_gradients
+from workers.nn.clipping import clip_gradients
 
 
 def f32(*values) -> np.ndarray:

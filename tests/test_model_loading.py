@@ -7,7 +7,7 @@ from graphs import constant_node_mlp, control_flow, gemm_mlp
 from onnx import TensorProto, helper
 
 from workers.errors import InvalidModelError, UnsafeModelError
-from workers.onnx_model import ModelLimits, parse_model
+from workers.graph.load import ModelLimits, parse_model
 
 
 def _point_outside(tensor: TensorProto, location: str = "../../etc/passwd") -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import reference_masks
 
-from workers.pruning import CHUNK, magnitude_masks
+from workers.nn.masks import CHUNK, magnitude_masks
 
 
 @pytest.fixture

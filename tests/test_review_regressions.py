@@ -8,11 +8,11 @@ from helpers import run, weights
 from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams, TrainParams
-from workers.data import Table
-from workers.encoding import encode
+from workers.evaluate.data import Table
+from workers.graph.encoding import encode
 from workers.errors import InvalidDataError, UnsupportedModelError
-from workers.prune import prune_model
-from workers.train import train_model
+from workers.compress.prune import prune_model
+from workers.jobs.train import train_model
 
 
 def _as_input(model: onnx.ModelProto, name: str) -> onnx.ModelProto:

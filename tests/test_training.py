@@ -7,10 +7,10 @@ from helpers import run
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris
 
 from schemas import TrainParams
-from workers.data import Table
-from workers.network import initialise
-from workers.train import train_model
-from workers.training import TrainingDivergedError, gradual_sparsity
+from workers.evaluate.data import Table
+from workers.nn.network import initialise
+from workers.jobs.train import train_model
+from workers.nn.fit import TrainingDivergedError, gradual_sparsity
 
 
 def table(features: np.ndarray, labels: np.ndarray) -> Table:
@@ -176,7 +176,7 @@ def test_string_class_labels_come_back_as_strings():
 
 @pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
 def test_optimizers_match_their_formulas_in_float32_to_the_bit(kind):
-    from workers.optimizers import ADAM_BETAS, ADAM_EPS, MOMENTUM, Step
+    from workers.nn.optimizers import ADAM_BETAS, ADAM_EPS, MOMENTUM, Step
 
     rng = np.random.default_rng(0)
     params = [

@@ -12,8 +12,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from schemas.params import Encoding
 from workers.errors import UnsupportedModelError
-from workers.onnx_model import iter_graphs, serialize
-from workers.weights import find_weights
+from workers.graph.load import iter_graphs, serialize
+from workers.graph.weights import find_weights
 
 INDEX_BYTES = 8  # sparse_initializer indices are int64, one linear index per nonzero
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from workers.network import Network
+from workers.nn.network import Network
 
 # onnxruntime refuses IR versions newer than it knows; 8 with opset 17 loads in every
 # onnxruntime since 1.13 and in what scikit-learn's toolchain produces.

@@ -19,9 +19,9 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, helper
 
 from schemas.params import Scope
 from workers.errors import UnsupportedModelError
-from workers.onnx_model import iter_graphs
-from workers.pruning import magnitude_masks
-from workers.weights import WeightSlot, find_weights
+from workers.graph.load import iter_graphs
+from workers.nn.masks import magnitude_masks
+from workers.graph.weights import WeightSlot, find_weights
 
 # Ops that act on each neuron on its own, so a neuron's value never mixes with another's.
 UNARY_PER_NEURON = frozenset(

@@ -17,7 +17,7 @@ from onnx import ModelProto, helper
 
 from schemas.params import Task
 from schemas.report import AccuracyReport, LatencyReport
-from workers.data import Table, is_npz, read_csv, read_npz
+from workers.evaluate.data import Table, is_npz, read_csv, read_npz
 from workers.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
 
 GENERATED_ROWS = 256

@@ -22,7 +22,7 @@ from onnx import (
 )
 
 from workers.errors import InvalidModelError, UnsafeModelError
-from workers.weights import FLOAT_TYPES
+from workers.graph.weights import FLOAT_TYPES
 
 # Domains whose operators onnxruntime implements itself. A model-local function adds its own.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})

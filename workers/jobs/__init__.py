@@ -21,14 +21,14 @@ from schemas.report import (
     Report,
     SizeReport,
 )
-from workers import evaluation
-from workers.compress import Compressor, search, sensitivity, sensitivity_notes
-from workers.data import read_table
+from workers.evaluate import runtime as evaluation
+from workers.compress.search import Compressor, search, sensitivity, sensitivity_notes
+from workers.evaluate.data import read_table
 from workers.errors import InputError
-from workers.onnx_model import opsets, parse_model, sha256
-from workers.prune import float_param_count, float_params, layer_report
-from workers.train import train_model
-from workers.training import EpochProgress, training_report
+from workers.graph.load import opsets, parse_model, sha256
+from workers.compress.prune import float_param_count, float_params, layer_report
+from workers.jobs.train import train_model
+from workers.nn.fit import EpochProgress, training_report
 
 Progress = Callable[[str, float], None]
 

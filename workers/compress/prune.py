@@ -10,10 +10,10 @@ from onnx import ModelProto, numpy_helper
 from schemas.params import PruneParams
 from schemas.report import LayerReport
 from workers.errors import InvalidModelError, UnsupportedModelError
-from workers.onnx_model import iter_graphs
-from workers.pruning import magnitude_masks
-from workers.structured import prune_neurons
-from workers.weights import WeightSlot, all_float_constants, find_weights
+from workers.graph.load import iter_graphs
+from workers.nn.masks import magnitude_masks
+from workers.compress.structured import prune_neurons
+from workers.graph.weights import WeightSlot, all_float_constants, find_weights
 
 
 @dataclass
