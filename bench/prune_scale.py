@@ -77,9 +77,9 @@ def _numpy_baseline(path: str, sparsity: float, queue: multiprocessing.Queue) ->
 
 def _prune(path: str, params: dict, queue: multiprocessing.Queue) -> None:
     from schemas import PruneParams
+    from workers.compress.prune import prune_model
     from workers.graph.encoding import encode
     from workers.graph.load import parse_model
-    from workers.compress.prune import prune_model
 
     started = time.perf_counter()
     model = parse_model(Path(path).read_bytes())

@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 from schemas.params import ClipParams
-from workers.nn.network import initialise
 from workers.nn.fit import FitSettings, fit
+from workers.nn.network import initialise
 
 SIZES = [784, 512, 256, 10]
 BATCH, SAMPLES, REPEATS = 128, 10_000, 7

@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from workers.nn.masks import count_to_prune
 from workers.graph.weights import find_weights
+from workers.nn.masks import count_to_prune
 
 
 def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.evaluate.data import is_classification, read_table
 from workers.errors import InvalidDataError
+from workers.evaluate.data import is_classification, read_table
 
 GOOD_ROWS = "\n".join(f"{i},{i * 2},{i % 2}" for i in range(12))
 

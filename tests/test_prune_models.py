@@ -7,9 +7,9 @@ from graphs import constant_node_mlp, control_flow, conv_net, gemm_mlp
 from helpers import initializers, reference_masks, run, weights
 
 from schemas import PruneParams
+from workers.compress.prune import copy_model, prune_model
 from workers.graph.encoding import encode
 from workers.graph.load import parse_model
-from workers.compress.prune import copy_model, prune_model
 from workers.graph.weights import find_weights
 
 

@@ -8,10 +8,10 @@ from helpers import run, weights
 from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams, TrainParams
+from workers.compress.prune import prune_model
+from workers.errors import InvalidDataError, UnsupportedModelError
 from workers.evaluate.data import Table
 from workers.graph.encoding import encode
-from workers.errors import InvalidDataError, UnsupportedModelError
-from workers.compress.prune import prune_model
 from workers.jobs.train import train_model
 
 

@@ -7,10 +7,10 @@ from graphs import conv_net, gemm_mlp
 from helpers import initializers, run
 
 from schemas import PruneParams
-from workers.graph.encoding import encode
-from workers.errors import UnsupportedModelError
-from workers.graph.load import parse_model
 from workers.compress.prune import copy_model, prune_model
+from workers.errors import UnsupportedModelError
+from workers.graph.encoding import encode
+from workers.graph.load import parse_model
 
 
 def structured(model: onnx.ModelProto, **fields) -> onnx.ModelProto:

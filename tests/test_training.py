@@ -8,9 +8,9 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, loa
 
 from schemas import TrainParams
 from workers.evaluate.data import Table
-from workers.nn.network import initialise
 from workers.jobs.train import train_model
 from workers.nn.fit import TrainingDivergedError, gradual_sparsity
+from workers.nn.network import initialise
 
 
 def table(features: np.ndarray, labels: np.ndarray) -> Table:

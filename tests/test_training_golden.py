@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from schemas.params import ClipParams
-from workers.nn.network import Network, initialise
 from workers.nn.fit import FitSettings, PruneTarget, fit
+from workers.nn.network import Network, initialise
 
 
 @dataclass(frozen=True)

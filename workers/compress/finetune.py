@@ -17,12 +17,12 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_h
 
 from schemas.params import PruneParams
 from schemas.report import TrainingReport
-from workers.evaluate.data import Table
-from workers.errors import InputError, InvalidDataError, UnsupportedModelError
-from workers.nn.network import DTYPE, Activation, Head, Network
 from workers.compress.prune import PruneOutcome, refresh_layers
-from workers.nn.fit import EpochProgress, FitSettings, PruneTarget, fit, training_report
+from workers.errors import InputError, InvalidDataError, UnsupportedModelError
+from workers.evaluate.data import Table
 from workers.graph.weights import WeightSlot, find_weights
+from workers.nn.fit import EpochProgress, FitSettings, PruneTarget, fit, training_report
+from workers.nn.network import DTYPE, Activation, Head, Network
 
 ACTIVATIONS: dict[str, Activation] = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
 # What converters put after the head to turn scores into labels and probabilities.

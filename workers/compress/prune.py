@@ -9,11 +9,11 @@ from onnx import ModelProto, numpy_helper
 
 from schemas.params import PruneParams
 from schemas.report import LayerReport
+from workers.compress.structured import prune_neurons
 from workers.errors import InvalidModelError, UnsupportedModelError
 from workers.graph.load import iter_graphs
-from workers.nn.masks import magnitude_masks
-from workers.compress.structured import prune_neurons
 from workers.graph.weights import WeightSlot, all_float_constants, find_weights
+from workers.nn.masks import magnitude_masks
 
 
 @dataclass

@@ -13,13 +13,13 @@ from onnx import ModelProto
 
 from schemas.params import PruneParams
 from schemas.report import SensitivityPoint, SweepPoint, TrainingReport
+from workers.compress.finetune import fine_tune
+from workers.compress.prune import PruneOutcome, copy_model, prune_model
 from workers.evaluate import runtime as evaluation
 from workers.evaluate.data import Table
 from workers.graph.encoding import encode
-from workers.compress.finetune import fine_tune
-from workers.compress.prune import PruneOutcome, copy_model, prune_model
-from workers.nn.fit import EpochProgress
 from workers.graph.weights import find_weights
+from workers.nn.fit import EpochProgress
 
 # Coarse grid of the accuracy-bounded search, then bisection between the last sparsity that
 # met the bound and the first that did not.

@@ -20,8 +20,8 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, helper
 from schemas.params import Scope
 from workers.errors import UnsupportedModelError
 from workers.graph.load import iter_graphs
-from workers.nn.masks import magnitude_masks
 from workers.graph.weights import WeightSlot, find_weights
+from workers.nn.masks import magnitude_masks
 
 # Ops that act on each neuron on its own, so a neuron's value never mixes with another's.
 UNARY_PER_NEURON = frozenset(

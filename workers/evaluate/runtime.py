@@ -17,8 +17,8 @@ from onnx import ModelProto, helper
 
 from schemas.params import Task
 from schemas.report import AccuracyReport, LatencyReport
-from workers.evaluate.data import Table, is_npz, read_csv, read_npz
 from workers.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from workers.evaluate.data import Table, is_npz, read_csv, read_npz
 
 GENERATED_ROWS = 256
 MAX_GENERATED_ELEMENTS = 2**24

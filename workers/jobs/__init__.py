@@ -21,12 +21,12 @@ from schemas.report import (
     Report,
     SizeReport,
 )
-from workers.evaluate import runtime as evaluation
-from workers.compress.search import Compressor, search, sensitivity, sensitivity_notes
-from workers.evaluate.data import read_table
-from workers.errors import InputError
-from workers.graph.load import opsets, parse_model, sha256
 from workers.compress.prune import float_param_count, float_params, layer_report
+from workers.compress.search import Compressor, search, sensitivity, sensitivity_notes
+from workers.errors import InputError
+from workers.evaluate import runtime as evaluation
+from workers.evaluate.data import read_table
+from workers.graph.load import opsets, parse_model, sha256
 from workers.jobs.train import train_model
 from workers.nn.fit import EpochProgress, training_report
 

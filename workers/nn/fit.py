@@ -8,11 +8,11 @@ import numpy as np
 
 from schemas.params import ClipParams, Optimizer, PruneSchedule, Scope
 from schemas.report import ClipStats, TrainingReport
-from workers.nn.clipping import clip_gradients
 from workers.errors import InputError
+from workers.nn.clipping import clip_gradients
+from workers.nn.masks import magnitude_masks
 from workers.nn.network import Network
 from workers.nn.optimizers import Step
-from workers.nn.masks import magnitude_masks
 
 # Gradual pruning (Zhu & Gupta 2017) ramps sparsity up over this share of the epochs and
 # fine-tunes with the final mask for the rest.
