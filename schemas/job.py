@@ -1,12 +1,12 @@
 """Jobs and problems as the HTTP API shows them."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-JobKind = Literal["prune", "train"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+from schemas.vocabulary import JobKind, JobStatus
+
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 

@@ -1,17 +1,21 @@
 """Job parameters: what a caller may ask for, validated once at the edge."""
 
 import itertools
-from typing import Literal
 
 import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Scope = Literal["layer", "global"]
-Granularity = Literal["unstructured", "structured"]
-Encoding = Literal["dense", "sparse", "int8"]
-Task = Literal["auto", "classification", "regression"]
-Optimizer = Literal["sgd", "momentum", "adam"]
-PruneSchedule = Literal["one_shot", "gradual"]
+from schemas.vocabulary import (
+    ClipMode,
+    Encoding,
+    Granularity,
+    HiddenActivation,
+    ModelType,
+    Optimizer,
+    PruneSchedule,
+    Scope,
+    Task,
+)
 
 MAX_HIDDEN_WEIGHTS = 2**26  # 256 MiB of float32 between hidden layers
 
@@ -34,7 +38,7 @@ class _Params(BaseModel):
 class ClipParams(_Params):
     """How gradients are clipped during training (see README for each mode's formula)."""
 
-    mode: Literal["none", "value", "norm", "global_norm", "adaptive"] = "global_norm"
+    mode: ClipMode = "global_norm"
     threshold: float = Field(1.0, gt=0, description="The clipping threshold ε (> 0).")
 
 
@@ -131,9 +135,9 @@ class PruneParams(_Params):
 class ModelSpec(_Params):
     """The NumPy model to train."""
 
-    type: Literal["linear", "logistic", "softmax", "mlp"] = "mlp"
+    type: ModelType = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [64], description="Hidden layer widths.")
-    activation: Literal["relu", "tanh", "sigmoid"] = "relu"
+    activation: HiddenActivation = "relu"
 
     @field_validator("hidden")
     @classmethod

@@ -2,10 +2,11 @@
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.vocabulary import Backend
 
 
 class Settings(BaseSettings):
@@ -13,7 +14,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     database_url: str | None = None  # default: SQLite file in data_dir
-    backend: Literal["local", "celery"] = "local"
+    backend: Backend = "local"
     broker_url: str = "redis://127.0.0.1:6379/0"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     api_keys: str = ""  # comma-separated; empty runs the service open

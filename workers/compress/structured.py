@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, helper
 
-from schemas.params import Scope
+from schemas.vocabulary import Scope
 from workers.errors import UnsupportedModelError
 from workers.graph.load import iter_graphs
 from workers.graph.weights import WeightSlot, find_weights

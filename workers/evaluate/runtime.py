@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto, helper
 
-from schemas.params import Task
 from schemas.report import AccuracyReport, LatencyReport
+from schemas.vocabulary import Task
 from workers.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
 from workers.evaluate.data import Table, is_npz, read_csv, read_npz
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from schemas.params import Encoding
+from schemas.vocabulary import Encoding
 from workers.errors import UnsupportedModelError
 from workers.graph.load import iter_graphs, serialize
 from workers.graph.weights import find_weights

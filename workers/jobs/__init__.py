@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from schemas.params import PruneParams, Task, TrainParams
+from schemas.params import PruneParams, TrainParams
 from schemas.report import (
     AccuracyReport,
     LatencyReport,
@@ -21,6 +21,7 @@ from schemas.report import (
     Report,
     SizeReport,
 )
+from schemas.vocabulary import Task
 from workers.compress.prune import float_param_count, float_params, layer_report
 from workers.compress.search import Compressor, search, sensitivity, sensitivity_notes
 from workers.errors import InputError

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from schemas.params import ClipParams, Optimizer, PruneSchedule, Scope
+from schemas.params import ClipParams
 from schemas.report import ClipStats, TrainingReport
+from schemas.vocabulary import Optimizer, PruneSchedule, Scope
 from workers.errors import InputError
 from workers.nn.clipping import clip_gradients
 from workers.nn.masks import magnitude_masks

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.params import Scope
+from schemas.vocabulary import Scope
 
 CHUNK = 1 << 20  # elements per step of a pass: temporaries stay a few MB, whatever the model
 BUCKET_BITS = 16

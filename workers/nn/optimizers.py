@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from schemas.params import Optimizer
+from schemas.vocabulary import Optimizer
 
 MOMENTUM = 0.9
 ADAM_BETAS = (0.9, 0.999)
