@@ -176,7 +176,7 @@ def test_string_class_labels_come_back_as_strings():
 
 @pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
 def test_optimizers_match_their_formulas_in_float32_to_the_bit(kind):
-    from workers.nn.optimizers import ADAM_BETAS, ADAM_EPS, MOMENTUM, Step
+    from workers.nn.optimizers import ADAM_BETAS, ADAM_EPS, MOMENTUM, OPTIMIZERS
 
     rng = np.random.default_rng(0)
     params = [
@@ -186,7 +186,7 @@ def test_optimizers_match_their_formulas_in_float32_to_the_bit(kind):
     reference = [p.copy() for p in params]
     first = [np.zeros_like(p) for p in params]
     second = [np.zeros_like(p) for p in params]
-    step = Step(kind, params, learning_rate=0.01)
+    step = OPTIMIZERS[kind](params, learning_rate=0.01)
     b1, b2 = ADAM_BETAS
     for t in range(1, 6):
         grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]

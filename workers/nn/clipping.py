@@ -5,24 +5,30 @@ returned as the very same array object, so `clipped[i] is grads[i]` tells whethe
 changed it: that is how training counts clipped steps without comparing arrays.
 Weights are laid out as in ONNX MatMul, [in, out]: an output unit is a column.
 
-`out`, where a function takes it, lends memory for the clipped tensors: value, norm and global
+Every mode has one signature, (grads, threshold, total_norm, params, out), so the registry
+CLIPPERS maps a mode's name straight to its function; each uses what it needs of the rest.
+`total_norm` is the global norm of `grads`, computed once by clip_gradients; `params` are the
+weights (adaptive clipping only).
+
+`out`, where a function uses it, lends memory for the clipped tensors: value, norm and global
 norm write a clipped tensor into out[i] (the training loop lends views of the gradients' own
 memory, so scaling rewrites cache lines it has just read instead of filling new ones); the
 returned list is always the result.
 """
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-ClipMode = Literal["none", "value", "norm", "global_norm", "adaptive"]
+from schemas.vocabulary import ClipMode
 
 GLOBAL_NORM_EPS = 1e-6  # PyTorch clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
 ADAPTIVE_EPS = 1e-3  # optax adaptive_grad_clip: units with tiny weights still get a budget
 DIVISION_EPS = 1e-6  # optax unitwise_clip: guards the division, never engages in practice
 
+Grads = Sequence[np.ndarray]
 Arrays = list[np.ndarray]
+Params = Sequence[np.ndarray] | None  # the weights, laid out as the gradients
 Out = Sequence[np.ndarray] | None  # one array per gradient, or None: NumPy allocates
 
 
@@ -31,7 +37,14 @@ def global_norm(grads: Sequence[np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads)))
 
 
-def clip_by_value(grads: Sequence[np.ndarray], threshold: float, out: Out = None) -> Arrays:
+def no_clip(grads: Grads, threshold: float, total_norm: float, params: Params, out: Out) -> Arrays:
+    """Gradients as they are."""
+    return list(grads)
+
+
+def clip_by_value(
+    grads: Grads, threshold: float, total_norm: float, params: Params, out: Out
+) -> Arrays:
     """Every element into [-threshold, threshold] (PyTorch clip_grad_value_)."""
     return [
         np.clip(g, -threshold, threshold, out=o)
@@ -41,7 +54,9 @@ def clip_by_value(grads: Sequence[np.ndarray], threshold: float, out: Out = None
     ]
 
 
-def clip_by_norm(grads: Sequence[np.ndarray], threshold: float, out: Out = None) -> Arrays:
+def clip_by_norm(
+    grads: Grads, threshold: float, total_norm: float, params: Params, out: Out
+) -> Arrays:
     """Each tensor whose 2-norm exceeds threshold scaled down to norm threshold (Keras clipnorm)."""
     clipped = []
     for g, o in zip(grads, out or [None] * len(grads), strict=True):
@@ -51,14 +66,10 @@ def clip_by_norm(grads: Sequence[np.ndarray], threshold: float, out: Out = None)
 
 
 def clip_by_global_norm(
-    grads: Sequence[np.ndarray],
-    threshold: float,
-    total_norm: float | None = None,
-    out: Out = None,
+    grads: Grads, threshold: float, total_norm: float, params: Params, out: Out
 ) -> Arrays:
     """All tensors scaled by min(1, threshold / (total_norm + 1e-6)) (PyTorch clip_grad_norm_)."""
-    total = global_norm(grads) if total_norm is None else total_norm
-    coef = threshold / (total + GLOBAL_NORM_EPS)
+    coef = threshold / (total_norm + GLOBAL_NORM_EPS)
     if coef >= 1.0:
         return list(grads)
     return [
@@ -82,10 +93,12 @@ def unitwise_norm(x: np.ndarray) -> np.ndarray:
 
 
 def adaptive_clip(
-    grads: Sequence[np.ndarray], params: Sequence[np.ndarray], threshold: float
+    grads: Grads, threshold: float, total_norm: float, params: Params, out: Out
 ) -> Arrays:
     """Each unit's gradient norm capped at threshold * max(|unit weights|, 1e-3)
-    (Brock et al. 2021; optax adaptive_grad_clip)."""
+    (Brock et al. 2021; optax adaptive_grad_clip). Makes its own arrays."""
+    if params is None:
+        raise ValueError("adaptive clipping needs params: the weights of each gradient")
     clipped = []
     for g, p in zip(grads, params, strict=True):
         g_norm = unitwise_norm(g)
@@ -99,11 +112,21 @@ def adaptive_clip(
     return clipped
 
 
+Clipper = Callable[[Grads, float, float, Params, Out], Arrays]
+CLIPPERS: dict[ClipMode, Clipper] = {
+    "none": no_clip,
+    "value": clip_by_value,
+    "norm": clip_by_norm,
+    "global_norm": clip_by_global_norm,
+    "adaptive": adaptive_clip,
+}
+
+
 def clip_gradients(
-    grads: Sequence[np.ndarray],
+    grads: Grads,
     mode: ClipMode,
     threshold: float,
-    params: Sequence[np.ndarray] | None = None,
+    params: Params = None,
     out: Out = None,
 ) -> tuple[Arrays, float]:
     """Clip `grads` by `mode`; returns (clipped, global 2-norm of grads before clipping).
@@ -111,17 +134,6 @@ def clip_gradients(
     `params` (the weights, same layout as grads) is needed by mode "adaptive" only; `out` lends
     memory for clipped tensors (see the module docstring; adaptive makes its own).
     """
+    clip = CLIPPERS[mode]  # an unknown mode raises KeyError before any work
     total_norm = global_norm(grads)
-    if mode == "none":
-        return list(grads), total_norm
-    if mode == "value":
-        return clip_by_value(grads, threshold, out), total_norm
-    if mode == "norm":
-        return clip_by_norm(grads, threshold, out), total_norm
-    if mode == "global_norm":
-        return clip_by_global_norm(grads, threshold, total_norm, out), total_norm
-    if mode == "adaptive":
-        if params is None:
-            raise ValueError("adaptive clipping needs params: the weights of each gradient")
-        return adaptive_clip(grads, params, threshold), total_norm
-    raise ValueError(f"unknown clipping mode {mode!r}")
+    return clip(grads, threshold, total_norm, params, out), total_norm

@@ -13,7 +13,7 @@ from workers.errors import InputError
 from workers.nn.clipping import clip_gradients
 from workers.nn.masks import magnitude_masks
 from workers.nn.network import Network
-from workers.nn.optimizers import Step
+from workers.nn.optimizers import OPTIMIZERS
 
 # Gradual pruning (Zhu & Gupta 2017) ramps sparsity up over this share of the epochs and
 # fine-tunes with the final mask for the rest.
@@ -116,7 +116,7 @@ def fit(
     """
     history = History()
     params = network.params
-    step = Step(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
+    step = OPTIMIZERS[settings.optimizer](params, settings.learning_rate, settings.weight_decay)
     target = settings.prune
     ramp = max(1, round(GRADUAL_RAMP_SHARE * settings.epochs))
     gradual = target is not None and target.schedule == "gradual"

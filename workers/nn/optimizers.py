@@ -29,33 +29,21 @@ def flat_zeros(params: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarra
 
 
 class Step:
-    """One optimizer: call it with the parameters and their gradients to update in place.
+    """One optimizer step: call it with the parameters and their gradients to update in place.
 
-    sgd:      p -= lr * g
-    momentum: v = 0.9 v + g;  p -= lr * v
-    adam:     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g*g;
-              p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
-    weight_decay adds weight_decay * w to the gradient of each weight matrix (not biases),
-    after clipping, as PyTorch's optimizers do.
+    Each optimizer writes its update into `self.scratch` (viewed per parameter as
+    `self.scratches`), which the step then subtracts from the parameters. weight_decay adds
+    weight_decay * w to the gradient of each weight matrix (not biases), after clipping, as
+    PyTorch's optimizers do.
     """
 
     def __init__(
-        self,
-        kind: Optimizer,
-        params: Sequence[np.ndarray],
-        learning_rate: float,
-        weight_decay: float = 0.0,
+        self, params: Sequence[np.ndarray], learning_rate: float, weight_decay: float = 0.0
     ) -> None:
-        self.kind = kind
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         # a flat array [all parameters] per quantity, and views of it shaped as the parameters
         self.scratch, self.scratches = flat_zeros(params)  # the update, subtracted from params
-        if kind != "sgd":
-            self.first, self.firsts = flat_zeros(params)  # momentum's velocity, Adam's m
-        if kind == "adam":
-            self.second = np.zeros_like(self.first)  # Adam's v
-            self.root = np.empty_like(self.first)  # sqrt(v) + eps
         self.count = 0
 
     def __call__(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
@@ -63,22 +51,53 @@ class Step:
         if self.weight_decay:
             decay = self.weight_decay
             grads = [g + decay * p if p.ndim > 1 else g for p, g in zip(params, grads, strict=True)]
-        if self.kind == "sgd":
-            for g, scratch in zip(grads, self.scratches, strict=True):
-                np.multiply(g, self.learning_rate, out=scratch)
-        elif self.kind == "momentum":
-            self.first *= MOMENTUM
-            for g, v in zip(grads, self.firsts, strict=True):
-                v += g
-            np.multiply(self.first, self.learning_rate, out=self.scratch)
-        else:
-            self.adam(grads)
+        self.update(grads)
         for p, scratch in zip(params, self.scratches, strict=True):
             p -= scratch
 
-    def adam(self, grads: Sequence[np.ndarray]) -> None:
-        """The Adam update into self.scratch; passes over the gradients go tensor by tensor
-        (they are the caller's arrays), the rest once over the flat state."""
+    def update(self, grads: Sequence[np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+class Sgd(Step):
+    """p -= lr * g"""
+
+    def update(self, grads: Sequence[np.ndarray]) -> None:
+        for g, scratch in zip(grads, self.scratches, strict=True):
+            np.multiply(g, self.learning_rate, out=scratch)
+
+
+class Momentum(Step):
+    """v = 0.9 v + g;  p -= lr * v"""
+
+    def __init__(
+        self, params: Sequence[np.ndarray], learning_rate: float, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(params, learning_rate, weight_decay)
+        self.velocity, self.velocities = flat_zeros(params)
+
+    def update(self, grads: Sequence[np.ndarray]) -> None:
+        self.velocity *= MOMENTUM
+        for g, v in zip(grads, self.velocities, strict=True):
+            v += g
+        np.multiply(self.velocity, self.learning_rate, out=self.scratch)
+
+
+class Adam(Step):
+    """m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g*g;
+    p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)"""
+
+    def __init__(
+        self, params: Sequence[np.ndarray], learning_rate: float, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(params, learning_rate, weight_decay)
+        self.first = np.zeros_like(self.scratch)  # m
+        self.second = np.zeros_like(self.scratch)  # v
+        self.root = np.empty_like(self.scratch)  # sqrt(v) + eps
+
+    def update(self, grads: Sequence[np.ndarray]) -> None:
+        """Passes over the gradients go tensor by tensor (they are the caller's arrays), the
+        rest once over the flat state."""
         beta1, beta2 = ADAM_BETAS
         # bias corrections folded into the step size (Kingma & Ba, end of section 2); a Python
         # float, so the update stays in the parameters' dtype
@@ -97,3 +116,6 @@ class Step:
         root += ADAM_EPS
         np.multiply(m, step, out=scratch)
         scratch /= root
+
+
+OPTIMIZERS: dict[Optimizer, type[Step]] = {"sgd": Sgd, "momentum": Momentum, "adam": Adam}
