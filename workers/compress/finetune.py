@@ -17,12 +17,13 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_h
 
 from schemas.params import PruneParams
 from schemas.report import TrainingReport
+from schemas.vocabulary import Activation, Head
 from workers.compress.prune import PruneOutcome, refresh_layers
 from workers.errors import InputError, InvalidDataError, UnsupportedModelError
 from workers.evaluate.data import Table
 from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.fit import EpochProgress, FitSettings, PruneTarget, fit, training_report
-from workers.nn.network import DTYPE, Activation, Head, Network
+from workers.nn.network import DTYPE, HEADS, Network
 
 ACTIVATIONS: dict[str, Activation] = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
 # What converters put after the head to turn scores into labels and probabilities.
@@ -324,5 +325,4 @@ def fine_tune(
     )
     mlp.write_back()
     refresh_layers(outcome)
-    metric = "r2" if network.head == "identity" else "accuracy"
-    return training_report(metric, settings.clip, history)
+    return training_report(HEADS[network.head].metric, settings.clip, history)

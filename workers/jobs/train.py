@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from schemas.params import TrainParams
+from schemas.vocabulary import Activation, Head
 from workers.errors import InvalidDataError
 from workers.evaluate.data import Table, is_classification
 from workers.graph.export import to_onnx
 from workers.nn.fit import FitSettings, History, PruneTarget, apply_masks, fit, weight_masks
-from workers.nn.network import DTYPE, Activation, Head, Network, initialise
+from workers.nn.network import DTYPE, Network, initialise
 
 MAX_WEIGHTS = 2**27  # 512 MiB of float32, before optimizer state
 

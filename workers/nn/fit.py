@@ -56,17 +56,6 @@ class History:
     stopped_early: bool = False
 
 
-def score(network: Network, x: np.ndarray, y: np.ndarray) -> float:
-    """Accuracy for classification heads, r2 for regression, on standardised x."""
-    logits, _ = network.forward(x)
-    if network.head == "softmax":
-        return float(np.mean(np.argmax(logits, axis=1) == y))
-    if network.head == "sigmoid":
-        return float(np.mean((logits[:, 0] > 0) == (y > 0.5)))
-    total = float(np.sum((y - y.mean(axis=0)) ** 2))
-    return 1.0 - float(np.sum((y - logits) ** 2)) / total if total > 0 else 0.0
-
-
 def gradual_sparsity(final: float, epoch: int, ramp_epochs: int) -> float:
     """Zhu & Gupta's cubic schedule from 0: s = final * (1 - (1 - epoch / ramp)^3)."""
     progress = min(1.0, epoch / ramp_epochs)
@@ -134,7 +123,7 @@ def fit(
             batch = order[start : start + settings.batch_size]
             loss, grads = network.loss_and_grads(x_train[batch], y_train[batch])
             if masks is not None:
-                for g, mask in zip(grads[::2], masks, strict=True):
+                for g, mask in zip(network.weight_grads(grads), masks, strict=True):
                     g *= mask
             # The loop owns these gradients, so clipping may overwrite them: it gets views (the
             # same memory, other array objects, so `c is g` below still tells a clipped tensor
@@ -158,7 +147,7 @@ def fit(
             apply_masks(network, masks)
             losses.append(loss)
         history.loss.append(float(np.mean(losses)))
-        history.validation.append(score(network, x_val, y_val))
+        history.validation.append(network.score(x_val, y_val))
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)
         if settings.patience is not None and (not gradual or epoch >= ramp):

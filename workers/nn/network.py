@@ -8,39 +8,14 @@ raw features.
 """
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-Activation = Literal["relu", "tanh", "sigmoid", "identity"]
-Head = Literal["softmax", "sigmoid", "identity"]
+from schemas.vocabulary import Activation, Head
 
 DTYPE = np.float32
-
-
-def activate(z: np.ndarray, kind: Activation) -> np.ndarray:
-    """The activation of z, computed in z's own memory where the ufunc allows: forward keeps
-    only each layer's output, never its pre-activation."""
-    if kind == "relu":
-        return np.maximum(z, 0, out=z)
-    if kind == "tanh":
-        return np.tanh(z, out=z)
-    if kind == "sigmoid":
-        return sigmoid(z)
-    return z
-
-
-def activation_grad(h: np.ndarray, kind: Activation) -> np.ndarray:
-    """d activate(z) / dz from the output h = activate(z): for relu h > 0 exactly where z > 0
-    (NaN stays NaN through max and fails both tests), so z need not be kept."""
-    if kind == "relu":
-        return h > 0  # a mask: multiplying by it keeps or zeroes
-    if kind == "tanh":
-        return 1 - h * h
-    if kind == "sigmoid":
-        return h * (1 - h)
-    return np.ones_like(h)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -52,6 +27,83 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 def log_softmax(z: np.ndarray) -> np.ndarray:
     shifted = z - z.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class ActivationRule:
+    """An activation's forward and its derivative, side by side.
+
+    forward computes in z's own memory where the ufunc allows: forward keeps only each layer's
+    output, never its pre-activation. grad is d activate(z) / dz from the output h alone."""
+
+    forward: Callable[[np.ndarray], np.ndarray]
+    grad: Callable[[np.ndarray], np.ndarray]
+
+
+ACTIVATIONS: dict[Activation, ActivationRule] = {
+    # h > 0 exactly where z > 0 (NaN stays NaN through max and fails both tests); a boolean
+    # mask: multiplying by it keeps or zeroes
+    "relu": ActivationRule(lambda z: np.maximum(z, 0, out=z), lambda h: h > 0),
+    "tanh": ActivationRule(lambda z: np.tanh(z, out=z), lambda h: 1 - h * h),
+    "sigmoid": ActivationRule(sigmoid, lambda h: h * (1 - h)),
+    "identity": ActivationRule(lambda z: z, np.ones_like),
+}
+
+
+def softmax_loss(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Cross-entropy of class indices y [B]; gradient at the logits [B, k]."""
+    batch = len(logits)
+    log_p = log_softmax(logits)  # [B, k]
+    loss = -float(np.mean(log_p[np.arange(batch), y]))
+    dz = np.exp(log_p)
+    dz[np.arange(batch), y] -= 1
+    dz /= batch
+    return loss, dz
+
+
+def sigmoid_loss(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Binary cross-entropy of {0, 1} labels y [B] on one logit [B, 1]."""
+    z = logits[:, 0]
+    # BCE with logits, stable: max(z, 0) - z*y + log(1 + exp(-|z|))
+    loss = float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    dz = ((sigmoid(z) - y) / len(logits))[:, None].astype(logits.dtype, copy=False)
+    return loss, dz
+
+
+def squared_loss(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean squared error against targets y [B, out]."""
+    diff = logits - y  # [B, out]
+    return float(np.mean(diff * diff)), diff * (2 / diff.size)
+
+
+def r2(predicted: np.ndarray, y: np.ndarray) -> float:
+    total = float(np.sum((y - y.mean(axis=0)) ** 2))
+    return 1.0 - float(np.sum((y - predicted) ** 2)) / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class HeadRule:
+    """What the last layer's logits become, the loss paired with it (so the gradient at the
+    logits stays simple), and the validation score on logits."""
+
+    output: Callable[[np.ndarray], np.ndarray]
+    loss: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+    score: Callable[[np.ndarray, np.ndarray], float]
+    metric: str  # the name of `score` in reports
+
+
+HEADS: dict[Head, HeadRule] = {
+    "softmax": HeadRule(
+        lambda z: np.exp(log_softmax(z)),
+        softmax_loss,
+        lambda z, y: float(np.mean(np.argmax(z, axis=1) == y)),
+        "accuracy",
+    ),
+    "sigmoid": HeadRule(
+        sigmoid, sigmoid_loss, lambda z, y: float(np.mean((z[:, 0] > 0) == (y > 0.5))), "accuracy"
+    ),
+    "identity": HeadRule(lambda z: z, squared_loss, r2, "r2"),
+}
 
 
 @dataclass
@@ -83,15 +135,15 @@ class Network:
             inputs.append(h)  # [B, in]
             z = h @ w  # [B, out]
             z += b  # in place: the same one rounding as h @ w + b, without a second array
-            h = activate(z, self.activations[layer]) if layer < len(self.activations) else z
+            h = (
+                ACTIVATIONS[self.activations[layer]].forward(z)
+                if layer < len(self.activations)
+                else z
+            )
         return h, inputs
 
     def output(self, logits: np.ndarray) -> np.ndarray:
-        if self.head == "softmax":
-            return np.exp(log_softmax(logits))
-        if self.head == "sigmoid":
-            return sigmoid(logits)
-        return logits
+        return HEADS[self.head].output(logits)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Head outputs (probabilities or values) for raw features x: [N, out]."""
@@ -104,22 +156,7 @@ class Network:
         y: class indices [B] for softmax, {0, 1} [B] for sigmoid, targets [B, out] for identity.
         """
         logits, inputs = self.forward(x)
-        batch = len(x)
-        if self.head == "softmax":
-            log_p = log_softmax(logits)  # [B, k]
-            loss = -float(np.mean(log_p[np.arange(batch), y]))
-            dz = np.exp(log_p)
-            dz[np.arange(batch), y] -= 1
-            dz /= batch
-        elif self.head == "sigmoid":
-            z = logits[:, 0]
-            # BCE with logits, stable: max(z, 0) - z*y + log(1 + exp(-|z|))
-            loss = float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
-            dz = ((sigmoid(z) - y) / batch)[:, None].astype(logits.dtype, copy=False)
-        else:
-            diff = logits - y  # [B, out]
-            loss = float(np.mean(diff * diff))
-            dz = diff * (2 / diff.size)
+        loss, dz = HEADS[self.head].loss(logits, y)
         grads: list[np.ndarray] = []
         for layer in reversed(range(len(self.weights))):
             grads.append(dz.sum(axis=0))  # db [out]
@@ -127,9 +164,19 @@ class Network:
             if layer:
                 dz = dz @ self.weights[layer].T  # [B, in]: gradient at this layer's input
                 # inputs[layer] is the previous layer's activation, kept from forward
-                dz *= activation_grad(inputs[layer], self.activations[layer - 1])
+                dz *= ACTIVATIONS[self.activations[layer - 1]].grad(inputs[layer])
         grads.reverse()  # W0, b0, W1, b1, ...
         return loss, grads
+
+    @staticmethod
+    def weight_grads(grads: list[np.ndarray]) -> list[np.ndarray]:
+        """The weight matrices' gradients among `grads` (in `params` order), as views."""
+        return grads[::2]
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        """The head's validation metric (accuracy, or r2 for regression) on standardised x."""
+        logits, _ = self.forward(x)
+        return HEADS[self.head].score(logits, y)
 
 
 def initialise(
