@@ -7,7 +7,7 @@ The k smallest magnitudes are found without holding them all at once: a 67M-para
 magnitudes are as large as the model, and pruning must fit in a small multiple of its size.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,14 +90,21 @@ def _masks_under(weights: Sequence[np.ndarray], cut: Cut) -> Iterator[np.ndarray
         yield keep
 
 
-def _sparsity_masks(
-    weights: Sequence[np.ndarray], sparsity: float, scope: Scope
-) -> Iterator[np.ndarray]:
-    if scope == "global":
-        yield from _masks_under(weights, smallest_cut(weights, sparsity))
-        return
+def layer_masks(weights: Sequence[np.ndarray], sparsity: float) -> Iterator[np.ndarray]:
+    """The `sparsity` share of each tensor's smallest |w|, tensor by tensor."""
     for weight in weights:  # each tensor is read once: its passes reuse it
         yield from _masks_under([weight], smallest_cut([weight], sparsity))
+
+
+def global_masks(weights: Sequence[np.ndarray], sparsity: float) -> Iterator[np.ndarray]:
+    """The `sparsity` share of the smallest |w| across all tensors, under one cut."""
+    yield from _masks_under(weights, smallest_cut(weights, sparsity))
+
+
+SCOPES: dict[Scope, Callable[[Sequence[np.ndarray], float], Iterator[np.ndarray]]] = {
+    "layer": layer_masks,
+    "global": global_masks,
+}
 
 
 def magnitude_masks(
@@ -119,4 +126,4 @@ def magnitude_masks(
     if threshold is not None:
         return (np.abs(w) > threshold for w in weights)
     assert sparsity is not None
-    return _sparsity_masks(weights, sparsity, scope)
+    return SCOPES[scope](weights, sparsity)
