@@ -9,11 +9,10 @@ Any node outside that shape is refused by name: fine-tuning a graph we only half
 would return a model that silently computes something else.
 """
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
 from schemas.params import PruneParams
 from schemas.report import TrainingReport
@@ -21,6 +20,8 @@ from schemas.vocabulary import Activation, Head
 from workers.compress.prune import PruneOutcome, refresh_layers
 from workers.errors import InputError, InvalidDataError, UnsupportedModelError
 from workers.evaluate.data import Table
+from workers.graph.walk import attribute
+from workers.graph.walk import readers as value_readers
 from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.fit import EpochProgress, FitSettings, PruneTarget, fit, training_report
 from workers.nn.network import DTYPE, HEADS, Network
@@ -106,20 +107,6 @@ class OnnxMlp:
                 layer.bias.write(b.reshape(layer.bias.shape))
 
 
-def _label_key(value: object) -> str:
-    """3.0 from a CSV and 3 from the model's int64 classes are the same class."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _attr(node: NodeProto, name: str, default: float) -> float:
-    for attr in node.attribute:
-        if attr.name == name:
-            return float(helper.get_attribute_value(attr))
-    return default
-
-
 def _refuse(node: NodeProto, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"fine-tuning needs an MLP graph (MatMul/Gemm layers with Add biases and Relu, Tanh or "
@@ -143,10 +130,7 @@ def read_mlp(model: ModelProto) -> OnnxMlp:
         raise UnsupportedModelError(
             f"fine-tuning needs a model with one input; this one has {len(inputs)}"
         )
-    readers: dict[str, list[NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node)
+    readers = value_readers(graph)
     outputs = {value.name for value in graph.output}
 
     chain: list[NodeProto] = []
@@ -162,14 +146,16 @@ def read_mlp(model: ModelProto) -> OnnxMlp:
             break
         second = node.input[1] if len(node.input) > 1 else ""
         constant = constants.get(second) if node.input[0] == value else None
-        if op == "Identity" or (op == "Cast" and _attr(node, "to", 0) == TensorProto.FLOAT):
+        if op == "Identity" or (op == "Cast" and attribute(node, "to", 0) == TensorProto.FLOAT):
             pass
         elif op in ("MatMul", "Gemm") and constant is not None:
-            if op == "Gemm" and (_attr(node, "alpha", 1.0) != 1 or _attr(node, "beta", 1.0) != 1):
+            if op == "Gemm" and (
+                attribute(node, "alpha", 1.0) != 1 or attribute(node, "beta", 1.0) != 1
+            ):
                 raise _refuse(node, "has alpha or beta other than 1")
-            if op == "Gemm" and _attr(node, "transA", 0):
+            if op == "Gemm" and attribute(node, "transA", 0):
                 raise _refuse(node, "has transA=1")
-            layer = _Layer(constant, transposed=op == "Gemm" and bool(_attr(node, "transB", 0)))
+            layer = _Layer(constant, transposed=op == "Gemm" and bool(attribute(node, "transB", 0)))
             has_c = op == "Gemm" and len(node.input) > 2 and bool(node.input[2])
             if has_c:
                 layer.bias = constants.get(node.input[2])
@@ -186,7 +172,7 @@ def read_mlp(model: ModelProto) -> OnnxMlp:
             prefix.append((op, constant.read().astype(DTYPE)))
         elif op in ACTIVATIONS and mlp_layers and mlp_layers[-1].activation == "identity":
             mlp_layers[-1].activation = ACTIVATIONS[op]
-        elif op == "Softmax" and mlp_layers and _attr(node, "axis", -1) in (1, -1):
+        elif op == "Softmax" and mlp_layers and attribute(node, "axis", -1) in (1, -1):
             head = "softmax"
             chain.append(node)
             value = node.output[0]

@@ -11,7 +11,7 @@ from schemas.params import PruneParams
 from schemas.report import LayerReport
 from workers.compress.structured import prune_neurons
 from workers.errors import InvalidModelError, UnsupportedModelError
-from workers.graph.load import iter_graphs
+from workers.graph.walk import iter_graphs
 from workers.graph.weights import WeightSlot, all_float_constants, find_weights
 from workers.nn.masks import magnitude_masks
 

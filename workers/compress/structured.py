@@ -15,11 +15,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, helper
+from onnx import GraphProto, ModelProto, NodeProto
 
 from schemas.vocabulary import Scope
 from workers.errors import UnsupportedModelError
-from workers.graph.load import iter_graphs
+from workers.graph.walk import attribute, iter_graphs, readers
 from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.masks import magnitude_masks
 
@@ -64,37 +64,13 @@ class NeuronLayer:
         return np.sqrt(np.mean(weights**2, axis=other))
 
 
-def _attr(node: NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return int(helper.get_attribute_value(attr))
-    return default
-
-
-def _consumers(graph: GraphProto) -> dict[str, list[NodeProto]]:
-    """Nodes of `graph` that read each value, counting names a subgraph reads from outside."""
-    readers: dict[str, list[NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        names = set(node.input)
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                for inner, _ in iter_graphs(sub):
-                    for inner_node in inner.node:
-                        names.update(inner_node.input)
-        for name in names:
-            if name:
-                readers[name].append(node)
-    return readers
-
-
 class _ChainFinder:
     def __init__(self, model: ModelProto, candidates: list[WeightSlot]) -> None:
         self.candidates = {slot.name for slot in candidates}
         everything = find_weights(model, include=[".*"])
         self.by_name = {slot.name: slot for slot in everything}
         self.graphs = [graph for graph, _ in iter_graphs(model.graph)]
-        self.readers = {id(graph): _consumers(graph) for graph in self.graphs}
+        self.readers = {id(graph): readers(graph) for graph in self.graphs}
         self.all_readers: dict[str, int] = defaultdict(int)
         for graph in self.graphs:
             for name, nodes in self.readers[id(graph)].items():
@@ -138,24 +114,24 @@ class _ChainFinder:
         if len(w1.shape) != 2 or self._owned(w1.name) is None:
             self._skip(w1, "not a 2-D weight read by exactly one node (nor a graph input)")
             return None
-        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        if node.op_type == "Gemm" and attribute(node, "transA", 0):
             self._skip(w1, "Gemm with transA=1")
             return None
-        out_axis = 0 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 1
+        out_axis = 0 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 1
         layer = NeuronLayer(producer=_Cut(w1, out_axis), consumer=_Cut(w1, 0))
         width = w1.shape[out_axis]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         if has_bias and not self._per_neuron(node.input[2], width, layer):
             self._skip(w1, f"Gemm bias {node.input[2]!r} is not a per-neuron constant")
             return None
-        readers = self.readers[id(graph)]
+        graph_readers = self.readers[id(graph)]
         value = node.output[0]
         while True:
-            if value in outputs or len(readers.get(value, [])) != 1:
+            if value in outputs or len(graph_readers.get(value, [])) != 1:
                 self._skip(w1, f"its output {value!r} is a graph output or read by several nodes")
                 return None
             layer.values.append(value)
-            nxt = readers[value][0]
+            nxt = graph_readers[value][0]
             if nxt.op_type in ("MatMul", "Gemm") and nxt.input[0] == value:
                 return self._close(nxt, w1, width, layer)
             if nxt.op_type in UNARY_PER_NEURON and nxt.input[0] == value:
@@ -178,10 +154,10 @@ class _ChainFinder:
             why = "is not a 2-D constant read once (nor a graph input)"
             self._skip(w1, f"the next layer's weight {name!r} {why}")
             return None
-        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        if node.op_type == "Gemm" and attribute(node, "transA", 0):
             self._skip(w1, "the next Gemm has transA=1")
             return None
-        in_axis = 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
+        in_axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
         if w2.shape[in_axis] != width:
             self._skip(w1, f"the next weight {w2.name!r} has shape {list(w2.shape)}")
             return None

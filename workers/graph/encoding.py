@@ -12,7 +12,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from schemas.vocabulary import Encoding
 from workers.errors import UnsupportedModelError
-from workers.graph.load import iter_graphs, serialize
+from workers.graph.load import serialize
+from workers.graph.walk import iter_graphs
 from workers.graph.weights import find_weights
 
 INDEX_BYTES = 8  # sparse_initializer indices are int64, one linear index per nonzero

@@ -22,13 +22,11 @@ from onnx import (
 )
 
 from workers.errors import InvalidModelError, UnsafeModelError
+from workers.graph.walk import iter_graphs, node_subgraphs
 from workers.graph.weights import FLOAT_TYPES
 
 # Domains whose operators onnxruntime implements itself. A model-local function adds its own.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
-
-# Attributes that hold subgraphs: If.then_branch/else_branch, Loop.body, Scan.body, and more.
-_GRAPH_ATTRS = (AttributeProto.GRAPH, AttributeProto.GRAPHS)
 
 
 @dataclass(frozen=True)
@@ -43,32 +41,14 @@ class ModelLimits:
     max_subgraph_depth: int = 8
 
 
-def iter_graphs(graph: GraphProto, depth: int = 0) -> Iterator[tuple[GraphProto, int]]:
-    """The graph and every subgraph below it (If/Loop/Scan bodies), with their depth."""
-    yield graph, depth
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in _subgraphs(attr):
-                yield from iter_graphs(sub, depth + 1)
-
-
-def _subgraphs(attr: AttributeProto) -> list[GraphProto]:
-    if attr.type == AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
-
-
 def _model_graphs(model: ModelProto) -> Iterator[tuple[GraphProto, int]]:
     """Every graph in the model: the main graph, its subgraphs, and subgraphs inside
     model-local function bodies (a function body is depth 0, its If/Loop bodies below it)."""
     yield from iter_graphs(model.graph)
     for function in model.functions:
         for node in function.node:
-            for attr in node.attribute:
-                for sub in _subgraphs(attr):
-                    yield from iter_graphs(sub, 1)
+            for sub in node_subgraphs(node):
+                yield from iter_graphs(sub, 1)
 
 
 def _all_nodes(model: ModelProto) -> Iterator[NodeProto]:

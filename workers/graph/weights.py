@@ -6,7 +6,7 @@ If/Loop/Scan subgraph that refers to a weight of an enclosing graph by name. Eac
 a WeightSlot that reads and writes the tensor in place in the ModelProto.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +14,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
 
 from schemas.params import name_pattern
 from workers.errors import InvalidModelError
+from workers.graph.walk import node_subgraphs
 
 # op_type -> input positions that carry the weight (the first constant one is taken).
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
@@ -102,14 +103,6 @@ def _local_constants(graph: GraphProto) -> dict[str, WeightSlot]:
     return slots
 
 
-def _subgraphs(node: NodeProto) -> Iterator[GraphProto]:
-    for attr in node.attribute:
-        if attr.type == AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _walk(
     graph: GraphProto,
     outer: dict[str, WeightSlot],
@@ -135,7 +128,7 @@ def _walk(
         attribute_slot = _attribute_slot(node, graph)
         if attribute_slot is not None:
             found[id(attribute_slot.holder)] = attribute_slot
-        for sub in _subgraphs(node):
+        for sub in node_subgraphs(node):
             _walk(sub, scope, found, constants)
 
 
