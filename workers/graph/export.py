@@ -9,13 +9,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from schemas.vocabulary import HiddenActivation
 from workers.nn.network import Network
 
 # onnxruntime refuses IR versions newer than it knows; 8 with opset 17 loads in every
 # onnxruntime since 1.13 and in what scikit-learn's toolchain produces.
 IR_VERSION = 8
 OPSET = 17
-_ACTIVATION_OPS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+# The ONNX operator of each hidden activation ("identity" adds no node).
+ACTIVATION_OPS: dict[HiddenActivation, str] = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}
 
 
 def to_onnx(network: Network, classes: np.ndarray | None, name: str = "clipprune") -> bytes:
@@ -37,8 +39,9 @@ def to_onnx(network: Network, classes: np.ndarray | None, name: str = "clipprune
             helper.make_node("Add", [f"matmul{layer}", f"b{layer}"], [f"logits{layer}"]),
         ]
         value = f"logits{layer}"
-        if layer < len(network.activations) and network.activations[layer] != "identity":
-            op = _ACTIVATION_OPS[network.activations[layer]]
+        activation = network.activations[layer] if layer < len(network.activations) else None
+        if activation is not None and activation != "identity":
+            op = ACTIVATION_OPS[activation]
             nodes.append(helper.make_node(op, [value], [f"hidden{layer}"]))
             value = f"hidden{layer}"
 
