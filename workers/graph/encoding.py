@@ -5,6 +5,7 @@ Every encoding yields a file onnxruntime loads as it is; the caller evaluates ex
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +25,16 @@ def encode(model: ModelProto, encoding: Encoding, pruned: set[str]) -> tuple[byt
 
     `pruned` names the weights that pruning touched: only those are stored sparse.
     """
-    if encoding == "dense":
-        return serialize(model), []
-    if encoding == "sparse":
-        return _sparse(model, pruned)
-    _require_float32_weights(model)
-    return _int8(model), [
-        "int8: onnxruntime dynamic quantization (QInt8, symmetric, so pruned zeros stay zero); "
-        "internal tensor names shortened and shape annotations dropped (inputs and outputs keep "
-        "their names)"
-    ]
+    return ENCODERS[encoding](model, pruned)
 
 
-def _sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+def dense(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+    """Zeros kept in place: the file is as large as the original, and gzips well."""
+    return serialize(model), []
+
+
+def sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+    """Pruned weights as ONNX sparse_initializer (COO), where that is smaller."""
     model = ModelProto.FromString(serialize(model))  # leave the caller's model dense
     kept_dense = []
     for graph, _ in iter_graphs(model.graph):
@@ -78,7 +76,17 @@ def _require_float32_weights(model: ModelProto) -> None:
             )
 
 
-def _int8(model: ModelProto) -> bytes:
+def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+    """onnxruntime's dynamic quantization of the pruned model (float32 weights only)."""
+    _require_float32_weights(model)
+    return _quantize(model), [
+        "int8: onnxruntime dynamic quantization (QInt8, symmetric, so pruned zeros stay zero); "
+        "internal tensor names shortened and shape annotations dropped (inputs and outputs keep "
+        "their names)"
+    ]
+
+
+def _quantize(model: ModelProto) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="clipprune-int8-") as tmp:
@@ -91,6 +99,13 @@ def _int8(model: ModelProto) -> bytes:
         finally:
             logging.disable(logging.NOTSET)
         return serialize(compact(ModelProto.FromString(out.read_bytes())))
+
+
+ENCODERS: dict[Encoding, Callable[[ModelProto, set[str]], tuple[bytes, list[str]]]] = {
+    "dense": dense,
+    "sparse": sparse,
+    "int8": int8,
+}
 
 
 def compact(model: ModelProto) -> ModelProto:
