@@ -1,7 +1,7 @@
 """Pruning a whole ONNX model: find its weights, compute masks or neuron cuts, write them back."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +9,7 @@ from onnx import ModelProto, numpy_helper
 
 from schemas.params import PruneParams
 from schemas.report import LayerReport
+from schemas.vocabulary import Granularity
 from workers.compress.structured import prune_neurons
 from workers.errors import InvalidModelError, UnsupportedModelError
 from workers.graph.walk import iter_graphs
@@ -97,36 +98,55 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
     _check_finite(slots)
-    if params.granularity == "unstructured":
-        masks = magnitude_masks(
-            SlotValues(slots),
-            sparsity=params.sparsity,
-            threshold=params.threshold,
-            scope=params.scope,
-        )
-        for slot, keep in zip(slots, masks, strict=True):  # slot i is written before i+1 is read
-            if not keep.all():
-                array = slot.read()
-                slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
-                outcome.pruned.add(slot.name)
-    else:
-        layers, skipped = prune_neurons(
-            model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
-        )
-        outcome.notes.append(
-            f"structured: removed neurons from {len(layers)} hidden layer(s); sparsity counts "
-            "neurons, ranked by the root-mean-square of their incoming weights"
-        )
-        outcome.notes += [
-            f"structured: kept every output neuron of {name}: {why}"
-            for name, why in skipped.items()
-        ]
+    GRANULARITIES[params.granularity](model, slots, params, outcome)
     for slot, shape in zip(slots, shapes, strict=True):
         array = slot.read()
         if array.shape != shape:
             outcome.pruned.add(slot.name)
         outcome.layers.append(layer_report(slot.name, shape, array))
     return outcome
+
+
+def prune_weights(
+    model: ModelProto, slots: list[WeightSlot], params: PruneParams, outcome: PruneOutcome
+) -> None:
+    """Unstructured: single weights set to zero, shapes unchanged."""
+    masks = magnitude_masks(
+        SlotValues(slots),
+        sparsity=params.sparsity,
+        threshold=params.threshold,
+        scope=params.scope,
+    )
+    for slot, keep in zip(slots, masks, strict=True):  # slot i is written before i+1 is read
+        if not keep.all():
+            array = slot.read()
+            slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
+            outcome.pruned.add(slot.name)
+
+
+def prune_structured(
+    model: ModelProto, slots: list[WeightSlot], params: PruneParams, outcome: PruneOutcome
+) -> None:
+    """Structured: whole neurons removed, so the tensors shrink."""
+    layers, skipped = prune_neurons(
+        model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
+    )
+    outcome.notes.append(
+        f"structured: removed neurons from {len(layers)} hidden layer(s); sparsity counts "
+        "neurons, ranked by the root-mean-square of their incoming weights"
+    )
+    outcome.notes += [
+        f"structured: kept every output neuron of {name}: {why}" for name, why in skipped.items()
+    ]
+
+
+# Each prunes the chosen weights in place and records what it changed in the outcome.
+GRANULARITIES: dict[
+    Granularity, Callable[[ModelProto, list[WeightSlot], PruneParams, PruneOutcome], None]
+] = {
+    "unstructured": prune_weights,
+    "structured": prune_structured,
+}
 
 
 def _check_finite(slots: list[WeightSlot]) -> None:
