@@ -15,7 +15,7 @@ from datetime import timedelta
 import redis
 
 from service.celery_app import TASK, make_celery, queue_name
-from service.runner import problem
+from service.local_backend import requeue_or_fail
 from service.settings import Settings
 from service.store import JobStore, now
 
@@ -23,7 +23,6 @@ log = logging.getLogger("clipprune.backend")
 
 RECONCILE_S = 1.0
 REPUBLISH_AFTER_S = 600
-MAX_ATTEMPTS = 2
 
 
 class CeleryBackend:
@@ -105,12 +104,10 @@ class CeleryBackend:
         for job_id in self.store.unpublished(published_before):
             self.publish(job_id)
         for row in self.store.stale(self.settings.worker_lease_s):
-            if row.attempts < MAX_ATTEMPTS and self.store.requeue(row.id):
+            detail = (
+                f"the worker running this job ({row.worker}) stopped answering for "
+                f"{self.settings.worker_lease_s:g} s, {row.attempts} time(s)"
+            )
+            if requeue_or_fail(self.store, row.id, row.attempts, detail):
                 log.warning("worker %s lost; job requeued", row.worker, extra={"job_id": row.id})
                 self.publish(row.id)
-            else:
-                detail = (
-                    f"the worker running this job ({row.worker}) stopped answering for "
-                    f"{self.settings.worker_lease_s:g} s, {row.attempts} time(s)"
-                )
-                self.store.fail(row.id, problem(500, "Worker lost", detail), {"running"})

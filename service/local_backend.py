@@ -33,9 +33,19 @@ from service.store import JobStore
 log = logging.getLogger("clipprune.backend")
 
 TICK_S = 0.2
-MAX_ATTEMPTS = 2  # a job left running by a crashed service is retried once, then failed
+MAX_ATTEMPTS = 2  # a job whose worker was lost is retried once, then failed
 MAX_JOBS_PER_WORKER = 50
 ORPHAN_CHECK_S = 0.5
+
+
+def requeue_or_fail(store: JobStore, job_id: str, attempts: int | None, detail: str) -> bool:
+    """The retry policy for a job whose worker was lost, in this backend and the Celery one:
+    queued again if it has attempts left (True), else failed with a "Worker lost" problem that
+    says `detail` (False). `attempts` is None when the job's row could not be read."""
+    if attempts is not None and attempts < MAX_ATTEMPTS and store.requeue(job_id):
+        return True
+    store.fail(job_id, problem(500, "Worker lost", detail), {"running"})
+    return False
 
 
 def _exit_with(service_pid: int) -> None:
@@ -107,16 +117,12 @@ class LocalBackend:
         """Jobs a dead service left `running`: retried if they have attempts left, else failed."""
         for job_id in self.store.running():
             row = self.store.get(job_id)
-            if row is not None and row.attempts < MAX_ATTEMPTS and self.store.requeue(job_id):
+            attempts = None if row is None else row.attempts
+            detail = "the service stopped while this job ran, twice"
+            if requeue_or_fail(self.store, job_id, attempts, detail):
                 log.warning(
                     "requeued job left running by a stopped service", extra={"job_id": job_id}
                 )
-                continue
-            self.store.fail(
-                job_id,
-                problem(500, "Worker lost", "the service stopped while this job ran, twice"),
-                {"running"},
-            )
 
     async def start(self) -> None:
         self.recover()
