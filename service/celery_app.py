@@ -7,10 +7,12 @@ second worker while the first still runs it). The job row is claimed check-and-s
 message delivered twice runs the job once.
 """
 
+import functools
 import logging
+import os
 import socket
 
-from celery import Celery
+from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.artifacts import ArtifactStore
@@ -27,6 +29,32 @@ log = logging.getLogger("clipprune.worker")
 
 def queue_name(settings: Settings) -> str:
     return f"{settings.broker_prefix}jobs"
+
+
+@functools.cache
+def job_store(database: str) -> JobStore:
+    """This process's JobStore for a database: one engine per worker process, made by the first
+    job the process runs. Emptied in a forked child, so no process uses its parent's engine."""
+    return JobStore(database)
+
+
+os.register_at_fork(after_in_child=job_store.cache_clear)
+
+
+class JobTask(Task):
+    """The task class `make_celery` registers `run_job_task` with; `settings` is its app's."""
+
+    settings: Settings
+
+
+def run_job_task(task: JobTask, job_id: str) -> str:
+    """The task body: run one job in this worker process and return its final status."""
+    settings = task.settings
+    store = job_store(settings.database)
+    job_dir = ArtifactStore(settings.data_dir).job_dir(job_id)
+    status = run_job(store, job_dir, job_id, settings.heartbeat_s, (SoftTimeLimitExceeded,))
+    log.info("job %s: %s", job_id, status, extra={"job_id": job_id})
+    return status
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -54,18 +82,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_send_task_events=False,
     )
-    store: JobStore | None = None
-
-    @app.task(name=TASK)
-    def run(job_id: str) -> str:
-        nonlocal store
-        if store is None:  # one engine per worker process, made in the process that uses it
-            store = JobStore(settings.database)
-        job_dir = ArtifactStore(settings.data_dir).job_dir(job_id)
-        status = run_job(store, job_dir, job_id, settings.heartbeat_s, (SoftTimeLimitExceeded,))
-        log.info("job %s: %s", job_id, status, extra={"job_id": job_id})
-        return status
-
+    app.task(name=TASK, bind=True, base=JobTask, settings=settings)(run_job_task)
     return app
 
 
