@@ -6,7 +6,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,9 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
+from schemas.vocabulary import Backend
 from service import ops, routes
 from service.artifacts import ArtifactStore
-from service.context import Backend, ServiceContext
+from service.context import Backend as JobBackend
+from service.context import ServiceContext
 from service.job_ends import JobEnds
 from service.local_backend import LocalBackend
 from service.logs import configure_logging, request_id
@@ -92,12 +94,21 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def make_backend(settings: Settings, store: JobStore, ends: JobEnds) -> Backend:
-    if settings.backend == "celery":
-        from service.celery_backend import CeleryBackend
+def _celery_backend(settings: Settings, store: JobStore, ends: JobEnds) -> JobBackend:
+    from service.celery_backend import CeleryBackend  # celery is imported only when chosen
 
-        return CeleryBackend(settings, store)
-    return LocalBackend(settings, store, ends)
+    return CeleryBackend(settings, store)
+
+
+# What runs the jobs, by CLIPPRUNE_BACKEND: one factory per name of the Backend vocabulary.
+BACKENDS: dict[Backend, Callable[[Settings, JobStore, JobEnds], JobBackend]] = {
+    "local": LocalBackend,
+    "celery": _celery_backend,
+}
+
+
+def make_backend(settings: Settings, store: JobStore, ends: JobEnds) -> JobBackend:
+    return BACKENDS[settings.backend](settings, store, ends)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
