@@ -8,12 +8,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
+from schemas.vocabulary import Encoding, Granularity, Scope
 from workers import jobs
 from workers.errors import InputError
 
@@ -35,9 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     target = prune.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1)")
     target.add_argument("--threshold", type=float, help="zero every weight with |w| <= this")
-    prune.add_argument("--scope", choices=["layer", "global"])
-    prune.add_argument("--granularity", choices=["unstructured", "structured"])
-    prune.add_argument("--encoding", choices=["dense", "sparse", "int8"])
+    prune.add_argument("--scope", choices=get_args(Scope))
+    prune.add_argument("--granularity", choices=get_args(Granularity))
+    prune.add_argument("--encoding", choices=get_args(Encoding))
     prune.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
     prune.add_argument("--train-data", type=Path, help="CSV or NPZ to fine-tune on")
     prune.add_argument("--report", type=Path, help="write the report here, not to stdout")

@@ -17,7 +17,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.params import PruneParams, TrainParams
 from service.artifacts import DISK_FULL
 from service.store import JobStore
 from workers import jobs
@@ -102,10 +101,8 @@ def _run_claimed(
         return "failed"
 
     try:
-        if row.kind == "prune":
-            jobs.run_prune_job(job_dir, PruneParams.model_validate(row.params), progress)
-        else:
-            jobs.run_train_job(job_dir, TrainParams.model_validate(row.params), progress)
+        entry = jobs.JOB_KINDS[row.kind]
+        entry.run(job_dir, entry.params.model_validate(row.params), progress)
     except time_limit_errors:
         detail = "the job ran past its time limit (CLIPPRUNE_JOB_TIMEOUT_S) and was stopped"
         return fail(504, "Job time limit", detail)

@@ -15,8 +15,9 @@ from schemas.params import PruneParams
 from schemas.report import SensitivityPoint, SweepPoint, TrainingReport
 from workers.compress.finetune import fine_tune
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
-from workers.evaluate import runtime as evaluation
 from workers.evaluate.data import Table
+from workers.evaluate.metrics import compare
+from workers.evaluate.runtime import Outputs, run, session
 from workers.graph.encoding import encode
 from workers.graph.weights import find_weights
 from workers.nn.fit import EpochProgress
@@ -59,13 +60,13 @@ class Compressor:
         self.params = params
         self.train = train
         self.validation = validation
-        self.original = evaluation.run(evaluation.session(original), feeds)
+        self.original = run(session(original), feeds)
         self.baseline = self._metric(self.original)
 
-    def _metric(self, outputs: evaluation.Outputs) -> float:
+    def _metric(self, outputs: Outputs) -> float:
         """The metric of `outputs`: accuracy or r2 with labels, else agreement with the
         original."""
-        return evaluation.compare(self.original, outputs, self.labels, self.params.task).compressed
+        return compare(self.original, outputs, self.labels, self.params.task).compressed
 
     def candidate(
         self, params: PruneParams, on_epoch: EpochProgress | None = None, only: str | None = None
@@ -76,7 +77,7 @@ class Compressor:
             assert self.train is not None
             training = fine_tune(self.model, outcome, params, self.train, self.validation, on_epoch)
         data, notes = encode(outcome.model, params.encoding, outcome.pruned)
-        outputs = evaluation.run(evaluation.session(data), self.feeds)
+        outputs = run(session(data), self.feeds)
         return Candidate(data, outcome, self._metric(outputs), training, outcome.notes + notes)
 
     def meets(self, metric: float, bound: float) -> bool:

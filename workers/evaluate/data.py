@@ -6,11 +6,13 @@ The format is told by content, not by file name: an NPZ file is a zip archive.
 import csv
 import math
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from schemas.vocabulary import Task
 from workers.errors import InvalidDataError
 
 
@@ -23,6 +25,13 @@ class DataLimits:
     # its file: a zip bomb (zeros deflate a thousandfold) costs a worker no more than that.
     npz_free_bytes: int = 2**26
     max_npz_expansion: int = 100
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: list[int | None]  # None for a symbolic or missing dimension
 
 
 @dataclass
@@ -206,11 +215,78 @@ def read_table(path: Path, label: str | None, limits: DataLimits = DataLimits())
     return table
 
 
-def is_classification(labels: np.ndarray, task: str) -> bool:
-    """task "auto": string labels, or integer-valued labels with few distinct values."""
-    if task != "auto":
-        return task == "classification"
+def _labels_look_like_classes(labels: np.ndarray) -> bool:
+    """String labels, or integer-valued labels with few distinct values."""
     if labels.dtype.kind in "US":
         return True
     integral = bool(np.all(np.asarray(labels, dtype=np.float64) % 1 == 0))
     return integral and len(np.unique(labels)) <= MAX_CLASSES_AUTO
+
+
+# task -> labels -> train a classifier?
+LABEL_TASKS: dict[Task, Callable[[np.ndarray], bool]] = {
+    "auto": _labels_look_like_classes,
+    "classification": lambda labels: True,
+    "regression": lambda labels: False,
+}
+
+
+def is_classification(labels: np.ndarray, task: Task) -> bool:
+    return LABEL_TASKS[task](labels)
+
+
+def load_eval_data(path: Path, inputs: list[InputSpec], label: str | None) -> Table:
+    """Feeds for the model from a CSV (one 2-D input) or an NPZ (arrays named after inputs)."""
+    if is_npz(path):
+        arrays = read_npz(path)
+        if all(spec.name in arrays for spec in inputs):
+            features = {spec.name: arrays[spec.name] for spec in inputs}
+        elif len(inputs) == 1 and "X" in arrays:
+            features = {inputs[0].name: arrays["X"]}
+        else:
+            raise InvalidDataError(
+                "the NPZ file needs arrays named after the model's inputs ("
+                + ", ".join(spec.name for spec in inputs)
+                + ") or X for a one-input model, plus y for labels"
+            )
+        table = Table(features, arrays.get("y"), [])
+    else:
+        if len(inputs) != 1:
+            raise InvalidDataError(
+                f"the model has {len(inputs)} inputs; a CSV feeds only one, send an NPZ file"
+            )
+        width = inputs[0].shape[-1] if inputs[0].shape else None
+        if label is None and width is not None:
+            table = read_csv(path, "")
+            columns = table.features[""].shape[1]
+            if columns == width + 1:
+                table = read_csv(path, None)
+            elif columns != width:
+                raise InvalidDataError(
+                    f"the CSV has {columns} columns but input {inputs[0].name!r} takes {width} "
+                    "features (plus an optional label column last)"
+                )
+        else:
+            table = read_csv(path, label)
+        table = Table({inputs[0].name: table.features[""]}, table.labels, table.columns)
+    for spec in inputs:
+        array = table.features[spec.name]
+        table.features[spec.name] = _conform(array, spec)
+    rows = {len(array) for array in table.features.values()}
+    if len(rows) != 1 or (table.labels is not None and len(table.labels) not in rows):
+        raise InvalidDataError("the data arrays and y must all have the same number of rows")
+    return table
+
+
+def _conform(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    if len(spec.shape) != array.ndim or any(
+        want is not None and want != got
+        for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
+    ):
+        raise InvalidDataError(
+            f"data for input {spec.name!r} has shape {list(array.shape)}; the model expects "
+            + str(["N" if dim is None else dim for dim in spec.shape])
+        )
+    if spec.dtype.kind in "iu" and array.dtype.kind == "f" and not np.all(array == np.round(array)):
+        raise InvalidDataError(f"input {spec.name!r} takes integers; the data has fractions")
+    return array.astype(spec.dtype)

@@ -3,16 +3,32 @@
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from schemas.params import TrainParams
-from schemas.vocabulary import Activation, Head
+from schemas.params import ModelSpec, TrainParams
+from schemas.report import Report
+from schemas.vocabulary import Activation, Head, ModelType
+from workers.compress.prune import float_param_count, float_params, layer_report
 from workers.errors import InvalidDataError
-from workers.evaluate.data import Table, is_classification
+from workers.evaluate.data import Table, is_classification, load_eval_data, read_table
+from workers.evaluate.runtime import model_inputs
 from workers.graph.export import to_onnx
-from workers.nn.fit import FitSettings, History, PruneTarget, apply_masks, fit, weight_masks
-from workers.nn.network import DTYPE, Network, initialise
+from workers.graph.load import parse_model
+from workers.jobs.files import EVAL_DATA, INPUT_DIR, TRAIN_DATA
+from workers.jobs.progress import Progress, epoch_progress, no_progress
+from workers.jobs.report import evaluate_pair, finish, onnx_report, size_report
+from workers.nn.fit import (
+    FitSettings,
+    History,
+    PruneTarget,
+    apply_masks,
+    fit,
+    training_report,
+    weight_masks,
+)
+from workers.nn.network import DTYPE, HEADS, Network, initialise
 
 MAX_WEIGHTS = 2**27  # 512 MiB of float32, before optimizer state
 
@@ -58,33 +74,52 @@ def split_rows(rows: int, share: float, rng: np.random.Generator) -> tuple[np.nd
     return np.sort(order[held_out:]), np.sort(order[:held_out])
 
 
-def architecture(
-    params: TrainParams, classification: bool, classes: int
-) -> tuple[list[int], list[Activation], Head]:
-    """Hidden sizes, hidden activations and head for params.model on this task."""
-    spec = params.model
-    if spec.type == "linear":
-        if classification:
-            raise InvalidDataError(
-                "model.type linear is a regressor but the labels are classes; use logistic, "
-                "softmax or mlp, or set task=regression"
-            )
-        return [], [], "identity"
-    if spec.type in ("logistic", "softmax") and not classification:
+Architecture = tuple[list[int], list[Activation], Head]  # hidden sizes, their activations, head
+
+
+def _linear(spec: ModelSpec, classification: bool, classes: int) -> Architecture:
+    if classification:
+        raise InvalidDataError(
+            "model.type linear is a regressor but the labels are classes; use logistic, "
+            "softmax or mlp, or set task=regression"
+        )
+    return [], [], "identity"
+
+
+def _refuse_continuous(spec: ModelSpec, classification: bool) -> None:
+    if not classification:
         raise InvalidDataError(
             f"model.type {spec.type} is a classifier but the labels are continuous; use linear "
             "or mlp, or set task=classification"
         )
-    if spec.type == "logistic":
-        if classes != 2:
-            raise InvalidDataError(
-                f"model.type logistic is binary but the labels have {classes} classes; use softmax"
-            )
-        return [], [], "sigmoid"
-    if spec.type == "softmax":
-        return [], [], "softmax"
+
+
+def _logistic(spec: ModelSpec, classification: bool, classes: int) -> Architecture:
+    _refuse_continuous(spec, classification)
+    if classes != 2:
+        raise InvalidDataError(
+            f"model.type logistic is binary but the labels have {classes} classes; use softmax"
+        )
+    return [], [], "sigmoid"
+
+
+def _softmax(spec: ModelSpec, classification: bool, classes: int) -> Architecture:
+    _refuse_continuous(spec, classification)
+    return [], [], "softmax"
+
+
+def _mlp(spec: ModelSpec, classification: bool, classes: int) -> Architecture:
     hidden = list(spec.hidden)
     return hidden, [spec.activation] * len(hidden), "softmax" if classification else "identity"
+
+
+# model.type -> (spec, classification?, number of classes) -> the network to build
+ARCHITECTURES: dict[ModelType, Callable[[ModelSpec, bool, int], Architecture]] = {
+    "linear": _linear,
+    "logistic": _logistic,
+    "softmax": _softmax,
+    "mlp": _mlp,
+}
 
 
 def _fold_target_scale(network: Network, mean: np.ndarray, std: np.ndarray) -> None:
@@ -113,7 +148,9 @@ def train_model(
     split = Split(features[train_rows], targets[train_rows], features[val_rows], targets[val_rows])
 
     n_classes = 0 if classes is None else len(classes)
-    hidden, activations, head = architecture(params, classification, n_classes)
+    hidden, activations, head = ARCHITECTURES[params.model.type](
+        params.model, classification, n_classes
+    )
     outputs = n_classes if head == "softmax" else 1
     sizes = [features.shape[1], *hidden, outputs]
     weights = sum(a * b for a, b in itertools.pairwise(sizes))
@@ -168,3 +205,55 @@ def train_model(
     if target is not None and target.schedule == "one_shot":
         apply_masks(network, weight_masks(network, target, target.sparsity))
     return TrainOutcome(network, classes, history, split, dense, to_onnx(network, classes))
+
+
+def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_progress) -> Report:
+    """Train on input/train_data; evaluate on input/eval_data, else on the held-out split."""
+    inputs = job_dir / INPUT_DIR
+    progress("loading", 0.0)
+    table = read_table(inputs / TRAIN_DATA, params.label)
+    progress("training", 0.05)
+    outcome = train_model(table, params, epoch_progress(progress, 0.05, 0.85))
+
+    progress("evaluating", 0.85)
+    notes = []
+    eval_path = inputs / EVAL_DATA
+    dense = parse_model(outcome.dense_onnx)
+    if eval_path.exists():
+        eval_table = load_eval_data(eval_path, model_inputs(dense), params.label)
+        feeds, labels = eval_table.features, eval_table.labels
+    else:
+        split = outcome.split
+        feeds = {"X": split.x_val.astype(np.float32)}
+        labels = outcome.classes[split.y_val] if outcome.classes is not None else split.y_val[:, 0]
+        notes.append(
+            f"no eval_data: accuracy is measured on the held-out {params.validation_split:.0%}"
+            " of train_data"
+        )
+    if params.prune is None:
+        notes.append("no prune: original and compressed are the same trained model")
+    elif params.prune.schedule == "gradual":
+        notes.append(
+            "gradual pruning: the model was pruned while it trained, so no dense model exists; "
+            "original and compressed are the same pruned model"
+        )
+    task = "classification" if outcome.classes is not None else "regression"
+    accuracy, latency = evaluate_pair(outcome.dense_onnx, outcome.onnx, feeds, labels, task)
+    layers = [
+        layer_report(f"W{index}", tuple(w.shape), w)
+        for index, w in enumerate(outcome.network.weights)
+    ]
+    params_before = float_param_count(dense)
+    _, nonzero_after = float_params(parse_model(outcome.onnx))
+    report = Report(
+        kind="train",
+        size=size_report(outcome.dense_onnx, outcome.onnx, params_before, nonzero_after),
+        layers=layers,
+        accuracy=accuracy,
+        latency_ms=latency,
+        onnx=onnx_report(outcome.onnx),
+        training=training_report(HEADS[outcome.network.head].metric, params.clip, outcome.history),
+        notes=notes,
+    )
+    progress("writing", 0.95)
+    return finish(job_dir, outcome.onnx, report, progress)

@@ -1,0 +1,27 @@
+"""The job directory: the caller's files under input/, and what a job writes beside them.
+
+Every backend (command line, process pool, Celery) lays a job out this way.
+"""
+
+import os
+from pathlib import Path
+
+INPUT_DIR = "input"
+MODEL_IN = "model.onnx"
+EVAL_DATA = "eval_data"
+TRAIN_DATA = "train_data"
+MODEL_OUT = "model.onnx"
+REPORT_OUT = "report.json"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the whole new one, never half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        # A write cut short (a full disk) must not keep what it wrote: the half file would
+        # hold the space the disk needs back until the job expired.
+        partial.unlink(missing_ok=True)
+        raise

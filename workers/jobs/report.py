@@ -1,0 +1,76 @@
+"""Report assembly shared by the job kinds: sizes, the ONNX facts, the two models evaluated
+side by side, and the files a finished job leaves."""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from schemas.report import AccuracyReport, LatencyReport, OnnxReport, Report, SizeReport
+from schemas.vocabulary import Task
+from workers.evaluate.metrics import compare
+from workers.evaluate.runtime import latency, run, session
+from workers.graph.load import opsets, sha256
+from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
+from workers.jobs.progress import Progress
+
+
+def gzip_size(data: bytes) -> int:
+    return len(gzip.compress(data, compresslevel=6, mtime=0))
+
+
+def size_report(original: bytes, compressed: bytes, params: int, nonzero: int) -> SizeReport:
+    return SizeReport(
+        original_bytes=len(original),
+        compressed_bytes=len(compressed),
+        ratio=len(original) / len(compressed),
+        original_gzip_bytes=gzip_size(original),
+        compressed_gzip_bytes=gzip_size(compressed),
+        params=params,
+        nonzero_params=nonzero,
+        sparsity=1.0 - nonzero / params if params else 0.0,
+    )
+
+
+def onnx_report(data: bytes) -> OnnxReport:
+    model = ModelProto.FromString(data)
+    try:
+        onnx.checker.check_model(model)
+        checker = "passed"
+    except onnx.checker.ValidationError as exc:
+        checker = str(exc).strip().splitlines()[0]
+    return OnnxReport(
+        ir_version=model.ir_version,
+        opsets=opsets(model),
+        checker=checker,
+        model_sha256=sha256(data),
+    )
+
+
+def evaluate_pair(
+    original: bytes,
+    compressed: bytes,
+    feeds: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    task: Task,
+) -> tuple[AccuracyReport, LatencyReport]:
+    """Both models run on the same feeds: the metric, agreement and latency."""
+    original_session = session(original)
+    compressed_session = session(compressed)
+    accuracy = compare(
+        run(original_session, feeds),
+        run(compressed_session, feeds),
+        labels,
+        task,
+    )
+    return accuracy, latency(original_session, compressed_session, feeds)
+
+
+def finish(job_dir: Path, model: bytes, report: Report, progress: Progress) -> Report:
+    """Write the model and its report where the backend picks them up."""
+    write_atomically(job_dir / MODEL_OUT, model)
+    write_atomically(job_dir / REPORT_OUT, report.model_dump_json(indent=2).encode())
+    progress("done", 1.0)
+    return report
