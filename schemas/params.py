@@ -1,6 +1,7 @@
 """Job parameters: what a caller may ask for, validated once at the edge."""
 
 import itertools
+from typing import TypeVar
 
 import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,6 +29,15 @@ _PATTERN_OPTIONS.log_errors = False  # a caller's bad pattern is their 422, not 
 def name_pattern(pattern: str) -> "re2._Regexp":
     """An include/exclude pattern compiled for matching tensor names."""
     return re2.compile(pattern, options=_PATTERN_OPTIONS)
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def revalidated(params: P, **changes: object) -> P:
+    """`params` with `changes`, validated again as a whole: pydantic's model_copy(update=...)
+    skips validation, so it could make params that no caller could have sent."""
+    return type(params).model_validate({**params.model_dump(), **changes})
 
 
 class _Params(BaseModel):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import ModelProto
 
-from schemas.params import PruneParams
+from schemas.params import PruneParams, revalidated
 from schemas.report import SensitivityPoint, SweepPoint, TrainingReport
 from workers.compress.finetune import fine_tune
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
@@ -97,9 +97,7 @@ def search(
     def attempt(sparsity: float) -> bool:
         step = len(tried) + 1
         progress(f"candidate {step}: sparsity {sparsity:.3f}", min(0.8, 0.05 + 0.05 * step))
-        params = compressor.params.model_copy(
-            update={"sparsity": sparsity, "max_accuracy_drop": None}
-        )
+        params = revalidated(compressor.params, sparsity=sparsity, max_accuracy_drop=None)
         tried[sparsity] = compressor.candidate(params)
         return compressor.meets(tried[sparsity].metric, bound)
 
@@ -136,15 +134,14 @@ def sensitivity(compressor: Compressor, progress: SearchProgress) -> list[Sensit
             progress(
                 f"sensitivity: {name} at {sparsity:.0%}", 0.8 + 0.1 * (index * 4 + position) / total
             )
-            params = compressor.params.model_copy(
-                update={
-                    "sparsity": sparsity,
-                    "threshold": None,
-                    "max_accuracy_drop": None,
-                    "granularity": "unstructured",
-                    "encoding": "dense",
-                    "fine_tune": None,
-                }
+            params = revalidated(
+                compressor.params,
+                sparsity=sparsity,
+                threshold=None,
+                max_accuracy_drop=None,
+                granularity="unstructured",
+                encoding="dense",
+                fine_tune=None,
             )
             metric = compressor.candidate(params, only=name).metric
             points.append(SensitivityPoint(name=name, sparsity=sparsity, metric=metric))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from schemas.params import PruneParams
+from schemas.params import PruneParams, revalidated
 from schemas.report import Report
 from workers.compress.prune import float_params
 from workers.compress.search import Compressor, search, sensitivity, sensitivity_notes
@@ -51,10 +51,10 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     else:
         found, sparsity, sweep = search(compressor, params.max_accuracy_drop, progress)
         if found is None:
-            keep = params.model_copy(
-                update={"sparsity": 0.0, "max_accuracy_drop": None, "fine_tune": None}
+            keep = revalidated(
+                params, sparsity=0.0, max_accuracy_drop=None, fine_tune=None, encoding="dense"
             )
-            chosen = compressor.candidate(keep.model_copy(update={"encoding": "dense"}))
+            chosen = compressor.candidate(keep)
             chosen.data = original_bytes
             notes.append(
                 f"no sparsity tried kept the {compressor.baseline:.4f} metric within "
