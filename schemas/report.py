@@ -1,90 +1,167 @@
-"""The report a job writes next to its model: size and accuracy, original against compressed."""
+"""The report a job writes next to its model: size and accuracy, original against compressed.
 
-from pydantic import BaseModel
+Every field is described here once; the descriptions reach the OpenAPI document
+(`GET /openapi.json`, components `Report` and its parts), which the README points to.
+"""
+
+from pydantic import BaseModel, Field
+
+from schemas.vocabulary import ClipMode, JobKind, Metric
 
 
 class SizeReport(BaseModel):
-    original_bytes: int
-    compressed_bytes: int
-    ratio: float  # original_bytes / compressed_bytes
-    original_gzip_bytes: int
-    compressed_gzip_bytes: int
-    params: int  # float parameters of the original model
-    nonzero_params: int  # nonzero float parameters of the compressed model
-    sparsity: float  # 1 - nonzero_params / params
+    """File sizes and parameter counts, original against compressed."""
+
+    original_bytes: int = Field(description="Size of the original ONNX file in bytes.")
+    compressed_bytes: int = Field(description="Size of the compressed ONNX file in bytes.")
+    ratio: float = Field(description="original_bytes / compressed_bytes.")
+    original_gzip_bytes: int = Field(description="Size of the original file after gzip (level 6).")
+    compressed_gzip_bytes: int = Field(
+        description="Size of the compressed file after gzip (level 6)."
+    )
+    params: int = Field(description="Float parameters stored in the original model.")
+    nonzero_params: int = Field(
+        description="Nonzero float parameters of the compressed model (counted before int8)."
+    )
+    sparsity: float = Field(description="1 - nonzero_params / params.")
 
 
 class LayerReport(BaseModel):
-    name: str
-    original_shape: list[int]
-    shape: list[int]  # differs from original_shape only when structured pruning shrank it
-    params: int  # elements of the original tensor
-    nonzero: int
-    sparsity: float  # 1 - nonzero / params
+    """One prunable tensor after compression."""
+
+    name: str = Field(description="The tensor's name in the model.")
+    original_shape: list[int] = Field(description="The tensor's shape in the original model.")
+    shape: list[int] = Field(
+        description="The tensor's shape in the compressed model: differs from original_shape "
+        "only when structured pruning shrank it."
+    )
+    params: int = Field(description="Elements of the original tensor.")
+    nonzero: int = Field(description="Nonzero elements of the compressed tensor.")
+    sparsity: float = Field(description="1 - nonzero / params.")
 
 
 class AccuracyReport(BaseModel):
-    metric: str  # "accuracy", "r2", or "agreement" when there are no labels
-    original: float
-    compressed: float
-    delta: float  # compressed - original: negative is a loss
-    samples: int
-    agreement: float  # share of samples with equal top-1 (classification) or near-equal outputs
-    max_abs_diff: float
+    """The compressed model scored against the original on the same samples."""
+
+    metric: Metric = Field(
+        description='What original and compressed measure: "accuracy" (classification), '
+        '"r2" (regression), or "agreement" when there are no labels.'
+    )
+    original: float = Field(description="The metric of the original model.")
+    compressed: float = Field(description="The metric of the compressed model.")
+    delta: float = Field(description="compressed - original: negative is a loss.")
+    samples: int = Field(description="Samples scored.")
+    agreement: float = Field(
+        description="Share of samples where the compressed model answers as the original: the "
+        "same top-1 class (classification), or outputs within 1% of the original outputs' "
+        "standard deviation (regression)."
+    )
+    max_abs_diff: float = Field(
+        description="Largest absolute difference between the two models' float outputs."
+    )
 
 
 class LatencyReport(BaseModel):
-    original: float  # onnxruntime p50 in milliseconds, same batch for both
-    compressed: float
-    batch: int
+    """Inference time in onnxruntime: p50 over up to 30 runs, one thread, the same batch."""
+
+    original: float = Field(description="p50 latency of the original model, in milliseconds.")
+    compressed: float = Field(description="p50 latency of the compressed model, in milliseconds.")
+    batch: int = Field(description="Rows in the batch both models ran on.")
 
 
 class ClipStats(BaseModel):
-    mode: str
-    threshold: float
-    clipped_fraction: float
-    grad_norm_p50: float
-    grad_norm_max: float
+    """Gradient clipping during training, as configured and as it acted."""
+
+    mode: ClipMode = Field(description="The clipping mode (ClipParams.mode).")
+    threshold: float = Field(description="The clipping threshold ε (ClipParams.threshold).")
+    clipped_fraction: float = Field(
+        description="Share of steps where clipping changed the gradient."
+    )
+    grad_norm_p50: float = Field(
+        description="Median global gradient norm per step, before clipping."
+    )
+    grad_norm_max: float = Field(
+        description="Largest global gradient norm of any step, before clipping."
+    )
 
 
 class TrainingReport(BaseModel):
-    loss: list[float]  # mean training loss per epoch
-    metric: str  # "accuracy" or "r2"
-    validation: list[float]  # the metric on the validation data, per epoch
-    clip: ClipStats
-    stopped_early: bool = False
-    grad_norm: list[float] = []  # global norm before clipping, per step (every k-th on long runs)
-    clipped: list[bool] = []  # whether clipping changed that step
-    step_stride: int = 1  # grad_norm[i] is step i * step_stride
+    """Training or fine-tuning, per epoch and per step."""
+
+    loss: list[float] = Field(description="Mean training loss per epoch.")
+    metric: Metric = Field(
+        description='The validation metric: "accuracy" (classification) or "r2" (regression).'
+    )
+    validation: list[float] = Field(description="The metric on the validation data, per epoch.")
+    clip: ClipStats = Field(description="Gradient clipping: its settings and what it did.")
+    stopped_early: bool = Field(
+        False,
+        description="Whether training stopped before its last epoch because the validation "
+        "metric stopped improving (patience).",
+    )
+    grad_norm: list[float] = Field(
+        [],
+        description="Global gradient norm before clipping, per step (every step_stride-th step "
+        "on long runs).",
+    )
+    clipped: list[bool] = Field(
+        [], description="Whether clipping changed the gradient, for the same steps as grad_norm."
+    )
+    step_stride: int = Field(
+        1,
+        description="grad_norm[i] and clipped[i] are step i * step_stride; above 1 when a run "
+        "has more than 2000 steps.",
+    )
 
 
 class SweepPoint(BaseModel):
-    sparsity: float
-    metric: float  # the compressed model's metric on the eval data
-    chosen: bool = False  # the point whose model was returned
+    """One sparsity the accuracy-bounded search (max_accuracy_drop) tried."""
+
+    sparsity: float = Field(description="The sparsity tried.")
+    metric: float = Field(description="The compressed model's metric on the eval data.")
+    chosen: bool = Field(False, description="Whether this is the point whose model was returned.")
 
 
 class SensitivityPoint(BaseModel):
-    name: str  # the tensor pruned, alone
-    sparsity: float
-    metric: float
+    """One tensor pruned alone to one sparsity (the sensitivity scan)."""
+
+    name: str = Field(description="The tensor pruned, alone.")
+    sparsity: float = Field(description="The sparsity it was pruned to.")
+    metric: float = Field(description="The model's metric with only that tensor pruned.")
 
 
 class OnnxReport(BaseModel):
-    ir_version: int
-    opsets: dict[str, int]
-    checker: str  # "passed" or the checker's message
-    model_sha256: str
+    """The compressed ONNX file."""
+
+    ir_version: int = Field(description="IR version, kept from the original.")
+    opsets: dict[str, int] = Field(
+        description="Opset version per domain, kept from the original except what int8 "
+        "quantization adds."
+    )
+    checker: str = Field(description='"passed", or the onnx checker\'s message.')
+    model_sha256: str = Field(description="SHA-256 of the compressed file, hex.")
 
 
 class Report(BaseModel):
-    kind: str
-    size: SizeReport
-    layers: list[LayerReport]
-    accuracy: AccuracyReport
-    latency_ms: LatencyReport
-    onnx: OnnxReport
-    training: TrainingReport | None = None
-    sweep: list[SweepPoint] | None = None
-    sensitivity: list[SensitivityPoint] | None = None
-    notes: list[str] = []  # what the job decided on the caller's behalf, in plain words
+    """What a job produced: size, per-layer sparsity, accuracy and latency, original against
+    compressed; plus training, search and sensitivity details when those ran."""
+
+    kind: JobKind = Field(description="The job that wrote this report.")
+    size: SizeReport = Field(description="File sizes and parameter counts.")
+    layers: list[LayerReport] = Field(description="Each prunable tensor.")
+    accuracy: AccuracyReport = Field(description="Compressed against original on the same data.")
+    latency_ms: LatencyReport = Field(description="Inference time of both models.")
+    onnx: OnnxReport = Field(description="The compressed file's ONNX facts.")
+    training: TrainingReport | None = Field(
+        None, description="Train jobs and fine-tuning: loss, validation and clipping."
+    )
+    sweep: list[SweepPoint] | None = Field(
+        None,
+        description="With max_accuracy_drop: every sparsity tried (chosen marks the returned one).",
+    )
+    sensitivity: list[SensitivityPoint] | None = Field(
+        None, description="With sensitivity: true: the metric per tensor and sparsity."
+    )
+    notes: list[str] = Field(
+        [], description="What the job decided on the caller's behalf, in plain words."
+    )
