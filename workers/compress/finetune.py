@@ -56,14 +56,7 @@ def fine_tune(
         network.weights, network.biases = dense.weights, dense.biases
         masks = None
         target = PruneTarget(params.sparsity, None, params.scope, "gradual", prunable)
-    fit_settings = FitSettings(
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        optimizer=settings.optimizer,
-        clip=settings.clip,
-        prune=target,
-    )
+    fit_settings = FitSettings.of(settings, target)
     history = fit(
         network,
         x_train,

@@ -8,6 +8,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -65,15 +66,20 @@ def _attributes(model: ModelProto) -> Iterator[tuple[str, AttributeProto]]:
             yield f"attribute {attr.name!r} of {node.op_type} node {node.name!r}", attr
 
 
+def _attribute_values(model: ModelProto, one: str, many: str) -> Iterator[tuple[str, Any]]:
+    """The values every attribute holds in its field `one` (when set) and list field `many`."""
+    for where, attr in _attributes(model):
+        if attr.HasField(one):
+            yield where, getattr(attr, one)
+        for value in getattr(attr, many):
+            yield where, value
+
+
 def _sparse_tensors(model: ModelProto) -> Iterator[tuple[str, SparseTensorProto]]:
     for graph, _ in _model_graphs(model):
         for sparse in graph.sparse_initializer:
             yield f"sparse initializer {sparse.values.name!r}", sparse
-    for where, attr in _attributes(model):
-        if attr.HasField("sparse_tensor"):
-            yield where, attr.sparse_tensor
-        for sparse in attr.sparse_tensors:
-            yield where, sparse
+    yield from _attribute_values(model, "sparse_tensor", "sparse_tensors")
 
 
 def _tensors_of(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
@@ -81,11 +87,7 @@ def _tensors_of(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
     for graph, _ in _model_graphs(model):
         for tensor in graph.initializer:
             yield f"initializer {tensor.name!r}", tensor
-    for where, attr in _attributes(model):
-        if attr.HasField("t"):
-            yield where, attr.t
-        for tensor in attr.tensors:
-            yield where, tensor
+    yield from _attribute_values(model, "t", "tensors")
     for where, sparse in _sparse_tensors(model):
         yield where, sparse.values
         yield f"{where} (indices)", sparse.indices

@@ -179,15 +179,11 @@ def train_model(
         if prune is None
         else PruneTarget(prune.sparsity, prune.threshold, prune.scope, prune.schedule)
     )
-    settings = FitSettings(
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        learning_rate=params.learning_rate,
-        optimizer=params.optimizer,
-        clip=params.clip,
+    settings = FitSettings.of(
+        params,
+        target if target is not None and target.schedule == "gradual" else None,
         weight_decay=params.weight_decay,
         patience=params.patience,
-        prune=target if target is not None and target.schedule == "gradual" else None,
     )
     history = fit(
         network,

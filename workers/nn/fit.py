@@ -3,10 +3,11 @@ gradual or one-shot pruning, early stopping, and the statistics the report shows
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from schemas.params import ClipParams
+from schemas.params import ClipParams, FineTuneParams, TrainParams
 from schemas.report import ClipStats, TrainingReport
 from schemas.vocabulary import Optimizer, PruneSchedule, Scope
 from workers.errors import InputError
@@ -45,6 +46,21 @@ class FitSettings:
     weight_decay: float = 0.0
     patience: int | None = None
     prune: PruneTarget | None = None
+
+    @classmethod
+    def of(
+        cls, params: TrainParams | FineTuneParams, prune: PruneTarget | None, **extra: Any
+    ) -> "FitSettings":
+        """The settings a train job's or a fine-tuning's params ask for."""
+        return cls(
+            epochs=params.epochs,
+            batch_size=params.batch_size,
+            learning_rate=params.learning_rate,
+            optimizer=params.optimizer,
+            clip=params.clip,
+            prune=prune,
+            **extra,
+        )
 
 
 @dataclass
