@@ -167,25 +167,34 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _worker(args: argparse.Namespace) -> None:
+    from service.celery_app import run_worker
+    from service.settings import Settings
+
+    run_worker(Settings())
+
+
+def _ping_worker(args: argparse.Namespace) -> int:
+    from service.celery_app import ping_worker
+    from service.settings import Settings
+
+    return 0 if ping_worker(Settings()) else 1
+
+
+# command -> what runs it; None or a number is the exit status
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
+    "prune": _prune,
+    "train": _train,
+    "serve": _serve,
+    "worker": _worker,
+    "ping-worker": _ping_worker,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "prune":
-            _prune(args)
-        elif args.command == "train":
-            _train(args)
-        elif args.command == "serve":
-            _serve(args)
-        elif args.command == "worker":
-            from service.celery_app import run_worker
-            from service.settings import Settings
-
-            run_worker(Settings())
-        elif args.command == "ping-worker":
-            from service.celery_app import ping_worker
-            from service.settings import Settings
-
-            return 0 if ping_worker(Settings()) else 1
+        status = COMMANDS[args.command](args)
     except ValidationError as exc:
         print(f"clipprune: error: {_describe(exc)}", file=sys.stderr)
         return 2
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug in clipprune: still one line, and a non-zero exit
         print(f"clipprune: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from schemas.job import FINISHED, Job, JobLinks, JobPage, Problem
-from schemas.params import PruneParams, TrainParams
+from schemas.params import PruneParams
 from schemas.report import Report
+from schemas.vocabulary import JobKind
 from service.auth import api_key_header, authenticate
 from service.context import ServiceContext, context
 from service.problems import MEDIA_TYPE, ProblemError, field_problems
@@ -34,7 +35,9 @@ JOB_ID = re.compile(r"[0-9a-f]{32}")  # what new_job_id() makes; anything else i
 UPLOADS = {"prune": ("model", "eval_data", "train_data"), "train": ("train_data", "eval_data")}
 REQUIRED = {"prune": "model", "train": "train_data"}
 FILE_NAMES = {"model": jobs.MODEL_IN, "eval_data": jobs.EVAL_DATA, "train_data": jobs.TRAIN_DATA}
-PARAMS: dict[str, type[BaseModel]] = {"prune": PruneParams, "train": TrainParams}
+PARAMS: dict[JobKind, type[BaseModel]] = {
+    kind: entry.params for kind, entry in jobs.JOB_KINDS.items()
+}
 # The schema under the media type the service sends, and no other: with `"model": Problem`
 # FastAPI documents the body under the route's own type (application/json, text/html) and
 # leaves application/problem+json without a schema, so no client could validate a problem.
@@ -87,11 +90,7 @@ def _multipart_body(kind: str) -> dict[str, Any]:
         }.items()
         if name in UPLOADS[kind]
     }
-    example = (
-        {"sparsity": 0.8, "scope": "layer", "encoding": "dense"}
-        if kind == "prune"
-        else {"model": {"type": "mlp", "hidden": [64]}, "epochs": 20}
-    )
+    example = PARAMS[kind].model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
     params = {
         "type": "string",
         "description": f"{PARAMS[kind].__name__} as a JSON object (schema in components)",
