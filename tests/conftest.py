@@ -1,15 +1,18 @@
-"""Real models for the tests: scikit-learn estimators converted by skl2onnx, and hand-built
-graphs for the layouts converters write (Gemm with transB, Conv, Constant nodes, subgraphs)."""
+"""Fixtures for the tests: real models (scikit-learn estimators converted by skl2onnx), the
+digits as arrays and as an upload, PostgreSQL, and the service over HTTP (at the end)."""
 
 import os
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import onnx
 import pytest
+from server import Server, free_port, start_server
 from skl2onnx import to_onnx
 from sklearn.datasets import load_diabetes, load_digits, load_iris
 from sklearn.exceptions import ConvergenceWarning
@@ -78,6 +81,14 @@ def logistic(_logistic) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     return copy_model(model), features, labels
 
 
+@pytest.fixture(scope="session")
+def digits_csv(digits) -> bytes:
+    """Every digits row as an upload: a header line (p0..p63, digit), the label last."""
+    features, labels = digits
+    rows = "\n".join(",".join(f"{v:g}" for v in row) for row in np.c_[features, labels])
+    return (",".join([f"p{i}" for i in range(64)] + ["digit"]) + "\n" + rows).encode()
+
+
 @pytest.fixture
 def job_dir(tmp_path: Path) -> Path:
     (tmp_path / "input").mkdir()
@@ -128,8 +139,6 @@ def postgres_server(tmp_path_factory) -> Iterator[str]:
         from brokers import skip_or_fail
 
         skip_or_fail("PostgreSQL does not answer on 127.0.0.1:5432 and no temporary one can start")
-    from server import free_port
-
     bin_dir, port = binaries[-1], free_port()
     data = tmp_path_factory.mktemp("pg")
     subprocess.run(
@@ -165,3 +174,57 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
     with admin.begin() as connection:
         connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
+
+
+# --- the service over HTTP ------------------------------------------------------------------
+# Every HTTP test talks to a real uvicorn process (tests/server.py) and submits jobs through
+# server.submit. A module shares one `server`; a module that needs other settings overrides
+# `server_settings`. A test that starts, stops, kills or restarts servers itself, or needs
+# one of its own, asks `make_server`.
+
+
+@pytest.fixture(scope="module")
+def server_settings() -> dict[str, Any]:
+    """Settings of the module's `server`, as CLIPPRUNE_<NAME> without the prefix (api_keys,
+    job_timeout_s, max_upload_bytes, database_url, backend...). A module overrides this
+    fixture to ask for its own."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def server(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    server_settings: dict[str, Any],
+) -> Iterator[Server]:
+    """One service for the whole module, stopped after its last test."""
+    data_dir = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]) / "data"
+    server = start_server(data_dir, **server_settings)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    """A client of the module's `server`, without a key."""
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Servers of this test's own: make_server(**settings) starts one on tmp_path/data;
+    pass data_dir to start another on the same data (a restart), wrap for a command to run it
+    under. Every one started is stopped when the test ends, whatever it left running."""
+    started: list[Server] = []
+
+    def make(data_dir: Path | None = None, wrap: Sequence[str] = (), **settings: Any) -> Server:
+        server = start_server(data_dir or tmp_path / "data", wrap, **settings)
+        started.append(server)
+        return server
+
+    yield make
+    for server in reversed(started):
+        server.stop()

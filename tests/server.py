@@ -1,5 +1,6 @@
 """A real clipprune service in a real uvicorn process on a free local port, for the tests."""
 
+import json
 import os
 import signal
 import socket
@@ -7,7 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,31 @@ def start_server(data_dir: Path, wrap: Sequence[str] = (), **settings: Any) -> S
     raise RuntimeError(f"server did not get ready: {log.read_text()[-2000:]}")
 
 
+def submit(
+    client: httpx.Client,
+    kind: str,
+    files: Mapping[str, bytes],
+    params: Mapping[str, Any] | None = None,
+    wait: float = 0,
+) -> httpx.Response:
+    """POST /v1/jobs/{kind} (prune or train) as a client of the API does: each file a part
+    under its field name (model, eval_data, train_data), params as JSON (None: no params
+    part, the defaults). With `wait`, the answer comes when the job has ended (200) or after
+    that many seconds (202). The response as it is: the test asserts what it expects."""
+    return client.post(
+        f"/v1/jobs/{kind}",
+        params={"wait": wait},
+        files={name: (name, data) for name, data in files.items()},
+        data=None if params is None else {"params": json.dumps(params)},
+    )
+
+
+def accepted(response: httpx.Response) -> str:
+    """The id of the job a submit queued; anything but a 202 fails the test with the answer."""
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
 def wait_for(
     client: httpx.Client, job_id: str, statuses: set[str] = FINISHED, timeout: float = 120
 ) -> dict:
@@ -113,3 +139,14 @@ def wait_for(
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+def metrics_with(client: httpx.Client, line: str, timeout: float = 10) -> str:
+    """/metrics once it holds `line`, or as it is after `timeout`: a job's counter moves when
+    the dispatcher reaps its process, a tick after the job has ended."""
+    deadline = time.monotonic() + timeout
+    metrics = client.get("/metrics").text
+    while line not in metrics and time.monotonic() < deadline:
+        time.sleep(0.05)
+        metrics = client.get("/metrics").text
+    return metrics

@@ -10,20 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from server import start_server, wait_for
+from server import metrics_with, submit, wait_for
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("service") / "data")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(server):
-    with server.client() as client:
-        yield client
+LONG_TRAIN = {"model": {"hidden": [1024, 1024]}, "epochs": 10000}  # runs until deleted
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +26,8 @@ def digits_upload(_mlp_classifier, digits) -> dict[str, bytes]:
     return {"model": _mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
 
 
-def prune(client, files: dict[str, bytes], params: dict, wait: float = 0):
-    return client.post(
-        "/v1/jobs/prune",
-        params={"wait": wait},
-        files={name: (name, data) for name, data in files.items()},
-        data={"params": json.dumps(params)},
-    )
-
-
 def test_prune_job_end_to_end_with_numbers_rechecked(client, digits_upload, digits):
-    response = prune(client, digits_upload, {"sparsity": 0.5})
+    response = submit(client, "prune", digits_upload, {"sparsity": 0.5})
     assert response.status_code == 202
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
@@ -90,13 +70,11 @@ def test_train_job_from_csv(client, digits):
         )
         return buffer.getvalue().encode()
 
-    response = client.post(
-        "/v1/jobs/train",
-        files={
-            "train_data": ("train.csv", csv_of(slice(0, 1200))),
-            "eval_data": ("eval.csv", csv_of(slice(1200, None))),
-        },
-        data={"params": json.dumps({"model": {"hidden": [32]}, "epochs": 8})},
+    response = submit(
+        client,
+        "train",
+        {"train_data": csv_of(slice(0, 1200)), "eval_data": csv_of(slice(1200, None))},
+        {"model": {"hidden": [32]}, "epochs": 8},
     )
     assert response.status_code == 202
     job = wait_for(client, response.json()["id"])
@@ -113,7 +91,7 @@ def test_train_job_from_csv(client, digits):
 
 
 def test_wait_returns_the_finished_job_in_one_round_trip(client, digits_upload):
-    response = prune(client, digits_upload, {"threshold": 0.01}, wait=30)
+    response = submit(client, "prune", digits_upload, {"threshold": 0.01}, wait=30)
     assert response.status_code == 200
     assert response.json()["status"] == "succeeded"
 
@@ -124,7 +102,9 @@ def test_wait_answers_as_the_job_ends_not_at_the_next_poll(client, digits_upload
     only by luck (about 3%)."""
     lags = []
     for _ in range(8):
-        response = prune(client, {"model": digits_upload["model"]}, {"sparsity": 0.1}, wait=30)
+        response = submit(
+            client, "prune", {"model": digits_upload["model"]}, {"sparsity": 0.1}, wait=30
+        )
         answered = datetime.now(UTC)
         assert response.status_code == 200, response.text
         lags.append(answered - datetime.fromisoformat(response.json()["finished_at"]))
@@ -133,7 +113,7 @@ def test_wait_answers_as_the_job_ends_not_at_the_next_poll(client, digits_upload
 
 def test_list_is_newest_first_and_paginated(client, digits_upload):
     ids = [
-        prune(client, {"model": digits_upload["model"]}, {"sparsity": 0.1}).json()["id"]
+        submit(client, "prune", {"model": digits_upload["model"]}, {"sparsity": 0.1}).json()["id"]
         for _ in range(3)
     ]
     first = client.get("/v1/jobs", params={"limit": 2}).json()
@@ -151,7 +131,7 @@ def test_list_is_newest_first_and_paginated(client, digits_upload):
     ],
 )
 def test_bad_params_are_problems_naming_the_field(client, digits_upload, params, status, field):
-    response = prune(client, digits_upload, params)
+    response = submit(client, "prune", digits_upload, params)
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
@@ -179,7 +159,9 @@ def test_request_problems(client, digits_upload):
 
 
 def test_a_bad_model_fails_the_job_with_the_compute_layers_message(client):
-    response = prune(client, {"model": b"this is not an onnx model"}, {"sparsity": 0.5}, wait=30)
+    response = submit(
+        client, "prune", {"model": b"this is not an onnx model"}, {"sparsity": 0.5}, wait=30
+    )
     job = response.json()
     assert job["status"] == "failed"
     assert job["error"]["status"] == 422 and "not a readable ONNX model" in job["error"]["detail"]
@@ -188,7 +170,7 @@ def test_a_bad_model_fails_the_job_with_the_compute_layers_message(client):
 
 
 def test_delete_removes_the_job_and_its_files(client, server, digits_upload):
-    job = prune(client, digits_upload, {"sparsity": 0.3}, wait=30).json()
+    job = submit(client, "prune", digits_upload, {"sparsity": 0.3}, wait=30).json()
     assert (Path(server.data_dir) / "jobs" / job["id"]).exists()
     assert client.delete(job["links"]["self"]).status_code == 204
     assert client.get(job["links"]["self"]).status_code == 404
@@ -196,12 +178,13 @@ def test_delete_removes_the_job_and_its_files(client, server, digits_upload):
 
 
 def test_operations_endpoints_and_offline_docs(client, digits_upload):
-    prune(client, digits_upload, {"sparsity": 0.2}, wait=30)
+    submit(client, "prune", digits_upload, {"sparsity": 0.2}, wait=30)
     assert client.get("/livez").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ok" and set(ready["checks"]) == {"database", "workers", "disk"}
-    metrics = client.get("/metrics").text
-    assert 'clipprune_jobs_total{kind="prune",status="succeeded"}' in metrics
+    succeeded = 'clipprune_jobs_total{kind="prune",status="succeeded"}'
+    metrics = metrics_with(client, succeeded)  # not a count an earlier test's jobs made
+    assert succeeded in metrics
     assert "clipprune_queue_depth" in metrics and "clipprune_http_requests_total" in metrics
     docs = client.get("/docs").text
     assert "/docs/assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
@@ -251,7 +234,7 @@ def test_hostile_ids_cursors_params_and_headers_are_4xx(client, digits_upload):
 def test_files_gone_under_a_finished_row_read_as_404_not_500(client, server, digits_upload):
     import shutil
 
-    job = prune(client, digits_upload, {"sparsity": 0.4}, wait=30).json()
+    job = submit(client, "prune", digits_upload, {"sparsity": 0.4}, wait=30).json()
     shutil.rmtree(Path(server.data_dir) / "jobs" / job["id"])  # as a racing DELETE or expiry
     for link in ("model", "report", "report_html"):
         response = client.get(job["links"][link])
@@ -259,25 +242,19 @@ def test_files_gone_under_a_finished_row_read_as_404_not_500(client, server, dig
         assert response.headers["content-type"] == "application/problem+json"
 
 
-def test_waiting_on_a_job_that_gets_deleted_answers_404_at_once(client, digits):
+def test_waiting_on_a_job_that_gets_deleted_answers_404_at_once(client, digits_csv):
     import threading
     import time
 
-    features, labels = digits
-    csv = io.StringIO()
-    np.savetxt(csv, np.c_[features, labels], delimiter=",", header="," * 64, comments="")
     answer = {}
 
-    def submit() -> None:
-        answer["response"] = client.post(
-            "/v1/jobs/train",
-            params={"wait": 30},
-            files={"train_data": ("d.csv", csv.getvalue().encode())},
-            data={"params": json.dumps({"model": {"hidden": [1024, 1024]}, "epochs": 10000})},
+    def submit_and_wait() -> None:
+        answer["response"] = submit(
+            client, "train", {"train_data": digits_csv}, LONG_TRAIN, wait=30
         )
         answer["answered"] = time.monotonic()
 
-    thread = threading.Thread(target=submit)
+    thread = threading.Thread(target=submit_and_wait)
     started = time.monotonic()
     thread.start()
     while True:
@@ -294,35 +271,27 @@ def test_waiting_on_a_job_that_gets_deleted_answers_404_at_once(client, digits):
     assert time.monotonic() - started < 25
 
 
-def test_a_delete_wakes_a_request_waiting_on_a_queued_job(client, digits_upload, digits):
+def test_a_delete_wakes_a_request_waiting_on_a_queued_job(client, digits_upload, digits_csv):
     """No worker ever had this job, so only the DELETE can say it ended: the waiting request
     answers 404 then, not at its next read of the row (up to a second later)."""
     import threading
     import time
 
-    features, labels = digits
-    csv = io.StringIO()
-    np.savetxt(csv, np.c_[features, labels], delimiter=",", header="," * 64, comments="")
     busy = [  # both workers, so the next job stays queued
-        client.post(
-            "/v1/jobs/train",
-            files={"train_data": ("d.csv", csv.getvalue().encode())},
-            data={"params": json.dumps({"model": {"hidden": [1024, 1024]}, "epochs": 10000})},
-        ).json()["id"]
+        submit(client, "train", {"train_data": digits_csv}, LONG_TRAIN).json()["id"]
         for _ in range(2)
     ]
     answer = {}
 
-    def submit() -> None:
-        answer["response"] = prune(
-            client, {"model": digits_upload["model"]}, {"sparsity": 0.1}, wait=30
-        )
+    def submit_and_wait() -> None:
+        model = {"model": digits_upload["model"]}
+        answer["response"] = submit(client, "prune", model, {"sparsity": 0.1}, wait=30)
         answer["answered"] = time.monotonic()
 
     try:
         for job_id in busy:
             wait_for(client, job_id, {"running"})
-        thread = threading.Thread(target=submit)
+        thread = threading.Thread(target=submit_and_wait)
         thread.start()
         for _ in range(500):
             page = client.get("/v1/jobs", params={"limit": 1}).json()["items"]
