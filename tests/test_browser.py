@@ -1,6 +1,5 @@
 """The report page and Swagger UI in a real headless Chromium (Debian's, with its driver)."""
 
-import json
 import shutil
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from brokers import skip_or_fail
 from graphs import make_model
 from onnx import TensorProto, helper, numpy_helper
-from server import start_server, wait_for
+from server import submit, wait_for
 
 OTHER_HOSTS_BLOCKED = "MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
 
@@ -36,13 +35,6 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("browser") / "data")
-    yield server
-    server.stop()
-
-
 def errors_in_console(browser) -> list[dict]:
     return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
@@ -54,19 +46,14 @@ def resources_outside(browser, base: str) -> list[str]:
     return [name for name in names if not name.startswith(base)]
 
 
-def submit(client, kind: str, files: dict[str, bytes], params: dict) -> dict:
-    response = client.post(
-        f"/v1/jobs/{kind}",
-        params={"wait": 60},
-        files={name: (name, data) for name, data in files.items()},
-        data={"params": json.dumps(params)},
-    )
-    job = wait_for(client, response.json()["id"])
+def finished(client, kind: str, files: dict[str, bytes], params: dict) -> dict:
+    """The job, once it has succeeded: its report page is what these tests open."""
+    job = wait_for(client, submit(client, kind, files, params, wait=60).json()["id"])
     assert job["status"] == "succeeded", job["error"]
     return job
 
 
-def test_report_pages_render_their_plots(browser, server, digits_300_100, digits):
+def test_report_pages_render_their_plots(browser, server, client, digits_300_100, digits):
     model, (_x_train, _y_train), (x_test, y_test) = digits_300_100
     import io
 
@@ -75,20 +62,19 @@ def test_report_pages_render_their_plots(browser, server, digits_300_100, digits
         np.savez(buffer, X=x, y=y)
         return buffer.getvalue()
 
-    with server.client() as client:
-        search = submit(
-            client,
-            "prune",
-            {"model": model.SerializeToString(), "eval_data": npz(x_test, y_test)},
-            {"max_accuracy_drop": 0.02, "sensitivity": True},
-        )
-        features, labels = digits
-        train = submit(
-            client,
-            "train",
-            {"train_data": npz(features, labels)},
-            {"model": {"hidden": [32]}, "epochs": 5},
-        )
+    search = finished(
+        client,
+        "prune",
+        {"model": model.SerializeToString(), "eval_data": npz(x_test, y_test)},
+        {"max_accuracy_drop": 0.02, "sensitivity": True},
+    )
+    features, labels = digits
+    train = finished(
+        client,
+        "train",
+        {"train_data": npz(features, labels)},
+        {"model": {"hidden": [32]}, "epochs": 5},
+    )
     for job, figures in ((search, 4), (train, 4)):
         browser.get(server.url + job["links"]["report_html"])
         svgs = browser.find_elements("css selector", "figure svg")
@@ -120,7 +106,7 @@ def test_swagger_ui_lists_the_job_endpoints_without_the_internet(browser, server
     assert errors_in_console(browser) == []
 
 
-def test_names_holding_markup_render_as_text(browser, server):
+def test_names_holding_markup_render_as_text(browser, server, client):
     hostile = "<script>alert('x')</script>"
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
@@ -131,8 +117,7 @@ def test_names_holding_markup_render_as_text(browser, server):
         [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), f"W{hostile}")],
     )
     model: onnx.ModelProto = make_model(graph)
-    with server.client() as client:
-        job = submit(client, "prune", {"model": model.SerializeToString()}, {"sparsity": 0.5})
+    job = finished(client, "prune", {"model": model.SerializeToString()}, {"sparsity": 0.5})
     browser.get(server.url + job["links"]["report_html"])
     assert browser.execute_script("return document.getElementsByTagName('script').length") == 0
     assert f"W{hostile}" in browser.find_element("tag name", "body").text
