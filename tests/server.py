@@ -123,7 +123,7 @@ def submit(
     )
 
 
-def accepted(response: httpx.Response) -> str:
+def accepted_id(response: httpx.Response) -> str:
     """The id of the job a submit queued; anything but a 202 fails the test with the answer."""
     assert response.status_code == 202, response.text
     return response.json()["id"]

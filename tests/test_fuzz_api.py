@@ -31,7 +31,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 from schemathesis.core.parameters import ParameterLocation
-from server import Server, start_server, wait_for
+from server import Server, accepted_id, submit, wait_for
 
 from service.app import create_app
 from service.settings import Settings
@@ -88,15 +88,9 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server_settings() -> dict[str, Any]:
     # A short job time limit: a fuzzed job whose data happens to parse cannot hold a worker.
-    server = start_server(
-        tmp_path_factory.mktemp("fuzz") / "data", api_keys=f"{KEY},other-key", job_timeout_s=10
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
+    return {"api_keys": f"{KEY},other-key", "job_timeout_s": 10}
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +105,10 @@ def jobs(client: httpx.Client, _mlp_classifier: Any) -> dict[str, str]:
     (200 with the model, the report, the page) and a failed one (409 for its results)."""
     ids = {}
     for status, model in (("succeeded", _mlp_classifier.SerializeToString()), ("failed", b"x")):
-        job = submit(client, "/v1/jobs/prune", model)
+        job = accepted_id(submit(client, "prune", {"model": model}, {"sparsity": 0.5}))
         assert wait_for(client, job)["status"] == status
         ids[status] = job
     return ids
-
-
-def submit(client: httpx.Client, path: str, data: bytes) -> str:
-    field = "model" if path.endswith("prune") else "train_data"
-    response = client.post(
-        path,
-        files={field: ("upload", data)},
-        data={"params": json.dumps(VALID_PARAMS[path][0])},
-    )
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +189,11 @@ def test_every_response_is_documented(
             case.body["params"] = json.dumps(params)
         if "job_id" in case.path_parameters and positive:
             # A real job's id, or a fresh one to delete (its worker is stopped), or the fuzz's.
-            real = [submit(client, "/v1/jobs/prune", b"x")] if case.method == "DELETE" else []
-            real += [] if case.method == "DELETE" else list(jobs.values())
+            if case.method == "DELETE":
+                fresh = submit(client, "prune", {"model": b"x"}, {"sparsity": 0.5})
+                real = [accepted_id(fresh)]
+            else:
+                real = list(jobs.values())
             choice = data.draw(st.sampled_from([None, *real]), label="job id")
             if choice is not None:
                 case.path_parameters["job_id"] = choice
