@@ -15,7 +15,7 @@ from datetime import timedelta
 import redis
 
 from service.celery_app import TASK, make_celery, queue_name
-from service.local_backend import requeue_or_fail
+from service.runner import requeue_or_fail
 from service.settings import Settings
 from service.store import JobStore, now
 

@@ -26,26 +26,15 @@ from multiprocessing.process import BaseProcess
 from service.artifacts import ArtifactStore
 from service.job_ends import JobEnds
 from service.logs import configure_logging
-from service.runner import problem, run_job
+from service.runner import problem, requeue_or_fail, run_job
 from service.settings import Settings
 from service.store import JobStore
 
 log = logging.getLogger("clipprune.backend")
 
 TICK_S = 0.2
-MAX_ATTEMPTS = 2  # a job whose worker was lost is retried once, then failed
 MAX_JOBS_PER_WORKER = 50
 ORPHAN_CHECK_S = 0.5
-
-
-def requeue_or_fail(store: JobStore, job_id: str, attempts: int | None, detail: str) -> bool:
-    """The retry policy for a job whose worker was lost, in this backend and the Celery one:
-    queued again if it has attempts left (True), else failed with a "Worker lost" problem that
-    says `detail` (False). `attempts` is None when the job's row could not be read."""
-    if attempts is not None and attempts < MAX_ATTEMPTS and store.requeue(job_id):
-        return True
-    store.fail(job_id, problem(500, "Worker lost", detail), {"running"})
-    return False
 
 
 def _exit_with(service_pid: int) -> None:

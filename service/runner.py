@@ -24,11 +24,22 @@ from workers.errors import InputError
 
 log = logging.getLogger("clipprune.job")
 
+MAX_ATTEMPTS = 2  # a job whose worker was lost is retried once, then failed
 PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes always go
 
 
 def problem(status: int, title: str, detail: str) -> dict[str, Any]:
     return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+
+
+def requeue_or_fail(store: JobStore, job_id: str, attempts: int | None, detail: str) -> bool:
+    """The retry policy for a job whose worker was lost, in every backend:
+    queued again if it has attempts left (True), else failed with a "Worker lost" problem that
+    says `detail` (False). `attempts` is None when the job's row could not be read."""
+    if attempts is not None and attempts < MAX_ATTEMPTS and store.requeue(job_id):
+        return True
+    store.fail(job_id, problem(500, "Worker lost", detail), {"running"})
+    return False
 
 
 def _progress_writer(store: JobStore, job_id: str, token: str) -> jobs.Progress:
