@@ -33,3 +33,29 @@ class InvalidDataError(InputError):
     """An eval/train data file that cannot be used."""
 
     title = "Invalid data file"
+
+
+MAX_MESSAGE = 300  # characters: an error or a note a person reads in one go
+
+
+def cut_list(before: str, items: list[str], after: str = "", limit: int = MAX_MESSAGE) -> str:
+    """before + as many of `items` as fit, comma-separated, + "… and N more" + after, in at
+    most `limit` characters: a long list is cut, never the words around it."""
+    shown: list[str] = []
+    for index, item in enumerate(items):
+        rest = len(items) - index - 1
+        more = f" … and {rest} more" if rest else ""
+        candidate = ", ".join([*shown, item])
+        if len(before) + len(candidate) + len(more) + len(after) > limit:
+            more = f"… and {len(items) - index} more"
+            return before + ", ".join(shown) + (" " if shown else "") + more + after
+        shown.append(item)
+    return before + ", ".join(shown) + after
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an error from a library (onnxruntime, onnx), cut to `limit`
+    characters: their messages can run to pages."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
