@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.routing import iter_route_contexts
-from server import Server, start_server, wait_for
+from server import Server, submit, wait_for
 
 from service import routes, store
 from service.app import create_app
@@ -58,35 +58,18 @@ def url(template: str, job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(
-        tmp_path_factory.mktemp("isolation") / "data", api_keys=f"{KEY_A},{KEY_B}"
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
+def server_settings() -> dict[str, Any]:
+    return {"api_keys": f"{KEY_A},{KEY_B}"}
 
 
 @pytest.fixture(scope="module")
-def a_jobs(server: Server, _mlp_classifier: Any, digits: Any) -> Iterator[dict[str, str]]:
+def a_jobs(server: Server, _mlp_classifier: Any, digits_csv: bytes) -> Iterator[dict[str, str]]:
     """Key A's jobs: one succeeded (every result exists), one still running."""
-    features, labels = digits
-    rows = "\n".join(",".join(f"{v:g}" for v in row) for row in np.c_[features, labels])
-    data = (",".join([f"p{i}" for i in range(64)] + ["digit"]) + "\n" + rows).encode()
     with server.client(KEY_A) as a:
-        done = a.post(
-            "/v1/jobs/prune",
-            params={"wait": 30},
-            files={"model": ("m.onnx", _mlp_classifier.SerializeToString())},
-            data={"params": json.dumps({"sparsity": 0.5})},
-        ).json()
+        model = {"model": _mlp_classifier.SerializeToString()}
+        done = submit(a, "prune", model, {"sparsity": 0.5}, wait=30).json()
         assert done["status"] == "succeeded", done
-        running = a.post(
-            "/v1/jobs/train",
-            files={"train_data": ("d.csv", data)},
-            data={"params": json.dumps(LONG_TRAIN)},
-        ).json()
+        running = submit(a, "train", {"train_data": digits_csv}, LONG_TRAIN).json()
         wait_for(a, running["id"], {"running"})
         yield {"succeeded": done["id"], "running": running["id"]}
         a.delete(f"/v1/jobs/{running['id']}")  # its worker is stopped, not left training
