@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from schemas.vocabulary import (
     ClipMode,
-    Encoding,
+    EncodingChoice,
     Granularity,
     HiddenActivation,
+    MetricChoice,
     ModelType,
     Optimizer,
     PruneSchedule,
@@ -87,7 +88,17 @@ class PruneParams(_Params):
     )
     scope: Scope = "layer"
     granularity: Granularity = "unstructured"
-    encoding: Encoding = "dense"
+    encoding: EncodingChoice | None = Field(
+        None,
+        description="dense, sparse, int8, or auto: the smallest file among those that meet the "
+        "bound. Default: auto for a max_accuracy_drop search, else dense.",
+    )
+    metric: MetricChoice = Field(
+        "auto",
+        description="How outputs are scored. auto: accuracy or r2 with labels; without labels "
+        "top1_agreement for class scores [N, C], exact_match for integer and bool outputs, "
+        "cosine for other float outputs. The report says what auto chose and why.",
+    )
     include: list[str] = Field(
         default_factory=list,
         description="Regexes over initializer names to prune in addition to the default "
@@ -133,6 +144,8 @@ class PruneParams(_Params):
                 "give exactly one of sparsity, threshold, max_accuracy_drop"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.encoding is None:
+            self.encoding = "auto" if self.max_accuracy_drop is not None else "dense"
         gradual = self.fine_tune is not None and self.fine_tune.schedule == "gradual"
         if gradual and (self.granularity != "unstructured" or self.threshold is not None):
             raise ValueError(

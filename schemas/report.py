@@ -6,7 +6,7 @@ Every field is described here once; the descriptions reach the OpenAPI document
 
 from pydantic import BaseModel, Field
 
-from schemas.vocabulary import ClipMode, JobKind, Metric
+from schemas.vocabulary import ClipMode, Encoding, JobKind, Metric
 
 
 class SizeReport(BaseModel):
@@ -40,25 +40,45 @@ class LayerReport(BaseModel):
     sparsity: float = Field(description="1 - nonzero / params.")
 
 
-class AccuracyReport(BaseModel):
-    """The compressed model scored against the original on the same samples."""
+class OutputScore(BaseModel):
+    """One model output, compressed against original."""
 
-    metric: Metric = Field(
-        description='What original and compressed measure: "accuracy" (classification), '
-        '"r2" (regression), or "agreement" when there are no labels.'
+    name: str = Field(description="The output's name in the model.")
+    metric: Metric = Field(description="How this output is scored.")
+    reason: str = Field(description="Why this metric: what metric=auto saw, or that it was asked.")
+    original: float = Field(description="The metric of the original model on this output.")
+    compressed: float = Field(description="The metric of the compressed model on this output.")
+    samples: int = Field(
+        description="Samples scored: rows of the output's first axis, over every run."
     )
+
+
+class AccuracyReport(BaseModel):
+    """The compressed model scored against the original on the same samples.
+
+    Every output is scored (outputs); the job's figure is the output whose metric lost the most,
+    and a max_accuracy_drop bound applies to it."""
+
+    metric: Metric = Field(description="The metric of the output that decides (see output).")
+    output: str = Field(description="The output whose score is the job's figure.")
+    reason: str = Field(description="Why this metric was chosen.")
     original: float = Field(description="The metric of the original model.")
     compressed: float = Field(description="The metric of the compressed model.")
-    delta: float = Field(description="compressed - original: negative is a loss.")
-    samples: int = Field(description="Samples scored.")
+    delta: float = Field(
+        description="compressed - original: negative is a loss (for mse and relative_error, "
+        "where lower is better, positive is a loss)."
+    )
+    samples: int = Field(description="Samples scored for the deciding output.")
     agreement: float = Field(
-        description="Share of samples where the compressed model answers as the original: the "
-        "same top-1 class (classification), or outputs within 1% of the original outputs' "
-        "standard deviation (regression)."
+        description="Share of samples where the compressed model answers as the original on "
+        "the deciding output: the same top-1 class, equal values for integer outputs, or "
+        "cosine similarity of at least 0.99 for other float outputs."
     )
-    max_abs_diff: float = Field(
-        description="Largest absolute difference between the two models' float outputs."
+    max_abs_diff: float | None = Field(
+        description="Largest absolute difference between the two models' float outputs; null "
+        "when an output is not finite."
     )
+    outputs: list[OutputScore] = Field(description="Every output scored.")
 
 
 class LatencyReport(BaseModel):
@@ -119,6 +139,8 @@ class SweepPoint(BaseModel):
 
     sparsity: float = Field(description="The sparsity tried.")
     metric: float = Field(description="The compressed model's metric on the eval data.")
+    encoding: Encoding = Field(description="The encoding of the file judged.")
+    bytes: int = Field(description="Size of that file.")
     chosen: bool = Field(False, description="Whether this is the point whose model was returned.")
 
 
@@ -149,8 +171,13 @@ class Report(BaseModel):
     kind: JobKind = Field(description="The job that wrote this report.")
     size: SizeReport = Field(description="File sizes and parameter counts.")
     layers: list[LayerReport] = Field(description="Each prunable tensor.")
-    accuracy: AccuracyReport = Field(description="Compressed against original on the same data.")
-    latency_ms: LatencyReport = Field(description="Inference time of both models.")
+    accuracy: AccuracyReport | None = Field(
+        description="Compressed against original on the same data; null when it could not be "
+        "measured (notes say why)."
+    )
+    latency_ms: LatencyReport | None = Field(
+        description="Inference time of both models; null when the model could not be run."
+    )
     onnx: OnnxReport = Field(description="The compressed file's ONNX facts.")
     training: TrainingReport | None = Field(
         None, description="Train jobs and fine-tuning: loss, validation and clipping."

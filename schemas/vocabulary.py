@@ -22,15 +22,20 @@ PruneSchedule = Literal["one_shot", "gradual"]
 Scope = Literal["layer", "global"]  # nn/masks.py SCOPES
 Granularity = Literal["unstructured", "structured"]  # compress/prune.py GRANULARITIES
 
-# Output files: workers/graph/encoding.py ENCODERS
+# Output files: workers/graph/encoding.py ENCODERS. "auto" (PruneParams.encoding) tries those
+# that can shrink the model and keeps the smallest file that meets the bound.
 Encoding = Literal["dense", "sparse", "int8"]
+EncodingChoice = Literal["auto", Encoding]
 
 # Evaluation: workers/evaluate
 Task = Literal["auto", "classification", "regression"]  # evaluate/metrics.py TASKS
-# What the report's accuracy section measures: evaluate/metrics.py METRICS. "agreement" is
-# used when there are no labels: the share of samples where the compressed model answers as
-# the original does.
-Metric = Literal["accuracy", "r2", "agreement"]
+# How an output is scored: evaluate/metrics.py METRICS. accuracy and r2 score against labels;
+# the others score the compressed model's output against the original's on the same inputs.
+Metric = Literal[
+    "accuracy", "r2", "top1_agreement", "cosine", "relative_error", "mse", "exact_match"
+]
+# PruneParams.metric: "auto" picks per output (evaluate/metrics.py says how, the report why).
+MetricChoice = Literal["auto", Metric]
 
 # Jobs and the service
 JobKind = Literal["prune", "train"]  # workers/jobs JOB_KINDS

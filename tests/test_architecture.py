@@ -181,8 +181,9 @@ def test_every_vocabulary_name_has_its_registry_entry_and_no_more(names, registr
 
 def test_every_vocabulary_with_an_implementation_is_checked():
     """A Literal in schemas/vocabulary.py is either checked above or named here as a plain
-    value with no implementation to choose (a job's status, a training schedule)."""
-    plain = {"JobStatus", "PruneSchedule"}
+    value with no implementation to choose (a job's status, a training schedule), or a choice
+    that adds "auto" to a checked vocabulary."""
+    plain = {"JobStatus", "PruneSchedule", "EncodingChoice", "MetricChoice"}
     checked = {
         name
         for name, value in vars(vocabulary).items()

@@ -490,7 +490,7 @@ FAILED_JOBS = [
     ),
     pytest.param(
         _prune_eval(lambda u: _npz(X=u.features[:10, :5], y=u.labels[:10])),
-        r"data for input 'X' has shape \[10, 5\]; the model expects \['N', 64\]",
+        r"data for input 'X' has shape \[10, 5\]; the model declares \[\?, 64\]",
         id="eval-npz-wrong-shape",
     ),
     pytest.param(

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphs import gemm_mlp
+from helpers import run
 
 from schemas import PruneParams, Report
-from workers.errors import InvalidDataError, InvalidModelError
+from workers.errors import InputError, InvalidDataError, InvalidModelError
 from workers.jobs import run_prune_job
 
 
@@ -73,13 +75,34 @@ def test_zero_sparsity_reports_no_change(job_dir, digits_files):
     assert report.accuracy.max_abs_diff == 0.0
 
 
-def test_without_eval_data_agreement_is_measured_on_generated_inputs(job_dir, mlp_regressor):
-    stage(job_dir, mlp_regressor[0].SerializeToString())
+def test_without_eval_data_the_error_is_measured_on_generated_inputs(job_dir, mlp_regressor):
+    model, features, _ = mlp_regressor
+    stage(job_dir, model.SerializeToString())
     report = run_prune_job(job_dir, PruneParams(sparsity=0.7))
-    assert report.accuracy.metric == "agreement"
-    assert report.accuracy.original == 1.0 and report.accuracy.samples == 256
-    assert 0.0 <= report.accuracy.compressed < 1.0 and report.accuracy.max_abs_diff > 0
-    assert "generated inputs" in report.notes[0]
+    accuracy = report.accuracy
+    # one value per sample: the relative error of all outputs against the original's
+    assert accuracy.metric == "relative_error" and accuracy.output == "variable"
+    assert accuracy.original == 0.0 and accuracy.samples == 256
+    generated = np.random.default_rng(0).standard_normal((256, features.shape[1]))
+    (before,) = run(model, {"X": generated.astype(np.float32)})
+    (after,) = run((job_dir / "model.onnx").read_bytes(), {"X": generated.astype(np.float32)})
+    expected = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert accuracy.compressed == pytest.approx(expected, rel=1e-4)
+    assert accuracy.max_abs_diff == pytest.approx(float(np.max(np.abs(after - before))), rel=1e-4)
+    assert any("generated inputs" in note for note in report.notes)
+
+
+def test_without_eval_data_a_model_with_unknown_dims_is_not_measured(job_dir):
+    model = gemm_mlp([8, 16, 2], trans_b=0)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"  # [N, features]
+    stage(job_dir, model.SerializeToString())
+    report = run_prune_job(job_dir, PruneParams(sparsity=0.5, encoding="sparse"))
+    assert report.accuracy is None and report.latency_ms is None
+    (note,) = [note for note in report.notes if note.startswith("accuracy not measured")]
+    assert "'X' has 2 unknown dims" in note and "send eval_data" in note
+    assert (job_dir / "model.onnx").exists()
+    with pytest.raises(InputError, match="max_accuracy_drop needs a metric.*send eval_data"):
+        run_prune_job(job_dir, PruneParams(max_accuracy_drop=0.01))
 
 
 def test_regression_with_labels_reports_r2(job_dir, mlp_regressor):

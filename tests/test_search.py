@@ -28,16 +28,22 @@ def test_the_search_never_returns_a_model_that_breaks_the_bound(job_dir, digits_
         job_dir, PruneParams(max_accuracy_drop=bound), lambda stage, f: seen.append(stage)
     )
     assert report.accuracy.delta >= -bound - 1e-12
+    sparsities = sorted({point.sparsity for point in report.sweep})
+    assert [point.sparsity for point in report.sweep] == sorted(p.sparsity for p in report.sweep)
+    assert len(sparsities) >= 5
+    assert sum(stage.startswith("candidate") for stage in seen) == len(sparsities)
+    # encoding auto: each sparsity is judged as int8, sparse and dense files
+    assert {point.encoding for point in report.sweep} == {"int8", "sparse", "dense"}
+    meeting = [p for p in report.sweep if report.accuracy.original - p.metric <= bound + 1e-12]
     chosen = [point for point in report.sweep if point.chosen]
-    points = [point.sparsity for point in report.sweep]
-    assert points == sorted(points) and len(points) >= 5
-    assert sum(stage.startswith("candidate") for stage in seen) == len(points)
     if chosen:
         (point,) = chosen
         assert point.metric == pytest.approx(report.accuracy.compressed)
-        failing = [p for p in report.sweep if report.accuracy.original - p.metric > bound]
-        assert all(p.sparsity > point.sparsity for p in failing)  # the largest that passed
+        assert point.bytes == report.size.compressed_bytes
+        assert point.bytes == min(p.bytes for p in meeting)  # the smallest file within the bound
         assert all(abs(layer.sparsity - point.sparsity) <= 1e-3 for layer in report.layers)
+    else:
+        assert not meeting
     x_test, y_test = held_out
     labels, _ = run((job_dir / "model.onnx").read_bytes(), {"X": x_test})
     assert np.mean(labels == y_test) == pytest.approx(report.accuracy.compressed)
@@ -65,7 +71,8 @@ def test_search_with_fine_tuning_reaches_further(job_dir, tmp_path, digits_300_1
         "learning_rate": 3e-3,
         "clip": {"mode": "global_norm", "threshold": 0.25},
     }
-    report = run_prune_job(job_dir, PruneParams(max_accuracy_drop=0.01, fine_tune=fine_tune))
+    params = PruneParams(max_accuracy_drop=0.01, fine_tune=fine_tune, encoding="sparse")
+    report = run_prune_job(job_dir, params)
     (chosen,) = [point for point in report.sweep if point.chosen]
     assert chosen.sparsity >= 0.9 and report.accuracy.delta >= -0.01
     assert report.training is not None

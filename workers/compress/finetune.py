@@ -8,7 +8,7 @@ from schemas.params import PruneParams
 from schemas.report import TrainingReport
 from workers.compress.prune import PruneOutcome, refresh_layers
 from workers.errors import InputError, InvalidDataError
-from workers.evaluate.data import Table
+from workers.evaluate.data import EvalData
 from workers.graph.mlp import read_mlp
 from workers.nn.fit import EpochProgress, FitSettings, PruneTarget, fit, training_report
 from workers.nn.network import DTYPE, HEADS
@@ -18,8 +18,8 @@ def fine_tune(
     original: ModelProto,
     outcome: PruneOutcome,
     params: PruneParams,
-    train: Table,
-    validation: Table | None,
+    train: EvalData,
+    validation: EvalData | None,
     on_epoch: EpochProgress | None = None,
 ) -> TrainingReport:
     """Train the surviving weights of the pruned model in place, with clipped gradients.
@@ -33,10 +33,11 @@ def fine_tune(
     network = mlp.network
     if train.labels is None:
         raise InvalidDataError("train_data needs labels to fine-tune on")
-    x_train = mlp.prepare(train.features[mlp.input_name])
+    x_train = mlp.prepare(train.stacked(mlp.input_name))
     y_train = mlp.targets(train.labels)
     check = validation if validation is not None and validation.labels is not None else train
-    x_val, y_val = mlp.prepare(check.features[mlp.input_name]), mlp.targets(check.labels)
+    assert check.labels is not None
+    x_val, y_val = mlp.prepare(check.stacked(mlp.input_name)), mlp.targets(check.labels)
 
     # Only the weights the pruning step chose (include/exclude) are masked or ramped.
     chosen = {layer.name for layer in outcome.layers}

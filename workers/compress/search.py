@@ -2,21 +2,24 @@
 search and the per-layer sensitivity scan.
 
 Every candidate is judged as it would be returned: pruned, fine-tuned if asked, encoded, then
-run in onnxruntime on the eval inputs against the original's outputs (computed once).
+run in onnxruntime on the eval inputs against the original's outputs (computed once). With
+encoding auto a candidate is encoded every way that can shrink it, and the smallest file that
+meets the bound is kept.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 from onnx import ModelProto
 
 from schemas.params import PruneParams, revalidated
-from schemas.report import SensitivityPoint, SweepPoint, TrainingReport
+from schemas.report import AccuracyReport, SensitivityPoint, SweepPoint, TrainingReport
+from schemas.vocabulary import Encoding
 from workers.compress.finetune import fine_tune
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
-from workers.evaluate.data import Table
-from workers.evaluate.metrics import compare
+from workers.errors import UnsupportedModelError, cut_list
+from workers.evaluate.data import EvalData
+from workers.evaluate.metrics import Scoring, loss, plan_scoring, score_outputs
 from workers.evaluate.runtime import Outputs, run, session
 from workers.graph.encoding import encode
 from workers.graph.weights import find_weights
@@ -27,67 +30,122 @@ from workers.nn.fit import EpochProgress
 SEARCH_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 SEARCH_REFINEMENTS = 4
 SENSITIVITY_SPARSITIES = (0.5, 0.7, 0.9, 0.95)
+SENSITIVITY_TOLERANCE = 0.01  # a layer "tolerates" a sparsity that loses at most this
 TOLERANCE = 1e-12  # float slack in "drop <= bound"
+# encoding auto tries these; dense shrinks only when structured pruning removed channels.
+AUTO_ENCODINGS: tuple[Encoding, ...] = ("int8", "sparse", "dense")
 
 SearchProgress = Callable[[str, float], None]
 
 
 @dataclass
-class Candidate:
+class Encoded:
+    """One file a candidate was written as, and how it scored (None: not measured)."""
+
+    encoding: Encoding
     data: bytes
-    outcome: PruneOutcome
-    metric: float
-    training: TrainingReport | None = None
+    accuracy: AccuracyReport | None
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Candidate:
+    """A pruned (and fine-tuned) model, and the file chosen among its encodings."""
+
+    outcome: PruneOutcome
+    chosen: Encoded
+    tried: list[Encoded]
+    training: TrainingReport | None = None
+
+    @property
+    def data(self) -> bytes:
+        return self.chosen.data
+
+    @property
+    def notes(self) -> list[str]:
+        return self.outcome.notes + self.chosen.notes
+
+
 class Compressor:
-    """Everything a candidate needs that does not change between candidates."""
+    """Everything a candidate needs that does not change between candidates. `evaluation`
+    None: no inputs to judge on, so candidates are not measured."""
 
     def __init__(
         self,
         model: ModelProto,
         original: bytes,
-        feeds: dict[str, np.ndarray],
-        labels: np.ndarray | None,
+        evaluation: EvalData | None,
         params: PruneParams,
-        train: Table | None,
-        validation: Table | None,
+        train: EvalData | None,
+        validation: EvalData | None,
     ) -> None:
         self.model = model
-        self.feeds = feeds
-        self.labels = labels
+        self.original_bytes = original
+        self.evaluation = evaluation
         self.params = params
         self.train = train
         self.validation = validation
-        self.original = run(session(original), feeds)
-        self.baseline = self._metric(self.original)
+        self.original: Outputs | None = None
+        self.scoring: Scoring | None = None
+        if evaluation is not None:
+            self.original = run(session(original), evaluation.runs)
+            self.scoring = plan_scoring(
+                self.original, evaluation.labels, params.metric, params.task
+            )
 
-    def _metric(self, outputs: Outputs) -> float:
-        """The metric of `outputs`: accuracy or r2 with labels, else agreement with the
-        original."""
-        return compare(self.original, outputs, self.labels, self.params.task).compressed
+    def measure(self, data: bytes) -> AccuracyReport | None:
+        """The file's outputs on the eval inputs, scored against the original's."""
+        if self.evaluation is None:
+            return None
+        assert self.original is not None and self.scoring is not None
+        return score_outputs(self.scoring, self.original, run(session(data), self.evaluation.runs))
 
     def candidate(
-        self, params: PruneParams, on_epoch: EpochProgress | None = None, only: str | None = None
+        self,
+        params: PruneParams,
+        on_epoch: EpochProgress | None = None,
+        only: str | None = None,
+        bound: float | None = None,
     ) -> Candidate:
+        """Prune, fine-tune if asked, encode as asked (auto: every way, keeping the smallest
+        file whose metric drops by at most `bound`, if given) and measure."""
         outcome = prune_model(copy_model(self.model), params, only)
         training = None
         if params.fine_tune is not None:
             assert self.train is not None
             training = fine_tune(self.model, outcome, params, self.train, self.validation, on_epoch)
-        data, notes = encode(outcome.model, params.encoding, outcome.pruned)
-        outputs = run(session(data), self.feeds)
-        return Candidate(data, outcome, self._metric(outputs), training, outcome.notes + notes)
+        assert params.encoding is not None
+        if params.encoding != "auto":
+            encoded = self._encoded(outcome, params.encoding)
+            return Candidate(outcome, encoded, [encoded], training)
+        tried = []
+        for encoding in AUTO_ENCODINGS:
+            try:
+                tried.append(self._encoded(outcome, encoding))
+            except UnsupportedModelError as exc:  # int8 on weights the quantizer cannot take
+                outcome.notes.append(f"encoding auto: {encoding} not possible: {exc}")
+        meeting = [item for item in tried if bound is None or self.meets(item.accuracy, bound)]
+        chosen = min(meeting or tried, key=lambda item: len(item.data))
+        chosen.notes.append(
+            "encoding auto: "
+            + ", ".join(f"{item.encoding} {len(item.data)} B" for item in tried)
+            + f"; {chosen.encoding} kept"
+        )
+        return Candidate(outcome, chosen, tried, training)
 
-    def meets(self, metric: float, bound: float) -> bool:
-        return self.baseline - metric <= bound + TOLERANCE
+    def _encoded(self, outcome: PruneOutcome, encoding: Encoding) -> Encoded:
+        data, notes = encode(outcome.model, encoding, outcome.pruned)
+        return Encoded(encoding, data, self.measure(data), notes)
+
+    def meets(self, accuracy: AccuracyReport | None, bound: float) -> bool:
+        return accuracy is not None and loss(accuracy) <= bound + TOLERANCE
 
 
 def search(
     compressor: Compressor, bound: float, progress: SearchProgress
 ) -> tuple[Candidate | None, float | None, list[SweepPoint]]:
-    """The largest sparsity whose metric drops by at most `bound`, among those tried.
+    """The smallest file among the sparsities tried whose metric drops by at most `bound`
+    (each sparsity's encodings included); the sparsities tried go up while they meet it.
 
     Returns (its candidate, its sparsity, every point tried); (None, None, points) when none
     met the bound.
@@ -98,8 +156,8 @@ def search(
         step = len(tried) + 1
         progress(f"candidate {step}: sparsity {sparsity:.3f}", min(0.8, 0.05 + 0.05 * step))
         params = revalidated(compressor.params, sparsity=sparsity, max_accuracy_drop=None)
-        tried[sparsity] = compressor.candidate(params)
-        return compressor.meets(tried[sparsity].metric, bound)
+        tried[sparsity] = compressor.candidate(params, bound=bound)
+        return compressor.meets(tried[sparsity].chosen.accuracy, bound)
 
     passed, failed = 0.0, None
     for sparsity in SEARCH_GRID:
@@ -115,19 +173,40 @@ def search(
                 passed = middle
             else:
                 failed = middle
-    best = passed if passed in tried else None
-    points = [
-        SweepPoint(sparsity=sparsity, metric=candidate.metric, chosen=sparsity == best)
-        for sparsity, candidate in sorted(tried.items())
+    meeting = [
+        (len(item.data), -sparsity, sparsity, item)
+        for sparsity, candidate in tried.items()
+        for item in candidate.tried
+        if compressor.meets(item.accuracy, bound)
     ]
-    return (tried[best] if best is not None else None), best, points
+    best = min(meeting, key=lambda entry: entry[:2]) if meeting else None
+    points = [
+        SweepPoint(
+            sparsity=sparsity,
+            metric=item.accuracy.compressed if item.accuracy else float("nan"),
+            encoding=item.encoding,
+            bytes=len(item.data),
+            chosen=best is not None and item is best[3],
+        )
+        for sparsity, candidate in sorted(tried.items())
+        for item in candidate.tried
+    ]
+    if best is None:
+        return None, None, points
+    candidate = tried[best[2]]
+    candidate.chosen = best[3]
+    return candidate, best[2], points
 
 
-def sensitivity(compressor: Compressor, progress: SearchProgress) -> list[SensitivityPoint]:
-    """Each prunable tensor pruned alone (unstructured, no fine-tuning) at several sparsities."""
+def sensitivity(
+    compressor: Compressor, progress: SearchProgress
+) -> tuple[list[SensitivityPoint], list[str]]:
+    """Each prunable tensor pruned alone (unstructured, no fine-tuning) at several sparsities,
+    and notes on which layers tolerate 90% alone."""
     chosen = find_weights(compressor.model, compressor.params.include, compressor.params.exclude)
     names = list(dict.fromkeys(slot.name for slot in chosen))
     points = []
+    tolerant, sensitive = [], []
     total = len(names) * len(SENSITIVITY_SPARSITIES)
     for index, name in enumerate(names):
         for position, sparsity in enumerate(SENSITIVITY_SPARSITIES):
@@ -143,19 +222,17 @@ def sensitivity(compressor: Compressor, progress: SearchProgress) -> list[Sensit
                 encoding="dense",
                 fine_tune=None,
             )
-            metric = compressor.candidate(params, only=name).metric
-            points.append(SensitivityPoint(name=name, sparsity=sparsity, metric=metric))
-    return points
-
-
-def sensitivity_notes(points: list[SensitivityPoint], baseline: float) -> list[str]:
-    """Which layers keep the metric within a point at 90% sparsity, and which do not."""
-    at_90 = {point.name: point.metric for point in points if point.sparsity == 0.9}
-    tolerant = [name for name, metric in at_90.items() if baseline - metric <= 0.01]
-    sensitive = [name for name, metric in at_90.items() if baseline - metric > 0.01]
+            accuracy = compressor.candidate(params, only=name).chosen.accuracy
+            assert accuracy is not None
+            points.append(
+                SensitivityPoint(name=name, sparsity=sparsity, metric=accuracy.compressed)
+            )
+            if sparsity == 0.9:
+                fits = loss(accuracy) <= SENSITIVITY_TOLERANCE
+                (tolerant if fits else sensitive).append(name)
     notes = []
     if tolerant:
-        notes.append("sensitivity: tolerate 90% alone (metric within 0.01): " + ", ".join(tolerant))
+        notes.append(cut_list("sensitivity: tolerate 90% alone (metric within 0.01): ", tolerant))
     if sensitive:
-        notes.append("sensitivity: lose more than 0.01 at 90% alone: " + ", ".join(sensitive))
-    return notes
+        notes.append(cut_list("sensitivity: lose more than 0.01 at 90% alone: ", sensitive))
+    return points, notes

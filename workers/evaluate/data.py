@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.vocabulary import Task
-from workers.errors import InvalidDataError
+from workers.errors import InvalidDataError, cut_list
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,26 @@ class DataLimits:
 
 @dataclass(frozen=True)
 class InputSpec:
+    """A model input as declared: dims None where symbolic, missing or negative (PaddlePaddle
+    writes -1 for the batch); shape None when the model declares no shape at all."""
+
     name: str
     dtype: np.dtype
-    shape: list[int | None]  # None for a symbolic or missing dimension
+    shape: tuple[int | None, ...] | None
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Does an array of `shape` match the declaration (any size where a dim is symbolic)?"""
+        if self.shape is None:
+            return True
+        return len(shape) == len(self.shape) and all(
+            want is None or want == got for want, got in zip(self.shape, shape, strict=True)
+        )
+
+    @property
+    def described(self) -> str:
+        if self.shape is None:
+            return "no shape"
+        return "[" + ", ".join("?" if dim is None else str(dim) for dim in self.shape) + "]"
 
 
 @dataclass
@@ -178,9 +195,10 @@ def read_npz(path: Path, limits: DataLimits = DataLimits()) -> dict[str, np.ndar
     for name, array in arrays.items():
         if array.dtype.kind not in "biuf" and not (name == "y" and array.dtype.kind == "U"):
             raise InvalidDataError(f"array {name!r} has dtype {array.dtype}; use numbers")
-        if array.ndim == 0 or not 1 <= len(array) <= limits.max_rows:
+        if array.ndim and not 1 <= len(array) <= limits.max_rows:
             raise InvalidDataError(
-                f"array {name!r} has shape {list(array.shape)}; it needs 1..{limits.max_rows} rows"
+                f"array {name!r} has shape {list(array.shape)}; its first axis needs "
+                f"1..{limits.max_rows} entries"
             )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidDataError(f"array {name!r} holds NaN or infinite values")
@@ -235,58 +253,116 @@ def is_classification(labels: np.ndarray, task: Task) -> bool:
     return LABEL_TASKS[task](labels)
 
 
-def load_eval_data(path: Path, inputs: list[InputSpec], label: str | None) -> Table:
+@dataclass
+class EvalData:
+    """Inputs for a model as onnxruntime takes them: one feed per run, and labels when the file
+    has them, concatenated over the runs along their first axis (the samples)."""
+
+    runs: list[dict[str, np.ndarray]]
+    labels: np.ndarray | None
+
+    def stacked(self, name: str) -> np.ndarray:
+        """Input `name` of every run, joined along the first axis: a batch-first input as one."""
+        return np.concatenate([run[name] for run in self.runs])
+
+
+def load_eval_data(path: Path, inputs: list[InputSpec], label: str | None) -> EvalData:
     """Feeds for the model from a CSV (one 2-D input) or an NPZ (arrays named after inputs)."""
     if is_npz(path):
-        arrays = read_npz(path)
-        if all(spec.name in arrays for spec in inputs):
-            features = {spec.name: arrays[spec.name] for spec in inputs}
-        elif len(inputs) == 1 and "X" in arrays:
-            features = {inputs[0].name: arrays["X"]}
-        else:
+        return _npz_feeds(read_npz(path), inputs)
+    if len(inputs) != 1:
+        raise InvalidDataError(
+            f"the model has {len(inputs)} inputs; a CSV feeds only one, send an NPZ file"
+        )
+    spec = inputs[0]
+    if spec.shape is not None and len(spec.shape) != 2:
+        raise InvalidDataError(
+            f"input {spec.name!r} has shape {spec.described}; a CSV feeds [rows, features] "
+            "only: send an NPZ file with arrays shaped as the model declares"
+        )
+    width = spec.shape[-1] if spec.shape else None
+    if label is None and width is not None:
+        table = read_csv(path, "")
+        columns = table.features[""].shape[1]
+        if columns == width + 1:
+            table = read_csv(path, None)
+        elif columns != width:
             raise InvalidDataError(
-                "the NPZ file needs arrays named after the model's inputs ("
-                + ", ".join(spec.name for spec in inputs)
-                + ") or X for a one-input model, plus y for labels"
+                f"the CSV has {columns} columns but input {spec.name!r} takes {width} "
+                "features (plus an optional label column last)"
             )
-        table = Table(features, arrays.get("y"), [])
     else:
-        if len(inputs) != 1:
-            raise InvalidDataError(
-                f"the model has {len(inputs)} inputs; a CSV feeds only one, send an NPZ file"
+        table = read_csv(path, label)
+    features = _conform(table.features[""], spec)
+    return EvalData([{spec.name: features}], table.labels)
+
+
+def _npz_feeds(arrays: dict[str, np.ndarray], inputs: list[InputSpec]) -> EvalData:
+    """Arrays shaped as the model declares its inputs are one run; with one more leading axis,
+    shared by every input, they are that many runs."""
+    if all(spec.name in arrays for spec in inputs):
+        given = {spec.name: arrays[spec.name] for spec in inputs}
+    elif len(inputs) == 1 and "X" in arrays:
+        given = {inputs[0].name: arrays["X"]}
+    else:
+        raise InvalidDataError(
+            cut_list(
+                "the NPZ file needs arrays named after the model's inputs (",
+                [spec.name for spec in inputs],
+                ") or X for a one-input model, plus y for labels",
             )
-        width = inputs[0].shape[-1] if inputs[0].shape else None
-        if label is None and width is not None:
-            table = read_csv(path, "")
-            columns = table.features[""].shape[1]
-            if columns == width + 1:
-                table = read_csv(path, None)
-            elif columns != width:
+        )
+    layouts = {spec.name: _layout(given[spec.name], spec) for spec in inputs}
+    if len(set(layouts.values())) > 1:
+        raise InvalidDataError(
+            "the NPZ arrays disagree on runs: "
+            + ", ".join(f"{name} {_describe(runs)}" for name, runs in layouts.items())
+            + "; give every input one leading axis of runs, or none"
+        )
+    runs = next(iter(layouts.values()))
+    labels = arrays.get("y")
+    if runs is None:
+        feeds = [{spec.name: _conform(given[spec.name], spec) for spec in inputs}]
+    else:
+        feeds = [
+            {spec.name: _conform(given[spec.name][index], spec) for spec in inputs}
+            for index in range(runs)
+        ]
+        if labels is not None:
+            if labels.ndim == 0 or len(labels) != runs:
                 raise InvalidDataError(
-                    f"the CSV has {columns} columns but input {inputs[0].name!r} takes {width} "
-                    "features (plus an optional label column last)"
+                    f"y has shape {list(labels.shape)}; with {runs} runs it needs a leading "
+                    f"axis of {runs}"
                 )
-        else:
-            table = read_csv(path, label)
-        table = Table({inputs[0].name: table.features[""]}, table.labels, table.columns)
-    for spec in inputs:
-        array = table.features[spec.name]
-        table.features[spec.name] = _conform(array, spec)
-    rows = {len(array) for array in table.features.values()}
-    if len(rows) != 1 or (table.labels is not None and len(table.labels) not in rows):
-        raise InvalidDataError("the data arrays and y must all have the same number of rows")
-    return table
+            labels = labels.reshape(-1, *labels.shape[2:])
+    return EvalData(feeds, labels)
+
+
+def _layout(array: np.ndarray, spec: InputSpec) -> int | None:
+    """None when `array` is shaped as the input declares (one run); the number of runs when it
+    has one more leading axis; else a refusal naming both shapes."""
+    if spec.shape is None or spec.fits(array.shape):
+        return None
+    if array.ndim == len(spec.shape) + 1 and spec.fits(array.shape[1:]):
+        return int(array.shape[0])
+    raise InvalidDataError(
+        f"data for input {spec.name!r} has shape {list(array.shape)}; the model declares "
+        f"{spec.described} (a leading axis of runs may be added)"
+    )
+
+
+def _describe(runs: int | None) -> str:
+    return "one run" if runs is None else f"{runs} runs"
 
 
 def _conform(array: np.ndarray, spec: InputSpec) -> np.ndarray:
-    if len(spec.shape) != array.ndim or any(
-        want is not None and want != got
-        for want, got in zip(spec.shape[1:], array.shape[1:], strict=False)
-    ):
+    if spec.shape is not None and not spec.fits(array.shape):
         raise InvalidDataError(
-            f"data for input {spec.name!r} has shape {list(array.shape)}; the model expects "
-            + str(["N" if dim is None else dim for dim in spec.shape])
+            f"data for input {spec.name!r} has shape {list(array.shape)}; the model declares "
+            f"{spec.described}"
         )
     if spec.dtype.kind in "iu" and array.dtype.kind == "f" and not np.all(array == np.round(array)):
         raise InvalidDataError(f"input {spec.name!r} takes integers; the data has fractions")
+    if spec.dtype.kind == "b" and array.dtype.kind != "b" and not np.isin(array, (0, 1)).all():
+        raise InvalidDataError(f"input {spec.name!r} takes booleans; the data has other values")
     return array.astype(spec.dtype)

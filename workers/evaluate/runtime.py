@@ -1,5 +1,10 @@
-"""Running models in onnxruntime: sessions, the model's inputs, generated feeds, outputs as
-arrays, latency."""
+"""Running models in onnxruntime: sessions, the model's inputs, generated inputs, outputs as
+arrays, latency.
+
+A sample is one row of an output's first axis in one run (a scalar output is one sample per
+run); the outputs of several runs are joined along that axis. Eval data in the usual layout,
+[N, ...] with the batch first, gives N samples per output.
+"""
 
 import math
 import statistics
@@ -11,12 +16,19 @@ import onnxruntime as ort
 from onnx import ModelProto, helper
 
 from schemas.report import LatencyReport
-from workers.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from workers.errors import InvalidDataError, InvalidModelError, UnsupportedModelError, first_line
 from workers.evaluate.data import InputSpec
 
 GENERATED_ROWS = 256
 MAX_GENERATED_ELEMENTS = 2**24
-LATENCY_BATCH = 256
+LATENCY_RUNS = 30
+LATENCY_BUDGET_S = 2.0
+
+Feeds = dict[str, np.ndarray]
+
+
+class NotMeasurable(Exception):
+    """Inputs cannot be generated for this model: the reason says what to send instead."""
 
 
 def model_inputs(model: ModelProto) -> list[InputSpec]:
@@ -26,14 +38,23 @@ def model_inputs(model: ModelProto) -> list[InputSpec]:
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        tensor_type = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise UnsupportedModelError(f"input {value.name!r} is not a tensor")
-        dims = [
-            dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim
-        ]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        specs.append(InputSpec(value.name, dtype, dims))
+        tensor_type = value.type.tensor_type
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(
+                dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
+                for dim in tensor_type.shape.dim
+            )
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnsupportedModelError(
+                f"input {value.name!r} has element type {tensor_type.elem_type}, which has no "
+                "NumPy equivalent"
+            ) from exc
+        specs.append(InputSpec(value.name, dtype, shape))
     return specs
 
 
@@ -46,84 +67,89 @@ def session(model_bytes: bytes) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors on a bad model
-        raise InvalidModelError(f"onnxruntime cannot load the model: {exc}") from exc
+        raise InvalidModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
-def generated_feeds(inputs: list[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching the signature: the first symbolic dimension is the batch."""
+def _generated_shape(spec: InputSpec) -> tuple[int, ...]:
+    """Every dim known but at most one (the batch), which gets as many rows as fit the cap."""
+    if spec.shape is None:
+        raise NotMeasurable(f"input {spec.name!r} declares no shape")
+    unknown = [axis for axis, dim in enumerate(spec.shape) if dim is None]
+    if len(unknown) > 1:
+        raise NotMeasurable(f"input {spec.name!r} has {len(unknown)} unknown dims {spec.described}")
+    known = math.prod(dim for dim in spec.shape if dim is not None)
+    rows = min(GENERATED_ROWS, MAX_GENERATED_ELEMENTS // max(known, 1))
+    if rows < 1 or known > MAX_GENERATED_ELEMENTS:
+        raise NotMeasurable(f"input {spec.name!r} of shape {spec.described} is too large")
+    return tuple(rows if dim is None else dim for dim in spec.shape)
+
+
+def generated_feeds(inputs: list[InputSpec], seed: int = 0) -> Feeds:
+    """Random inputs where they mean something: floats standard normal, integers and booleans
+    0 or 1 (an integer may be an index or a length: larger values may be out of range), every
+    dim declared but one batch dim. Else NotMeasurable."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
-        shape = [
-            dim if dim is not None else (GENERATED_ROWS if axis == 0 else 1)
-            for axis, dim in enumerate(spec.shape)
-        ]
-        if math.prod(shape) > MAX_GENERATED_ELEMENTS:
-            raise UnsupportedModelError(
-                f"input {spec.name!r} of shape {shape} is too large to generate; send eval_data"
-            )
+        shape = _generated_shape(spec)
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.kind in "iu":
-            feeds[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+        elif spec.dtype.kind in "iub":
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
         else:
-            raise UnsupportedModelError(
-                f"input {spec.name!r} has type {spec.dtype}; inputs cannot be generated for it, "
-                "send eval_data"
-            )
+            raise NotMeasurable(f"input {spec.name!r} has type {spec.dtype}")
     return feeds
 
 
-def _as_array(output: object) -> np.ndarray:
-    """An onnxruntime output as an array; ZipMap's [{class: probability}] becomes [N, classes]."""
+def _as_array(output: object) -> tuple[np.ndarray, np.ndarray | None]:
+    """An onnxruntime output as an array, and ZipMap's class keys: its [{class: probability}]
+    becomes [N, classes]."""
     if isinstance(output, list) and output and isinstance(output[0], dict):
         keys = sorted(output[0])
-        return np.array([[row[key] for key in keys] for row in output], dtype=np.float64)
-    return np.asarray(output)
+        rows = [[row[key] for key in keys] for row in output]
+        return np.array(rows, dtype=np.float64), np.array(keys)
+    return np.asarray(output), None
 
 
 @dataclass
 class Outputs:
-    scores: np.ndarray | None  # first float output, [N, k]
-    labels: np.ndarray | None  # first integer or string output, [N]
-    classes: np.ndarray | None = None  # every class the model can answer, when it tells
+    """A model's outputs by name, each [samples, ...] over every run (module docstring)."""
 
-    def known_classes(self) -> np.ndarray | None:
-        """ZipMap's keys; else, for a model whose class is the top score, the column indices."""
-        if self.classes is not None or self.labels is not None or self.scores is None:
-            return self.classes
-        return np.arange(max(2, self.scores.shape[1]))
+    values: dict[str, np.ndarray]
+    classes: np.ndarray | None = None  # every class the model can answer, when ZipMap tells
 
 
-def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Outputs:
-    try:
-        raw = sess.run(None, feeds)
-    except Exception as exc:  # onnxruntime's errors are untyped; the message says what failed
-        raise InvalidDataError(f"onnxruntime could not run the model on this data: {exc}") from exc
-    scores = labels = classes = None
-    for output in raw:
-        if isinstance(output, list) and output and isinstance(output[0], dict):
-            classes = np.array(sorted(output[0]))
-        value = np.atleast_1d(_as_array(output))
-        if value.dtype.kind == "f" and scores is None:
-            scores = value.reshape(len(value), -1).astype(np.float64)
-        elif value.dtype.kind in "iuUSO" and labels is None and value.size == len(value):
-            labels = value.reshape(-1)
-    if scores is None and labels is None:
-        raise UnsupportedModelError("the model has no tensor output to compare")
-    return Outputs(scores, labels, classes)
+def run(sess: ort.InferenceSession, runs: list[Feeds]) -> Outputs:
+    names = [output.name for output in sess.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    classes = None
+    for feeds in runs:
+        try:
+            raw = sess.run(None, feeds)
+        except Exception as exc:  # onnxruntime's errors are untyped; the message says what failed
+            raise InvalidDataError(
+                f"onnxruntime could not run the model on this data: {first_line(exc)}"
+            ) from exc
+        for name, output in zip(names, raw, strict=True):
+            value, keys = _as_array(output)
+            classes = keys if keys is not None else classes
+            parts[name].append(value.reshape(1) if value.ndim == 0 else value)
+    values = {}
+    for name, arrays in parts.items():
+        try:
+            values[name] = np.concatenate(arrays)
+        except ValueError:  # a shape that changes between runs past the first axis
+            values[name] = np.concatenate([array.reshape(len(array), -1) for array in arrays])
+    return Outputs(values, classes)
 
 
-def latency_p50_ms(
-    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int = 30, budget_s: float = 2.0
-) -> float:
-    """Median wall time of sess.run on `feeds`, after one warm-up run."""
+def latency_p50_ms(sess: ort.InferenceSession, feeds: Feeds) -> float:
+    """Median wall time of sess.run on `feeds`, after one warm-up run: up to LATENCY_RUNS runs
+    within LATENCY_BUDGET_S (at least 3)."""
     sess.run(None, feeds)
     times = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < runs and (len(times) < 3 or time.perf_counter() < deadline):
+    deadline = time.perf_counter() + LATENCY_BUDGET_S
+    while len(times) < LATENCY_RUNS and (len(times) < 3 or time.perf_counter() < deadline):
         start = time.perf_counter()
         sess.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000)
@@ -131,11 +157,12 @@ def latency_p50_ms(
 
 
 def latency(
-    original: ort.InferenceSession, compressed: ort.InferenceSession, feeds: dict[str, np.ndarray]
+    original: ort.InferenceSession, compressed: ort.InferenceSession, feeds: Feeds
 ) -> LatencyReport:
-    batch = {name: array[:LATENCY_BATCH] for name, array in feeds.items()}
+    """Both models on the same feeds: the first run of the eval inputs."""
+    first = next(iter(feeds.values()))
     return LatencyReport(
-        original=latency_p50_ms(original, batch),
-        compressed=latency_p50_ms(compressed, batch),
-        batch=len(next(iter(batch.values()))),
+        original=latency_p50_ms(original, feeds),
+        compressed=latency_p50_ms(compressed, feeds),
+        batch=len(first) if first.ndim else 1,
     )

@@ -2,17 +2,19 @@
 
 from pathlib import Path
 
+from onnx import ModelProto
+
 from schemas.params import PruneParams, revalidated
 from schemas.report import Report
 from workers.compress.prune import float_params
-from workers.compress.search import Compressor, search, sensitivity, sensitivity_notes
-from workers.errors import InputError
-from workers.evaluate.data import load_eval_data
-from workers.evaluate.runtime import generated_feeds, model_inputs
+from workers.compress.search import Compressor, search, sensitivity
+from workers.errors import InputError, InvalidDataError
+from workers.evaluate.data import EvalData, InputSpec, load_eval_data
+from workers.evaluate.runtime import NotMeasurable, generated_feeds, model_inputs
 from workers.graph.load import parse_model
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA
 from workers.jobs.progress import Progress, epoch_progress, no_progress
-from workers.jobs.report import evaluate_pair, finish, onnx_report, size_report
+from workers.jobs.report import finish, latency_pair, onnx_report, size_report
 
 
 def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_progress) -> Report:
@@ -31,10 +33,6 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     validation = None
     if eval_path.exists():
         validation = load_eval_data(eval_path, specs, params.label)
-        feeds, labels = validation.features, validation.labels
-    else:
-        feeds, labels = generated_feeds(specs), None
-        notes.append("no eval_data: accuracy is agreement with the original on generated inputs")
     train = None
     if params.fine_tune is not None:
         train = load_eval_data(train_path, specs, params.label)
@@ -42,12 +40,23 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
-    compressor = Compressor(model, original_bytes, feeds, labels, params, train, validation)
+    compressor, not_measured = _compressor(model, original_bytes, specs, params, train, validation)
+    if not_measured is not None:
+        if params.max_accuracy_drop is not None or params.sensitivity:
+            what = "max_accuracy_drop" if params.max_accuracy_drop is not None else "sensitivity"
+            raise InputError(f"{what} needs a metric, but {not_measured}: send eval_data")
+        notes.append(f"accuracy not measured: {not_measured}; send eval_data")
+    elif validation is None:
+        notes.append(
+            "no eval_data: measured on generated inputs (standard normal floats, integers 0 "
+            "and 1); real inputs may score otherwise"
+        )
 
     sweep = None
     if params.max_accuracy_drop is None:
         progress("pruning", 0.05)
         chosen = compressor.candidate(params, epoch_progress(progress, 0.1, 0.6))
+        data, accuracy = chosen.data, chosen.chosen.accuracy
     else:
         found, sparsity, sweep = search(compressor, params.max_accuracy_drop, progress)
         if found is None:
@@ -55,32 +64,36 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
                 params, sparsity=0.0, max_accuracy_drop=None, fine_tune=None, encoding="dense"
             )
             chosen = compressor.candidate(keep)
-            chosen.data = original_bytes
+            data, accuracy = original_bytes, compressor.measure(original_bytes)
             notes.append(
-                f"no sparsity tried kept the {compressor.baseline:.4f} metric within "
-                f"{params.max_accuracy_drop}; the original model is returned unchanged"
+                f"search: no sparsity tried kept the metric within {params.max_accuracy_drop}; "
+                "the original model is returned unchanged"
             )
         else:
             chosen = found
+            data, accuracy = chosen.data, chosen.chosen.accuracy
             notes.append(
-                f"search: sparsity {sparsity} is the largest tried whose metric drops by at most "
-                f"{params.max_accuracy_drop} ({len(sweep)} candidates)"
+                f"search: sparsity {sparsity} with encoding {chosen.chosen.encoding} is the "
+                f"smallest file tried whose metric drops by at most {params.max_accuracy_drop} "
+                f"({len(sweep)} files judged)"
             )
     sensitivity_points = None
     if params.sensitivity:
-        sensitivity_points = sensitivity(compressor, progress)
-        notes += sensitivity_notes(sensitivity_points, compressor.baseline)
+        sensitivity_points, sensitivity_notes = sensitivity(compressor, progress)
+        notes += sensitivity_notes
 
     progress("evaluating", 0.9)
-    accuracy, latency = evaluate_pair(original_bytes, chosen.data, feeds, labels, params.task)
+    latency = None
+    if compressor.evaluation is not None:
+        latency = latency_pair(original_bytes, data, compressor.evaluation.runs[0])
     _, nonzero_after = float_params(chosen.outcome.model)
     report = Report(
         kind="prune",
-        size=size_report(original_bytes, chosen.data, chosen.outcome.params_before, nonzero_after),
+        size=size_report(original_bytes, data, chosen.outcome.params_before, nonzero_after),
         layers=chosen.outcome.layers,
         accuracy=accuracy,
         latency_ms=latency,
-        onnx=onnx_report(chosen.data),
+        onnx=onnx_report(data),
         training=chosen.training,
         sweep=sweep,
         sensitivity=sensitivity_points,
@@ -88,3 +101,26 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     )
     progress("writing", 0.95)
     return finish(job_dir, chosen.data, report, progress)
+
+
+def _compressor(
+    model: ModelProto,
+    original: bytes,
+    specs: list[InputSpec],
+    params: PruneParams,
+    train: EvalData | None,
+    validation: EvalData | None,
+) -> tuple[Compressor, str | None]:
+    """The compressor, judging on eval_data, else on generated inputs where they can be made
+    and the model runs on them; else not measuring, and why not."""
+    if validation is not None:
+        return Compressor(model, original, validation, params, train, validation), None
+    try:
+        generated = EvalData([generated_feeds(specs)], None)
+    except NotMeasurable as exc:
+        return Compressor(model, original, None, params, train, None), f"{exc}"
+    try:
+        return Compressor(model, original, generated, params, train, None), None
+    except InvalidDataError as exc:
+        why = f"the model does not run on generated inputs ({exc})"
+        return Compressor(model, original, None, params, train, None), why

@@ -4,14 +4,14 @@ side by side, and the files a finished job leaves."""
 import gzip
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import ModelProto
 
 from schemas.report import AccuracyReport, LatencyReport, OnnxReport, Report, SizeReport
-from schemas.vocabulary import Task
-from workers.evaluate.metrics import compare
-from workers.evaluate.runtime import latency, run, session
+from schemas.vocabulary import MetricChoice, Task
+from workers.evaluate.data import EvalData
+from workers.evaluate.metrics import plan_scoring, score_outputs
+from workers.evaluate.runtime import Feeds, latency, run, session
 from workers.graph.load import opsets, sha256
 from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
 from workers.jobs.progress import Progress
@@ -49,23 +49,24 @@ def onnx_report(data: bytes) -> OnnxReport:
     )
 
 
+def latency_pair(original: bytes, compressed: bytes, feeds: Feeds) -> LatencyReport:
+    """Both models' onnxruntime latency on the same feeds."""
+    return latency(session(original), session(compressed), feeds)
+
+
 def evaluate_pair(
     original: bytes,
     compressed: bytes,
-    feeds: dict[str, np.ndarray],
-    labels: np.ndarray | None,
+    evaluation: EvalData,
+    metric: MetricChoice,
     task: Task,
 ) -> tuple[AccuracyReport, LatencyReport]:
-    """Both models run on the same feeds: the metric, agreement and latency."""
-    original_session = session(original)
-    compressed_session = session(compressed)
-    accuracy = compare(
-        run(original_session, feeds),
-        run(compressed_session, feeds),
-        labels,
-        task,
-    )
-    return accuracy, latency(original_session, compressed_session, feeds)
+    """Both models run on the same inputs: every output scored, and latency."""
+    original_session, compressed_session = session(original), session(compressed)
+    reference = run(original_session, evaluation.runs)
+    scoring = plan_scoring(reference, evaluation.labels, metric, task)
+    accuracy = score_outputs(scoring, reference, run(compressed_session, evaluation.runs))
+    return accuracy, latency(original_session, compressed_session, evaluation.runs[0])
 
 
 def finish(job_dir: Path, model: bytes, report: Report, progress: Progress) -> Report:

@@ -12,7 +12,7 @@ from schemas.report import Report
 from schemas.vocabulary import Activation, Head, ModelType
 from workers.compress.prune import float_param_count, float_params, layer_report
 from workers.errors import InvalidDataError
-from workers.evaluate.data import Table, is_classification, load_eval_data, read_table
+from workers.evaluate.data import EvalData, Table, is_classification, load_eval_data, read_table
 from workers.evaluate.runtime import model_inputs
 from workers.graph.export import to_onnx
 from workers.graph.load import parse_model
@@ -216,12 +216,11 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
     eval_path = inputs / EVAL_DATA
     dense = parse_model(outcome.dense_onnx)
     if eval_path.exists():
-        eval_table = load_eval_data(eval_path, model_inputs(dense), params.label)
-        feeds, labels = eval_table.features, eval_table.labels
+        evaluation = load_eval_data(eval_path, model_inputs(dense), params.label)
     else:
         split = outcome.split
-        feeds = {"X": split.x_val.astype(np.float32)}
         labels = outcome.classes[split.y_val] if outcome.classes is not None else split.y_val[:, 0]
+        evaluation = EvalData([{"X": split.x_val.astype(np.float32)}], labels)
         notes.append(
             f"no eval_data: accuracy is measured on the held-out {params.validation_split:.0%}"
             " of train_data"
@@ -234,7 +233,7 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
             "original and compressed are the same pruned model"
         )
     task = "classification" if outcome.classes is not None else "regression"
-    accuracy, latency = evaluate_pair(outcome.dense_onnx, outcome.onnx, feeds, labels, task)
+    accuracy, latency = evaluate_pair(outcome.dense_onnx, outcome.onnx, evaluation, "auto", task)
     layers = [
         layer_report(f"W{index}", tuple(w.shape), w)
         for index, w in enumerate(outcome.network.weights)
