@@ -7,6 +7,7 @@ from helpers import run
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris
 
 from schemas import TrainParams
+from workers.errors import InvalidDataError
 from workers.evaluate.data import Table
 from workers.jobs.train import train_model
 from workers.nn.fit import TrainingDivergedError, gradual_sparsity
@@ -172,6 +173,13 @@ def test_string_class_labels_come_back_as_strings():
         np.mean(onnx_labels == names[np.sort(np.argsort(outcome.split.y_val))][: len(onnx_labels)])
         >= 0
     )
+
+
+def test_fractional_class_labels_are_refused_not_truncated():
+    features = np.random.default_rng(0).standard_normal((40, 3))
+    labels = np.where(features[:, 0] > 0, 0.7, 0.2)
+    with pytest.raises(InvalidDataError, match=r"class labels must be integers or names; got 0\.2"):
+        train(features, labels, task="classification")
 
 
 @pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
