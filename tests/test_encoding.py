@@ -7,12 +7,13 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import pytest
-from graphs import constant_node_mlp, gemm_mlp, make_model
+from graphs import constant_node_mlp, control_flow, conv_net, gemm_mlp, make_model
 from helpers import run
 from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams
 from workers.compress.prune import copy_model, prune_model
+from workers.errors import UnsupportedModelError
 from workers.graph.encoding import encode, hoisted_copy
 from workers.graph.load import parse_model, serialize
 from workers.graph.walk import iter_graphs
@@ -184,7 +185,7 @@ def test_hoisting_moves_weight_constants_into_the_graph_that_holds_them():
             assert np.array_equal(a, b)
 
 
-def test_shape_constants_and_constants_that_are_outputs_stay_constants_for_sparse():
+def test_shape_constants_and_constants_that_are_outputs_stay_constants():
     rng = np.random.default_rng(0)
     nodes = [
         _constant("W", _normal(rng, 4, 6)),
@@ -201,6 +202,9 @@ def test_shape_constants_and_constants_that_are_outputs_stay_constants_for_spars
     _, sparse, notes = encoded(model, "sparse", sparsity=0.9)
     assert constant_outputs(sparse) == ["W", "scale", "shape"]
     assert notes == ["sparse: kept dense, in Constant nodes that are also graph outputs: W"]
+    _, int8, notes = encoded(model, "int8", sparsity=0.9)
+    assert "W" in constant_outputs(int8) and len(constant_outputs(int8)) == 3
+    assert notes[1:] == ["int8: left float32, in Constant nodes that are also graph outputs: W"]
 
 
 def constant_outputs(data: bytes) -> list[str]:
@@ -264,3 +268,203 @@ def test_a_long_list_of_weights_kept_dense_is_cut_with_a_count():
     assert note.endswith(" more") and " … and " in note
     shown = note.count("encoder.layers.")
     assert int(note.rsplit(" … and ", 1)[1].split()[0]) == 40 - shown
+
+
+# --- int8 -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(constant_node_mlp, id="matmul-constants"),
+        pytest.param(branchy, id="if-branch-constants"),
+        pytest.param(conv_constants, id="conv-constants"),
+        pytest.param(paddle_gemm_mlp, id="gemm-transB-constants"),
+        pytest.param(lambda: gemm_mlp([64, 128, 10], 0), id="gemm-initializers"),
+        pytest.param(control_flow, id="if-loop-scan-bodies"),
+    ],
+)
+def test_int8_quantizes_weights_wherever_they_sit(build):
+    model = build()
+    dense, int8, notes = encoded(model, "int8")
+    ops = graph_ops(int8)
+    assert not {"MatMul", "Gemm", "Conv"} & set(ops), ops
+    assert notes[1:] == []  # every prunable weight was quantized
+    inputs = feeds(model)
+    assert_close(dense, int8, inputs)
+
+
+@pytest.mark.parametrize("build", [branchy, conv_constants, paddle_gemm_mlp])
+def test_int8_files_of_constant_weights_are_several_times_smaller(build):
+    dense, int8, _ = encoded(build(), "int8")
+    assert len(int8) < len(dense) / 3
+
+
+def test_int8_gemm_with_transposed_constant_weight_matches_the_dense_model():
+    model = paddle_gemm_mlp()
+    dense, int8, _ = encoded(model, "int8")
+    assert graph_ops(int8).count("MatMulInteger") == 2
+    assert_close(dense, int8, feeds(model, rows=64))
+
+
+def test_int8_names_weights_it_leaves_float_with_the_reason():
+    rng = np.random.default_rng(0)
+    nodes = [
+        _constant("W_scaled", _normal(rng, WIDTH, WIDTH)),
+        _constant("to_image", np.array([-1, 4, 4, 4], np.int64)),
+        _constant("W_up", _normal(rng, 4, 2, 3, 3)),
+        helper.make_node("Gemm", ["X", "W_scaled"], ["g"], alpha=0.5),
+        helper.make_node("Reshape", ["g", "to_image"], ["img"]),
+        helper.make_node("ConvTranspose", ["img", "W_up"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "left", [_info("X", ["N", WIDTH])], [_info("Y", ["N", 2, 6, 6])]
+    )
+    model = make_model(graph)
+    dense, int8, notes = encoded(model, "int8")
+    assert notes[1:] == [
+        "int8: left float32, Gemm with alpha or beta other than 1 or transA=1 (the quantizer "
+        "rewrites only plain Gemm to MatMul): W_scaled",
+        "int8: left float32, ConvTranspose weights (no integer ConvTranspose kernel): W_up",
+    ]
+    np.testing.assert_allclose(
+        run(dense, feeds(model))[0], run(int8, feeds(model))[0], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_int8_names_weights_in_if_bodies_it_could_not_quantize():
+    """The quantizer fails inside the then branch (a float16 table there): the main graph is
+    quantized, the branches stay float32, and the notes name their weights."""
+    rng = np.random.default_rng(3)
+    model = branchy(body_extra=float16_table(rng, "table"))
+    dense, int8, notes = encoded(model, "int8")
+    (note,) = notes[1:]
+    assert note.startswith("int8: left float32 inside If/Loop/Scan bodies (the quantizer failed")
+    assert note.endswith("): W_else, W_then")
+    main_ops = [node.op_type for node in onnx.load_model_from_string(int8).graph.node]
+    assert "MatMulInteger" in main_ops and "MatMul" not in main_ops
+    inputs = feeds(model)
+    for cond in (True, False):
+        inputs["cond"] = np.array(cond)
+        assert_close(dense, int8, inputs)
+
+
+def test_int8_refuses_a_model_its_quantizer_breaks_in_one_line():
+    rng = np.random.default_rng(0)
+    nodes = [
+        *float16_table(rng, "table")(),
+        _constant("W", _normal(rng, WIDTH, WIDTH)),
+        helper.make_node("Add", ["X", "extra"], ["x1"]),
+        helper.make_node("MatMul", ["x1", "W"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mixed", [_info("X", ["N", WIDTH])], [_info("Y", ["N", WIDTH])]
+    )
+    outcome = prune_model(make_model(graph), PruneParams(sparsity=0.5))
+    with pytest.raises(UnsupportedModelError) as refused:
+        encode(outcome.model, "int8", outcome.pruned)
+    message = str(refused.value)
+    assert message.startswith("encoding int8: onnxruntime cannot load the model its quantizer")
+    assert message.endswith("; use encoding dense or sparse")
+    assert "float16" in message and len(message) <= NOTE_LIMIT and "\n" not in message
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_int8_refuses_weights_that_are_not_float32_in_one_line(dtype):
+    rng = np.random.default_rng(0)
+    name = "w" * 400  # a name longer than a message may be
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        [
+            _constant(name, _normal(rng, 4, 4, dtype=dtype)),
+            helper.make_node("MatMul", ["X", name], ["Y"]),
+        ],
+        "narrow",
+        [_info("X", ["N", 4], elem)],
+        [_info("Y", ["N", 4], elem)],
+    )
+    outcome = prune_model(make_model(graph), PruneParams(sparsity=0.5))
+    with pytest.raises(
+        UnsupportedModelError, match="encoding int8 quantizes float32 weights"
+    ) as refused:
+        encode(outcome.model, "int8", outcome.pruned)
+    message = str(refused.value)
+    assert len(message) <= NOTE_LIMIT and message.endswith("use encoding dense or sparse")
+
+
+def test_int8_keeps_the_interface_of_a_conv_net_with_initializers():
+    model = conv_net()
+    _, int8, notes = encoded(model, "int8")
+    compacted = onnx.load_model_from_string(int8)
+    assert [value.name for value in compacted.graph.input] == ["X"]
+    assert [value.name for value in compacted.graph.output] == ["Y"]
+    assert notes[1:] == []
+    assert "ConvInteger" in graph_ops(int8)
+
+
+def test_int8_leaves_a_conv_in_a_body_with_an_outer_weight_and_a_bias_float():
+    """The quantizer raises on such a Conv ("Expected ... to be an initializer"): it is left
+    float and named, the bias-free Conv on the same weight in the other branch is quantized."""
+    rng = np.random.default_rng(0)
+    out = _info("Y", ["N", 32, 6, 6])
+    then_branch = helper.make_graph(
+        [helper.make_node("Conv", ["X", "conv_w", "conv_b"], ["Y_then"])], "then", [], [out]
+    )
+    then_branch.output[0].name = "Y_then"
+    else_branch = helper.make_graph(
+        [helper.make_node("Conv", ["X", "conv_w"], ["Y_else"])], "else", [], [out]
+    )
+    else_branch.output[0].name = "Y_else"
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["Y"], then_branch=then_branch, else_branch=else_branch)],
+        "outer_conv",
+        [_info("X", ["N", 16, 8, 8]), _info("cond", [], TensorProto.BOOL)],
+        [out],
+        [
+            numpy_helper.from_array(_normal(rng, 32, 16, 3, 3), "conv_w"),
+            numpy_helper.from_array(_normal(rng, 32), "conv_b"),
+        ],
+    )
+    model = make_model(graph)
+    dense, int8, notes = encoded(model, "int8")
+    assert notes[1:] == [
+        "int8: left float32, Conv in an If/Loop/Scan body with a bias and its weight in an "
+        "enclosing graph (the quantizer cannot): conv_w"
+    ]
+    assert graph_ops(int8).count("ConvInteger") == 1
+    inputs = feeds(model)
+    for cond in (True, False):
+        inputs["cond"] = np.array(cond)
+        assert_close(dense, int8, inputs)
+
+
+def test_int8_names_a_gemm_weight_left_float_as_the_model_names_it():
+    """Rewriting Gemm (transB=1) to MatMul, the quantizer stores the weight transposed as
+    "W_gemm_Transposed"; when the body is then left float the note still says W_gemm."""
+    rng = np.random.default_rng(1)
+    then_nodes = [
+        *float16_table(rng, "table")(),
+        _constant("W_gemm", _normal(rng, WIDTH, WIDTH)),
+        helper.make_node("Gemm", ["X", "W_gemm", "extra"], ["Y_then"], transB=1),
+    ]
+    then_branch = helper.make_graph(then_nodes, "then", [], [_info("Y_then", ["N", WIDTH])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y_else"])],
+        "else",
+        [],
+        [_info("Y_else", ["N", WIDTH])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["Y"], then_branch=then_branch, else_branch=else_branch)],
+        "gemm_in_body",
+        [_info("X", ["N", WIDTH]), _info("cond", [], TensorProto.BOOL)],
+        [_info("Y", ["N", WIDTH])],
+    )
+    model = make_model(graph)
+    dense, int8, notes = encoded(model, "int8")
+    (note,) = notes[1:]
+    assert note.startswith("int8: left float32 inside If/Loop/Scan bodies") and note.endswith(
+        ": W_gemm"
+    )
+    inputs = feeds(model)
+    np.testing.assert_allclose(run(dense, inputs)[0], run(int8, inputs)[0], rtol=1e-5, atol=1e-5)

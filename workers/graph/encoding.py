@@ -9,7 +9,9 @@ hoist those weights, on a copy, into initializers of the graph that holds the Co
 ONNX in subgraphs too, since IR version 4). `dense` writes the model untouched.
 """
 
+import heapq
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from onnx import (
 from schemas.vocabulary import Encoding
 from workers.errors import UnsupportedModelError
 from workers.graph.load import serialize
-from workers.graph.walk import iter_graphs
+from workers.graph.walk import iter_graphs, node_subgraphs
 from workers.graph.weights import FLOAT_TYPES, WeightSlot, all_float_constants, find_weights
 
 INDEX_BYTES = 8  # sparse_initializer indices are int64, one linear index per nonzero
@@ -212,34 +214,256 @@ def _require_float32_weights(model: ModelProto) -> None:
         if isinstance(slot.holder, TensorProto) and slot.holder.data_type != TensorProto.FLOAT:
             kind = TensorProto.DataType.Name(slot.holder.data_type).lower()
             raise UnsupportedModelError(
-                f"encoding int8 quantizes float32 weights; weight {slot.name!r} is {kind}: "
-                "use encoding dense or sparse"
+                f"encoding int8 quantizes float32 weights; weight {_one_line(slot.name, 120)!r} "
+                f"is {kind}: {INT8_ADVICE}"
             )
 
 
-def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
-    """onnxruntime's dynamic quantization of the pruned model (float32 weights only)."""
-    _require_float32_weights(model)
-    return _quantize(model), [
-        "int8: onnxruntime dynamic quantization (QInt8, symmetric, so pruned zeros stay zero); "
-        "internal tensor names shortened and shape annotations dropped (inputs and outputs keep "
-        "their names)"
-    ]
+def _quantizer_ops() -> frozenset[str]:
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    return frozenset(IntegerOpsRegistry) | QUANTIZER_EXTRA_OPS
 
 
-def _quantize(model: ModelProto) -> bytes:
+def _quantizer_inputs(model: ModelProto) -> set[str]:
+    """Every value an op the quantizer converts reads: the Constants worth hoisting for int8
+    (weights, and embedding tables of Gather), never shape constants (read by Reshape &c)."""
+    ops = _quantizer_ops()
+    return {
+        name
+        for graph, _ in iter_graphs(model.graph)
+        for node in graph.node
+        if node.domain in ("", "ai.onnx", "com.microsoft") and node.op_type in ops
+        for name in node.input
+    }
+
+
+def _convs_left_float(graph: GraphProto, outer: frozenset[str], found: list[str]) -> None:
+    """Name into `found` the Conv nodes the quantizer must skip: one whose weight is computed
+    at run time (weight normalisation, say) gains no bytes from ConvInteger, and the quantizer
+    raises on a Conv with a bias whose weight is not an initializer of the Conv's own graph
+    (a body reading its weight from an enclosing graph)."""
+    own = {tensor.name for tensor in graph.initializer}
+    scope = outer | own
+    for node in graph.node:
+        is_conv = node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+        if is_conv and len(node.input) > 1:
+            weight = node.input[1]
+            if weight not in scope or (len(node.input) > 2 and weight not in own):
+                # The quantizer excludes nodes by name; compact() drops node names afterwards.
+                node.name = node.name or f"clipprune_conv_left_float_{len(found)}"
+                found.append(node.name)
+        for sub in node_subgraphs(node):
+            _convs_left_float(sub, scope, found)
+
+
+def _refusal(what: str, error: Exception, scratch: str | None = None) -> str:
+    """One line for the caller: what failed, onnxruntime's reason without its codes and our
+    scratch paths, and the encodings that work."""
+    reason = str(error) or type(error).__name__
+    if scratch:
+        reason = reason.replace(scratch, "")
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+    reason = re.sub(r"Load model from \S* ?failed: ?", "", reason)
+    tail = f"; {INT8_ADVICE}"
+    return _one_line(f"encoding int8: {what}: {_one_line(reason)}", NOTE_LIMIT - len(tail)) + tail
+
+
+def _require_loadable(data: bytes) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise UnsupportedModelError(
+            _refusal("onnxruntime cannot load the model its quantizer wrote", exc)
+        ) from exc
+
+
+def _quantize(model: ModelProto, exclude: list[str], subgraphs: bool) -> ModelProto:
+    """onnxruntime's dynamic quantization of `model`; `subgraphs` lets it enter If/Loop/Scan
+    bodies. Any failure, or a result onnxruntime cannot load, is an UnsupportedModelError."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="clipprune-int8-") as tmp:
         out = Path(tmp) / "model.int8.onnx"
-        # The quantizer advises "pre-processing" on the root logger for every model; it is
-        # advice to a person at a console, not something a job's caller can act on.
+        # The quantizer advises "pre-processing" on the root logger for every model, and warns
+        # about every tensor it skips; that is advice to a person at a console, not something a
+        # job's caller can act on.
         logging.disable(logging.WARNING)
         try:
-            quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+            quantize_dynamic(
+                model,
+                out,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                extra_options={"EnableSubgraph": subgraphs},
+            )
+            data = out.read_bytes()
+        except MemoryError:
+            raise
+        except Exception as exc:  # the quantizer raises whatever its code meets
+            raise UnsupportedModelError(
+                _refusal("onnxruntime's quantizer failed", exc, tmp)
+            ) from exc
         finally:
             logging.disable(logging.NOTSET)
-        return serialize(compact(ModelProto.FromString(out.read_bytes())))
+    _require_loadable(data)
+    return ModelProto.FromString(data)
+
+
+def _has_subgraphs(model: ModelProto) -> bool:
+    return any(depth for _, depth in iter_graphs(model.graph))
+
+
+@dataclass
+class Quantized:
+    model: ModelProto
+    bodies_failure: str | None = None  # why If/Loop/Scan bodies were left float, if they were
+
+
+def _quantize_bodies_too(model: ModelProto, exclude: list[str]) -> Quantized:
+    """Quantize If/Loop/Scan bodies with the main graph (onnxruntime's EnableSubgraph); when
+    the quantizer fails inside them, quantize the main graph alone rather than refuse."""
+    try:
+        return Quantized(_quantize(model, exclude, subgraphs=True))
+    except UnsupportedModelError as failure:
+        if not _has_subgraphs(model):
+            raise
+        reason = str(failure).removeprefix("encoding int8: ").removesuffix(f"; {INT8_ADVICE}")
+        return Quantized(_quantize(model, exclude, subgraphs=False), _one_line(reason, 120))
+
+
+def _reads(node: NodeProto) -> set[str]:
+    """The values a node reads: its inputs and what its subgraphs read from outside them
+    (names a body defines itself may not shadow outer ones, so they never match a producer)."""
+    names = set(node.input)
+    for sub in node_subgraphs(node):
+        for inner, _ in iter_graphs(sub):
+            for inner_node in inner.node:
+                names.update(inner_node.input)
+    return names
+
+
+def _sort_graph(graph: GraphProto) -> None:
+    """Order the nodes so each follows the producers of what it reads, nearest to the order
+    they had. onnxruntime's quantizer sorts without the values If/Loop/Scan bodies read from
+    outside, which onnxruntime tolerates and onnx's checker does not."""
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    waits = [
+        {producer[name] for name in _reads(node) if name in producer} - {index}
+        for index, node in enumerate(graph.node)
+    ]
+    readers: dict[int, list[int]] = {}
+    for index, needed in enumerate(waits):
+        for other in needed:
+            readers.setdefault(other, []).append(index)
+    ready = [index for index, needed in enumerate(waits) if not needed]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers.get(index, []):
+            waits[reader].discard(index)
+            if not waits[reader]:
+                heapq.heappush(ready, reader)
+    if order == list(range(len(graph.node))):
+        return
+    placed = set(order)
+    order += [index for index in range(len(graph.node)) if index not in placed]  # a cycle
+    nodes = [NodeProto() for _ in order]
+    for copy, index in zip(nodes, order, strict=True):
+        copy.CopyFrom(graph.node[index])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _sort_topologically(model: ModelProto) -> ModelProto:
+    for graph, _ in iter_graphs(model.graph):
+        _sort_graph(graph)
+    return model
+
+
+def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+    """onnxruntime's dynamic quantization of the pruned model (float32 weights only): the
+    weights of MatMul, Gemm (rewritten to MatMul by the quantizer) and Conv, wherever they sit."""
+    _require_float32_weights(model)
+    weights = {slot.name for slot in find_weights(model)} | pruned
+    work = hoisted_copy(model, _quantizer_inputs(model) | weights)
+    exclude: list[str] = []
+    _convs_left_float(work.graph, frozenset(), exclude)
+    quantized = _quantize_bodies_too(work, exclude)
+    _sort_topologically(quantized.model)
+    notes = [INT8_NOTE, *_unquantized_notes(quantized, weights)]
+    return serialize(compact(quantized.model)), notes
+
+
+def _in_body(slot: WeightSlot, main: GraphProto, main_nodes: set[int]) -> bool:
+    return slot.graph is not main or any(id(use) not in main_nodes for use in slot.uses)
+
+
+def _unquantized_reason(slot: WeightSlot, quantized: Quantized, main_nodes: set[int]) -> str:
+    """Why a prunable weight is still float after quantization, as a note's prefix."""
+    model = quantized.model
+    if quantized.bodies_failure and _in_body(slot, model.graph, main_nodes):
+        return (
+            "int8: left float32 inside If/Loop/Scan bodies (the quantizer failed there: "
+            f"{quantized.bodies_failure}): "
+        )
+    if isinstance(slot.holder, AttributeProto):
+        return "int8: left float32, ai.onnx.ml attributes (the quantizer reads only tensors): "
+    ops = {use.op_type for use in slot.uses}
+    if not ops:
+        return "int8: left float32, not a MatMul, Gemm or Conv weight: "
+    if "Conv" in ops and _in_body(slot, model.graph, main_nodes):
+        return (
+            "int8: left float32, Conv in an If/Loop/Scan body with a bias and its weight in an "
+            "enclosing graph (the quantizer cannot): "
+        )
+    if "ConvTranspose" in ops:
+        return "int8: left float32, ConvTranspose weights (no integer ConvTranspose kernel): "
+    if "Gemm" in ops:
+        return (
+            "int8: left float32, Gemm with alpha or beta other than 1 or transA=1 (the "
+            "quantizer rewrites only plain Gemm to MatMul): "
+        )
+    if any(use.op_type == "MatMul" and use.input[0] == slot.name for use in slot.uses):
+        return (
+            "int8: left float32, MatMul's first input (only a constant second input is quantized): "
+        )
+    if not any(tensor.name == slot.name for tensor in slot.graph.initializer):
+        return f"int8: left float32, {_unhoisted_reason(model)}: "
+    return "int8: left float32 by onnxruntime's quantizer: "
+
+
+def _source_name(name: str, weights: set[str]) -> str:
+    """The weight a tensor left float came from: rewriting a Gemm to MatMul, the quantizer
+    stores a transposed copy of its weight as "W_Transposed" (or "W_Transposed_1", ...)."""
+    source = re.sub(r"_Transposed(_\d+)?$", "", name)
+    return source if name not in weights and source in weights else name
+
+
+def _unquantized_notes(quantized: Quantized, weights: set[str]) -> list[str]:
+    """One note per reason, naming every prunable or pruned weight (`weights`, named as in the
+    model before quantization) still float. Read before compact() renames internal tensors; a
+    weight left float keeps its name."""
+    model = quantized.model
+    slots = find_weights(model)
+    seen = {slot.name for slot in slots}
+    slots += [s for s in all_float_constants(model) if s.name in weights and s.name not in seen]
+    main_nodes = list(model.graph.node)  # held, so their ids stay theirs while compared
+    main_ids = {id(node) for node in main_nodes}
+    left: dict[str, list[str]] = {}
+    for slot in slots:
+        reason = _unquantized_reason(slot, quantized, main_ids)
+        left.setdefault(reason, []).append(_source_name(slot.name, weights))
+    return _reason_notes(left)
 
 
 ENCODERS: dict[Encoding, Callable[[ModelProto, set[str]], tuple[bytes, list[str]]]] = {
