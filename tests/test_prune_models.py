@@ -3,11 +3,13 @@
 import numpy as np
 import onnx
 import pytest
-from graphs import constant_node_mlp, control_flow, conv_net, gemm_mlp
+from graphs import constant_node_mlp, control_flow, conv_net, gemm_mlp, make_model
 from helpers import initializers, reference_masks, run, weights
+from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams
 from workers.compress.prune import copy_model, prune_model
+from workers.errors import UnsupportedModelError
 from workers.graph.encoding import encode
 from workers.graph.load import parse_model
 from workers.graph.weights import find_weights
@@ -108,6 +110,67 @@ def test_weights_inside_if_loop_and_scan_bodies_are_pruned():
     assert [o.shape for o in run(data, feeds_for(model))] == [(16, 4), (16, 4), (16, 3)]
 
 
+def test_same_named_constants_in_sibling_branches_are_pruned_each():
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        value = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "v")
+        return helper.make_graph(
+            [
+                helper.make_node("Constant", [], ["W"], value=value),
+                helper.make_node("MatMul", ["X", "W"], [f"{name}_out"]),
+            ],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 4])],
+        )
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["Y"], then_branch=branch("a"), else_branch=branch("b"))],
+        "siblings",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.array(True), "c")],
+    )
+    outcome = prune_model(make_model(graph), PruneParams(sparsity=0.5))
+    assert [layer.nonzero for layer in outcome.layers] == [8, 8]
+
+
+def test_a_loop_state_named_like_an_outer_initializer_hides_it():
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["S", "S"], ["S_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("S", TensorProto.FLOAT, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("S_out", TensorProto.FLOAT, [2]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["n", "c", "X"], ["L"], body=body),
+            helper.make_node("MatMul", ["L", "W"], ["Y"]),
+        ],
+        "shadow",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2])],
+        [
+            numpy_helper.from_array(np.array(2, np.int64), "n"),
+            numpy_helper.from_array(np.array(True), "c"),
+            numpy_helper.from_array(np.ones((2, 2), np.float32), "W"),
+            numpy_helper.from_array(np.ones(2, np.float32), "S"),
+        ],
+    )
+    assert set(weights(make_model(graph))) == {"W"}
+
+
 def test_sparse_encoding_loads_in_onnxruntime_and_gives_the_dense_outputs(mlp_classifier, digits):
     features, _ = digits
     dense = prune_bytes(mlp_classifier, sparsity=0.9)
@@ -123,6 +186,18 @@ def test_sparse_encoding_keeps_tensors_dense_where_coo_would_be_larger(mlp_class
     data, notes = encode(outcome.model, "sparse", outcome.pruned)
     assert not onnx.load_model_from_string(data).graph.sparse_initializer
     assert "kept dense" in notes[0]
+
+
+def test_size_params_count_sparse_initializers_of_the_original(mlp_classifier):
+    outcome = prune_model(mlp_classifier, PruneParams(sparsity=0.9))
+    sparse_bytes, _ = encode(outcome.model, "sparse", outcome.pruned)
+    sparse_model = onnx.load_model_from_string(sparse_bytes)
+    assert sparse_model.graph.sparse_initializer
+    again = prune_model(sparse_model, PruneParams(sparsity=0.95))
+    assert again.params_before == outcome.params_before
+    assert sum(layer.params for layer in again.layers) == sum(
+        w.size for w in weights(mlp_classifier).values()
+    )
 
 
 def test_int8_encoding_is_about_four_times_smaller_and_close(digits):
@@ -153,6 +228,20 @@ def test_int8_keeps_the_interface_and_computes_what_the_quantizer_wrote(mlp_clas
     assert [v.name for v in compacted.graph.output] == ["output_label", "output_probability"]
     for a, b in zip(run(plain, {"X": features}), run(data, {"X": features}), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_int8_refuses_weights_that_are_not_float32():
+    model = gemm_mlp([4, 8, 2], trans_b=0)
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor).astype(np.float64)
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    outcome = prune_model(model, PruneParams(sparsity=0.5))
+    with pytest.raises(
+        UnsupportedModelError, match="int8 quantizes float32 weights; weight 'W0' is double"
+    ):
+        encode(outcome.model, "int8", outcome.pruned)
 
 
 @pytest.mark.parametrize(

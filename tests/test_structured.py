@@ -3,8 +3,9 @@
 import numpy as np
 import onnx
 import pytest
-from graphs import conv_net, gemm_mlp
+from graphs import conv_net, gemm_mlp, make_model
 from helpers import initializers, run
+from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams
 from workers.compress.prune import copy_model, prune_model
@@ -147,3 +148,46 @@ def test_a_branching_hidden_layer_is_left_alone():
     shapes = {layer.name: layer.shape for layer in outcome.layers}
     assert shapes["W0"] == [6, 8] and shapes["W1"] == [8, 2]
     assert any("W0" in note and "graph output" in note for note in outcome.notes)
+
+
+def _as_input(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    model.graph.input.append(
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, list(tensor.dims))
+    )
+    return model
+
+
+def test_structured_pruning_never_slices_an_initializer_that_is_also_an_input():
+    model = _as_input(gemm_mlp([6, 8, 4, 3], trans_b=0), "W2")
+    outcome = prune_model(model, PruneParams(granularity="structured", sparsity=0.5))
+    data, _ = encode(outcome.model, "dense", outcome.pruned)
+    shapes = {layer.name: layer.shape for layer in outcome.layers}
+    assert shapes == {"W0": [6, 4], "W1": [4, 4], "W2": [4, 3]}  # W2 overridable: uncut
+    run(data, {"X": np.ones((2, 6), np.float32)})
+    with pytest.raises(UnsupportedModelError, match="graph input"):
+        both = _as_input(gemm_mlp([6, 8, 4, 3], trans_b=0), "W1")
+        prune_model(both, PruneParams(granularity="structured", sparsity=0.5))
+
+
+def test_prelu_is_not_taken_for_a_one_input_activation():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["X", "W0"], ["h"]),
+        helper.make_node("PRelu", ["h", "slope"], ["a"]),
+        helper.make_node("MatMul", ["a", "W1"], ["Y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "W0"),
+        numpy_helper.from_array(np.full(6, 0.1, np.float32), "slope"),
+        numpy_helper.from_array(rng.standard_normal((6, 2)).astype(np.float32), "W1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "prelu",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    with pytest.raises(UnsupportedModelError, match="PRelu"):
+        prune_model(make_model(graph), PruneParams(granularity="structured", sparsity=0.5))

@@ -1,23 +1,53 @@
 """Writing a pruned model to bytes: dense, sparse (ONNX sparse_initializer) or int8.
 
 Every encoding yields a file onnxruntime loads as it is; the caller evaluates exactly these bytes.
+
+Exporters do not all keep weights in initializers: PaddlePaddle writes every weight as a Constant
+node, and PyTorch inlines If branches with their weights as Constants inside the branch. Neither
+sparse_initializer nor onnxruntime's quantizer reaches a Constant, so `sparse` and `int8` first
+hoist those weights, on a copy, into initializers of the graph that holds the Constant (legal
+ONNX in subgraphs too, since IR version 4). `dense` writes the model untouched.
 """
 
+import heapq
 import logging
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from onnx import ModelProto, TensorProto, helper, numpy_helper
+from onnx import (
+    AttributeProto,
+    GraphProto,
+    ModelProto,
+    NodeProto,
+    TensorProto,
+    helper,
+    numpy_helper,
+)
 
 from schemas.vocabulary import Encoding
 from workers.errors import UnsupportedModelError
 from workers.graph.load import serialize
-from workers.graph.walk import iter_graphs
-from workers.graph.weights import find_weights
+from workers.graph.walk import iter_graphs, node_subgraphs
+from workers.graph.weights import FLOAT_TYPES, WeightSlot, all_float_constants, find_weights
 
 INDEX_BYTES = 8  # sparse_initializer indices are int64, one linear index per nonzero
+NOTE_LIMIT = 300  # characters in one note or error message: a person reads it
+# Before IR version 4 every initializer also had to be a graph input, which a subgraph cannot
+# gain; there Constants stay where they are.
+FIRST_IR_WITH_FREE_INITIALIZERS = 4
+INT8_ADVICE = "use encoding dense or sparse"
+INT8_NOTE = (
+    "int8: onnxruntime dynamic quantization (QInt8, symmetric, so pruned zeros stay zero); "
+    "internal tensor names shortened and shape annotations dropped (inputs and outputs keep "
+    "their names)"
+)
+# Ops whose float constant inputs onnxruntime's quantizer may turn into int8, beyond its own
+# registry (read lazily with the quantizer): it rewrites a plain Gemm into MatMul + Add first.
+QUANTIZER_EXTRA_OPS = frozenset({"Gemm"})
 
 
 def encode(model: ModelProto, encoding: Encoding, pruned: set[str]) -> tuple[bytes, list[str]]:
@@ -33,35 +63,148 @@ def dense(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
     return serialize(model), []
 
 
-def sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
-    """Pruned weights as ONNX sparse_initializer (COO), where that is smaller."""
-    model = ModelProto.FromString(serialize(model))  # leave the caller's model dense
-    kept_dense = []
-    for graph, _ in iter_graphs(model.graph):
-        # An initializer that is also a graph input is an overridable default: keep it dense.
-        inputs = {value.name for value in graph.input}
-        for position in reversed(range(len(graph.initializer))):
-            tensor = graph.initializer[position]
-            if tensor.name not in pruned or tensor.name in inputs:
-                continue
-            array = numpy_helper.to_array(tensor)
-            flat_index = np.flatnonzero(array).astype(np.int64)
-            if flat_index.size * (array.itemsize + INDEX_BYTES) >= array.nbytes:
-                kept_dense.append(tensor.name)
-                continue
-            values = numpy_helper.from_array(array.ravel()[flat_index], tensor.name)
-            indices = numpy_helper.from_array(flat_index, "")
-            graph.sparse_initializer.append(
-                helper.make_sparse_tensor(values, indices, list(array.shape))
-            )
-            del graph.initializer[position]
-    notes = []
-    if kept_dense:
-        notes.append(
-            "sparse: kept dense where COO storage would be larger (below ~67% zeros for "
-            "float32): " + ", ".join(kept_dense)
+# --- notes ------------------------------------------------------------------------------------
+
+
+def _one_line(text: str, limit: int = NOTE_LIMIT) -> str:
+    """`text` on one line of at most `limit` characters, cut with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _names_note(prefix: str, names: Sequence[str], limit: int = NOTE_LIMIT) -> str:
+    """`prefix` and as many of `names` as fit in `limit` characters, the rest counted
+    ("… and 41 more"). Names come from the model: each is put on one line and cut short."""
+    names = [_one_line(name, limit // 4) for name in names]
+    shown: list[str] = []
+    for index, name in enumerate(names):
+        rest = len(names) - index - 1
+        text = prefix + ", ".join([*shown, name]) + (f" … and {rest} more" if rest else "")
+        if len(text) > limit:
+            break
+        shown.append(name)
+    if not shown:
+        return _one_line(f"{prefix}{len(names)} weights", limit)
+    rest = len(names) - len(shown)
+    return prefix + ", ".join(shown) + (f" … and {rest} more" if rest else "")
+
+
+def _reason_notes(left: dict[str, list[str]]) -> list[str]:
+    """One note per reason (a prefix), listing the weights it applies to."""
+    return [_names_note(prefix, sorted(set(names))) for prefix, names in left.items() if names]
+
+
+# --- hoisting Constants into initializers -----------------------------------------------------
+
+
+def _float_constant_value(node: NodeProto) -> TensorProto | None:
+    """The tensor of a Constant node holding a float tensor in its `value` attribute."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.t.data_type in FLOAT_TYPES:
+            return attr.t
+    return None
+
+
+def _hoist_in_graph(graph: GraphProto, names: set[str]) -> None:
+    # A Constant that is also the graph's output stays: an initializer as a (branch) output is
+    # a corner where runtimes have disagreed, and no weight is worth that risk.
+    outputs = {value.name for value in graph.output}
+    hoisted = []
+    for position, node in enumerate(graph.node):
+        tensor = _float_constant_value(node)
+        name = node.output[0] if node.output else ""
+        if tensor is None or name not in names or name in outputs:
+            continue
+        initializer = graph.initializer.add()
+        initializer.CopyFrom(tensor)
+        initializer.name = name
+        hoisted.append(position)
+    # Initializers exist before any node runs, so removing the Constants keeps the order valid.
+    for position in reversed(hoisted):
+        del graph.node[position]
+
+
+def hoisted_copy(model: ModelProto, names: set[str]) -> ModelProto:
+    """A copy of `model` in which each float Constant whose output is in `names` became an
+    initializer of the graph holding it, under the same name; ir_version and opsets kept."""
+    copy = ModelProto.FromString(serialize(model))
+    if copy.ir_version >= FIRST_IR_WITH_FREE_INITIALIZERS:
+        for graph, _ in iter_graphs(copy.graph):
+            _hoist_in_graph(graph, names)
+    return copy
+
+
+def _unhoisted_reason(model: ModelProto) -> str:
+    if model.ir_version < FIRST_IR_WITH_FREE_INITIALIZERS:
+        return f"in Constant nodes (ir_version {model.ir_version} < 4 cannot hold them elsewhere)"
+    return "in Constant nodes that are also graph outputs"
+
+
+# --- sparse -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SparseOutcome:
+    """What the sparse encoder did with each pruned weight it met."""
+
+    stored: set[str] = field(default_factory=set)
+    larger: list[str] = field(default_factory=list)  # COO would be larger than dense
+    defaults: list[str] = field(default_factory=list)  # also graph inputs
+
+
+def _to_sparse(graph: GraphProto, pruned: set[str], outcome: SparseOutcome) -> None:
+    # An initializer that is also a graph input is an overridable default: keep it dense.
+    inputs = {value.name for value in graph.input}
+    for position in reversed(range(len(graph.initializer))):
+        tensor = graph.initializer[position]
+        if tensor.name not in pruned:
+            continue
+        if tensor.name in inputs:
+            outcome.defaults.append(tensor.name)
+            continue
+        array = numpy_helper.to_array(tensor)
+        flat_index = np.flatnonzero(array).astype(np.int64)
+        if flat_index.size * (array.itemsize + INDEX_BYTES) >= array.nbytes:
+            outcome.larger.append(tensor.name)
+            continue
+        values = numpy_helper.from_array(array.ravel()[flat_index], tensor.name)
+        indices = numpy_helper.from_array(flat_index, "")
+        graph.sparse_initializer.append(
+            helper.make_sparse_tensor(values, indices, list(array.shape))
         )
-    return serialize(model), notes
+        outcome.stored.add(tensor.name)
+        del graph.initializer[position]
+
+
+def sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+    """Pruned weights as ONNX sparse_initializer (COO), where that is smaller; pruned weights
+    held in Constant nodes are hoisted into initializers first."""
+    model = hoisted_copy(model, pruned)  # leave the caller's model dense
+    outcome = SparseOutcome()
+    for graph, _ in iter_graphs(model.graph):
+        _to_sparse(graph, pruned, outcome)
+    left = {
+        "sparse: kept dense where COO storage would be larger (below ~67% zeros for "
+        "float32): ": outcome.larger,
+        "sparse: kept dense, initializers that are also graph inputs (overridable "
+        "defaults): ": outcome.defaults,
+    }
+    met = outcome.stored | set(outcome.larger) | set(outcome.defaults)
+    for slot in all_float_constants(model):
+        if slot.name in pruned and slot.name not in met:
+            left.setdefault(_sparse_unreached(slot, model), []).append(slot.name)
+    return serialize(model), _reason_notes(left)
+
+
+def _sparse_unreached(slot: WeightSlot, model: ModelProto) -> str:
+    if isinstance(slot.holder, AttributeProto):
+        return "sparse: kept dense, ai.onnx.ml attributes (only tensors can be sparse): "
+    return f"sparse: kept dense, {_unhoisted_reason(model)}: "
+
+
+# --- int8 -------------------------------------------------------------------------------------
 
 
 def _require_float32_weights(model: ModelProto) -> None:
@@ -71,34 +214,256 @@ def _require_float32_weights(model: ModelProto) -> None:
         if isinstance(slot.holder, TensorProto) and slot.holder.data_type != TensorProto.FLOAT:
             kind = TensorProto.DataType.Name(slot.holder.data_type).lower()
             raise UnsupportedModelError(
-                f"encoding int8 quantizes float32 weights; weight {slot.name!r} is {kind}: "
-                "use encoding dense or sparse"
+                f"encoding int8 quantizes float32 weights; weight {_one_line(slot.name, 120)!r} "
+                f"is {kind}: {INT8_ADVICE}"
             )
 
 
-def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
-    """onnxruntime's dynamic quantization of the pruned model (float32 weights only)."""
-    _require_float32_weights(model)
-    return _quantize(model), [
-        "int8: onnxruntime dynamic quantization (QInt8, symmetric, so pruned zeros stay zero); "
-        "internal tensor names shortened and shape annotations dropped (inputs and outputs keep "
-        "their names)"
-    ]
+def _quantizer_ops() -> frozenset[str]:
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    return frozenset(IntegerOpsRegistry) | QUANTIZER_EXTRA_OPS
 
 
-def _quantize(model: ModelProto) -> bytes:
+def _quantizer_inputs(model: ModelProto) -> set[str]:
+    """Every value an op the quantizer converts reads: the Constants worth hoisting for int8
+    (weights, and embedding tables of Gather), never shape constants (read by Reshape &c)."""
+    ops = _quantizer_ops()
+    return {
+        name
+        for graph, _ in iter_graphs(model.graph)
+        for node in graph.node
+        if node.domain in ("", "ai.onnx", "com.microsoft") and node.op_type in ops
+        for name in node.input
+    }
+
+
+def _convs_left_float(graph: GraphProto, outer: frozenset[str], found: list[str]) -> None:
+    """Name into `found` the Conv nodes the quantizer must skip: one whose weight is computed
+    at run time (weight normalisation, say) gains no bytes from ConvInteger, and the quantizer
+    raises on a Conv with a bias whose weight is not an initializer of the Conv's own graph
+    (a body reading its weight from an enclosing graph)."""
+    own = {tensor.name for tensor in graph.initializer}
+    scope = outer | own
+    for node in graph.node:
+        is_conv = node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+        if is_conv and len(node.input) > 1:
+            weight = node.input[1]
+            if weight not in scope or (len(node.input) > 2 and weight not in own):
+                # The quantizer excludes nodes by name; compact() drops node names afterwards.
+                node.name = node.name or f"clipprune_conv_left_float_{len(found)}"
+                found.append(node.name)
+        for sub in node_subgraphs(node):
+            _convs_left_float(sub, scope, found)
+
+
+def _refusal(what: str, error: Exception, scratch: str | None = None) -> str:
+    """One line for the caller: what failed, onnxruntime's reason without its codes and our
+    scratch paths, and the encodings that work."""
+    reason = str(error) or type(error).__name__
+    if scratch:
+        reason = reason.replace(scratch, "")
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+    reason = re.sub(r"Load model from \S* ?failed: ?", "", reason)
+    tail = f"; {INT8_ADVICE}"
+    return _one_line(f"encoding int8: {what}: {_one_line(reason)}", NOTE_LIMIT - len(tail)) + tail
+
+
+def _require_loadable(data: bytes) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise UnsupportedModelError(
+            _refusal("onnxruntime cannot load the model its quantizer wrote", exc)
+        ) from exc
+
+
+def _quantize(model: ModelProto, exclude: list[str], subgraphs: bool) -> ModelProto:
+    """onnxruntime's dynamic quantization of `model`; `subgraphs` lets it enter If/Loop/Scan
+    bodies. Any failure, or a result onnxruntime cannot load, is an UnsupportedModelError."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="clipprune-int8-") as tmp:
         out = Path(tmp) / "model.int8.onnx"
-        # The quantizer advises "pre-processing" on the root logger for every model; it is
-        # advice to a person at a console, not something a job's caller can act on.
+        # The quantizer advises "pre-processing" on the root logger for every model, and warns
+        # about every tensor it skips; that is advice to a person at a console, not something a
+        # job's caller can act on.
         logging.disable(logging.WARNING)
         try:
-            quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+            quantize_dynamic(
+                model,
+                out,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                extra_options={"EnableSubgraph": subgraphs},
+            )
+            data = out.read_bytes()
+        except MemoryError:
+            raise
+        except Exception as exc:  # the quantizer raises whatever its code meets
+            raise UnsupportedModelError(
+                _refusal("onnxruntime's quantizer failed", exc, tmp)
+            ) from exc
         finally:
             logging.disable(logging.NOTSET)
-        return serialize(compact(ModelProto.FromString(out.read_bytes())))
+    _require_loadable(data)
+    return ModelProto.FromString(data)
+
+
+def _has_subgraphs(model: ModelProto) -> bool:
+    return any(depth for _, depth in iter_graphs(model.graph))
+
+
+@dataclass
+class Quantized:
+    model: ModelProto
+    bodies_failure: str | None = None  # why If/Loop/Scan bodies were left float, if they were
+
+
+def _quantize_bodies_too(model: ModelProto, exclude: list[str]) -> Quantized:
+    """Quantize If/Loop/Scan bodies with the main graph (onnxruntime's EnableSubgraph); when
+    the quantizer fails inside them, quantize the main graph alone rather than refuse."""
+    try:
+        return Quantized(_quantize(model, exclude, subgraphs=True))
+    except UnsupportedModelError as failure:
+        if not _has_subgraphs(model):
+            raise
+        reason = str(failure).removeprefix("encoding int8: ").removesuffix(f"; {INT8_ADVICE}")
+        return Quantized(_quantize(model, exclude, subgraphs=False), _one_line(reason, 120))
+
+
+def _reads(node: NodeProto) -> set[str]:
+    """The values a node reads: its inputs and what its subgraphs read from outside them
+    (names a body defines itself may not shadow outer ones, so they never match a producer)."""
+    names = set(node.input)
+    for sub in node_subgraphs(node):
+        for inner, _ in iter_graphs(sub):
+            for inner_node in inner.node:
+                names.update(inner_node.input)
+    return names
+
+
+def _sort_graph(graph: GraphProto) -> None:
+    """Order the nodes so each follows the producers of what it reads, nearest to the order
+    they had. onnxruntime's quantizer sorts without the values If/Loop/Scan bodies read from
+    outside, which onnxruntime tolerates and onnx's checker does not."""
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    waits = [
+        {producer[name] for name in _reads(node) if name in producer} - {index}
+        for index, node in enumerate(graph.node)
+    ]
+    readers: dict[int, list[int]] = {}
+    for index, needed in enumerate(waits):
+        for other in needed:
+            readers.setdefault(other, []).append(index)
+    ready = [index for index, needed in enumerate(waits) if not needed]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers.get(index, []):
+            waits[reader].discard(index)
+            if not waits[reader]:
+                heapq.heappush(ready, reader)
+    if order == list(range(len(graph.node))):
+        return
+    placed = set(order)
+    order += [index for index in range(len(graph.node)) if index not in placed]  # a cycle
+    nodes = [NodeProto() for _ in order]
+    for copy, index in zip(nodes, order, strict=True):
+        copy.CopyFrom(graph.node[index])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _sort_topologically(model: ModelProto) -> ModelProto:
+    for graph, _ in iter_graphs(model.graph):
+        _sort_graph(graph)
+    return model
+
+
+def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+    """onnxruntime's dynamic quantization of the pruned model (float32 weights only): the
+    weights of MatMul, Gemm (rewritten to MatMul by the quantizer) and Conv, wherever they sit."""
+    _require_float32_weights(model)
+    weights = {slot.name for slot in find_weights(model)} | pruned
+    work = hoisted_copy(model, _quantizer_inputs(model) | weights)
+    exclude: list[str] = []
+    _convs_left_float(work.graph, frozenset(), exclude)
+    quantized = _quantize_bodies_too(work, exclude)
+    _sort_topologically(quantized.model)
+    notes = [INT8_NOTE, *_unquantized_notes(quantized, weights)]
+    return serialize(compact(quantized.model)), notes
+
+
+def _in_body(slot: WeightSlot, main: GraphProto, main_nodes: set[int]) -> bool:
+    return slot.graph is not main or any(id(use) not in main_nodes for use in slot.uses)
+
+
+def _unquantized_reason(slot: WeightSlot, quantized: Quantized, main_nodes: set[int]) -> str:
+    """Why a prunable weight is still float after quantization, as a note's prefix."""
+    model = quantized.model
+    if quantized.bodies_failure and _in_body(slot, model.graph, main_nodes):
+        return (
+            "int8: left float32 inside If/Loop/Scan bodies (the quantizer failed there: "
+            f"{quantized.bodies_failure}): "
+        )
+    if isinstance(slot.holder, AttributeProto):
+        return "int8: left float32, ai.onnx.ml attributes (the quantizer reads only tensors): "
+    ops = {use.op_type for use in slot.uses}
+    if not ops:
+        return "int8: left float32, not a MatMul, Gemm or Conv weight: "
+    if "Conv" in ops and _in_body(slot, model.graph, main_nodes):
+        return (
+            "int8: left float32, Conv in an If/Loop/Scan body with a bias and its weight in an "
+            "enclosing graph (the quantizer cannot): "
+        )
+    if "ConvTranspose" in ops:
+        return "int8: left float32, ConvTranspose weights (no integer ConvTranspose kernel): "
+    if "Gemm" in ops:
+        return (
+            "int8: left float32, Gemm with alpha or beta other than 1 or transA=1 (the "
+            "quantizer rewrites only plain Gemm to MatMul): "
+        )
+    if any(use.op_type == "MatMul" and use.input[0] == slot.name for use in slot.uses):
+        return (
+            "int8: left float32, MatMul's first input (only a constant second input is quantized): "
+        )
+    if not any(tensor.name == slot.name for tensor in slot.graph.initializer):
+        return f"int8: left float32, {_unhoisted_reason(model)}: "
+    return "int8: left float32 by onnxruntime's quantizer: "
+
+
+def _source_name(name: str, weights: set[str]) -> str:
+    """The weight a tensor left float came from: rewriting a Gemm to MatMul, the quantizer
+    stores a transposed copy of its weight as "W_Transposed" (or "W_Transposed_1", ...)."""
+    source = re.sub(r"_Transposed(_\d+)?$", "", name)
+    return source if name not in weights and source in weights else name
+
+
+def _unquantized_notes(quantized: Quantized, weights: set[str]) -> list[str]:
+    """One note per reason, naming every prunable or pruned weight (`weights`, named as in the
+    model before quantization) still float. Read before compact() renames internal tensors; a
+    weight left float keeps its name."""
+    model = quantized.model
+    slots = find_weights(model)
+    seen = {slot.name for slot in slots}
+    slots += [s for s in all_float_constants(model) if s.name in weights and s.name not in seen]
+    main_nodes = list(model.graph.node)  # held, so their ids stay theirs while compared
+    main_ids = {id(node) for node in main_nodes}
+    left: dict[str, list[str]] = {}
+    for slot in slots:
+        reason = _unquantized_reason(slot, quantized, main_ids)
+        left.setdefault(reason, []).append(_source_name(slot.name, weights))
+    return _reason_notes(left)
 
 
 ENCODERS: dict[Encoding, Callable[[ModelProto, set[str]], tuple[bytes, list[str]]]] = {
