@@ -101,7 +101,7 @@ def test_without_eval_data_a_model_with_unknown_dims_is_not_measured(job_dir):
     (note,) = [note for note in report.notes if note.startswith("accuracy not measured")]
     assert "'X' has 2 unknown dims" in note and "send eval_data" in note
     assert (job_dir / "model.onnx").exists()
-    with pytest.raises(InputError, match="max_accuracy_drop needs a metric.*send eval_data"):
+    with pytest.raises(InputError, match=r"max_accuracy_drop needs a metric.*send eval_data"):
         run_prune_job(job_dir, PruneParams(max_accuracy_drop=0.01))
 
 
