@@ -24,7 +24,7 @@ Granularity = Literal["unstructured", "structured"]  # compress/prune.py GRANULA
 
 # Output files: workers/graph/encoding.py ENCODERS. "auto" (PruneParams.encoding) tries those
 # that can shrink the model and keeps the smallest file that meets the bound.
-Encoding = Literal["dense", "sparse", "int8"]
+Encoding = Literal["dense", "sparse", "int8", "float16"]
 EncodingChoice = Literal["auto", Encoding]
 
 # Evaluation: workers/evaluate

@@ -169,11 +169,17 @@ def _form_inputs(kind: str, form: FormData) -> tuple[dict[str, UploadFile], Base
     if params_field is not None and not isinstance(params_field, str):
         raise ProblemError(422, "params must be a text field holding JSON, not a file")
     params = _params(kind, params_field)
-    fine_tune = isinstance(params, PruneParams) and params.fine_tune is not None
-    if fine_tune and "train_data" not in uploads:
-        raise ProblemError(
-            422, "params.fine_tune needs a train_data file: the data to fine-tune the model on"
-        )
+    if isinstance(params, PruneParams):
+        if params.fine_tune is not None and "train_data" not in uploads:
+            raise ProblemError(
+                422, "params.fine_tune needs a train_data file: the data to fine-tune the model on"
+            )
+        measured = "max_accuracy_drop" if params.max_accuracy_drop is not None else None
+        measured = measured or ("sensitivity" if params.sensitivity else None)
+        if measured and "eval_data" not in uploads:
+            raise ProblemError(
+                422, f"params.{measured} needs an eval_data file: the metric is measured on it"
+            )
     return uploads, params
 
 

@@ -53,9 +53,14 @@ def cut_list(before: str, items: list[str], after: str = "", limit: int = MAX_ME
     return before + ", ".join(shown) + after
 
 
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` on one line of at most `limit` characters, cut with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def first_line(error: BaseException, limit: int = 160) -> str:
     """The first line of an error from a library (onnxruntime, onnx), cut to `limit`
     characters: their messages can run to pages."""
     lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return one_line(lines[0] if lines else type(error).__name__, limit)

@@ -33,7 +33,7 @@ SENSITIVITY_SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 SENSITIVITY_TOLERANCE = 0.01  # a layer "tolerates" a sparsity that loses at most this
 TOLERANCE = 1e-12  # float slack in "drop <= bound"
 # encoding auto tries these; dense shrinks only when structured pruning removed channels.
-AUTO_ENCODINGS: tuple[Encoding, ...] = ("int8", "sparse", "dense")
+AUTO_ENCODINGS: tuple[Encoding, ...] = ("int8", "float16", "sparse", "dense")
 
 SearchProgress = Callable[[str, float], None]
 

@@ -356,6 +356,7 @@ def _describe(runs: int | None) -> str:
 
 
 def _conform(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    array = np.asarray(array)  # one run of a scalar input is a NumPy scalar, not an array
     if spec.shape is not None and not spec.fits(array.shape):
         raise InvalidDataError(
             f"data for input {spec.name!r} has shape {list(array.shape)}; the model declares "

@@ -22,7 +22,7 @@ from onnx import (
     helper,
 )
 
-from workers.errors import InvalidModelError, UnsafeModelError
+from workers.errors import InvalidModelError, UnsafeModelError, first_line
 from workers.graph.walk import iter_graphs, node_subgraphs
 from workers.graph.weights import FLOAT_TYPES
 
@@ -118,8 +118,7 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     try:
         onnx.checker.check_model(data)
     except onnx.checker.ValidationError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise InvalidModelError(f"the ONNX checker rejected the model: {first_line}") from exc
+        raise InvalidModelError(f"the ONNX checker rejected the model: {first_line(exc)}") from exc
     return onnx.load_model_from_string(data)
 
 
@@ -241,17 +240,18 @@ def _check_computed_shapes(skeleton: ModelProto, limits: ModelLimits) -> None:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise InvalidModelError(f"onnx shape inference rejected the model: {first_line}") from exc
+        raise InvalidModelError(
+            f"onnx shape inference rejected the model: {first_line(exc)}"
+        ) from exc
     for graph, _ in iter_graphs(inferred.graph):
         producers = {output: node for node in graph.node for output in node.output}
         for value in [*graph.value_info, *graph.output]:
             shape = value.type.tensor_type.shape.dim
+            # symbolic dimensions (the batch) count as 1, and so does a -1 that inference
+            # carried over from an input PaddlePaddle declared with it
             known = [dim.dim_value for dim in shape if dim.HasField("dim_value")]
-            count = math.prod(known)  # symbolic dimensions (the batch) count as 1
-            if count <= limits.max_tensor_elements and all(
-                0 <= dim <= limits.max_dim for dim in known
-            ):
+            count = math.prod(dim for dim in known if dim >= 0)
+            if count <= limits.max_tensor_elements and all(dim <= limits.max_dim for dim in known):
                 continue
             dims = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in shape]
             node = producers.get(value.name)
