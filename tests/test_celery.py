@@ -1,31 +1,22 @@
 """The Celery backend against a real Redis, a real PostgreSQL and real `celery worker`s."""
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import redis
 from brokers import any_redis, drop_prefix, own_redis, prefix, start_worker
-from server import start_server, wait_for
+from server import accepted_id, submit, wait_for
 
 FAST_LEASE = {"heartbeat_s": 0.5, "worker_lease_s": 3}
 
 
-@pytest.fixture(scope="module")
-def digits_csv(digits) -> bytes:
-    features, labels = digits
-    rows = "\n".join(",".join(f"{v:g}" for v in row) for row in np.c_[features, labels])
-    return (",".join([f"p{i}" for i in range(64)] + ["digit"]) + "\n" + rows).encode()
-
-
 @pytest.fixture
-def deployment(tmp_path, postgres_url):
+def deployment(tmp_path, postgres_url, make_server):
     """API + one worker sharing a data directory, PostgreSQL and Redis: a compose stack in
     miniature. Returns a function that starts it with the given broker and settings."""
     cleanups: list[Callable[[], None]] = []
@@ -42,7 +33,7 @@ def deployment(tmp_path, postgres_url):
         }
         data_dir = tmp_path / "data"
         cleanups.append(lambda: drop_prefix(redis_url, key_prefix))
-        server = start_server(data_dir, **settings)
+        server = make_server(data_dir, **settings)
         cleanups.append(server.stop)
         worker = start_worker(data_dir, concurrency, **settings)
         cleanups.append(worker.stop)
@@ -54,26 +45,14 @@ def deployment(tmp_path, postgres_url):
             cleanup()
 
 
-def submit(client, kind: str, files: dict[str, bytes], params: dict):
-    response = client.post(
-        f"/v1/jobs/{kind}",
-        files={name: (name, data) for name, data in files.items()},
-        data={"params": json.dumps(params)},
-    )
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
 def test_jobs_run_on_celery_workers(tmp_path, deployment, mlp_classifier, digits_csv):
     server, worker = deployment(any_redis(tmp_path).url)
     worker_env = {f"CLIPPRUNE_{key.upper()}": value for key, value in worker.settings.items()}
     with server.client() as client:
-        prune_id = submit(
-            client, "prune", {"model": mlp_classifier.SerializeToString()}, {"sparsity": 0.5}
-        )
-        train_id = submit(
-            client, "train", {"train_data": digits_csv}, {"model": {"hidden": [16]}, "epochs": 3}
-        )
+        model = {"model": mlp_classifier.SerializeToString()}
+        prune_id = accepted_id(submit(client, "prune", model, {"sparsity": 0.5}))
+        params = {"model": {"hidden": [16]}, "epochs": 3}
+        train_id = accepted_id(submit(client, "train", {"train_data": digits_csv}, params))
         for job_id in (prune_id, train_id):
             job = wait_for(client, job_id)
             assert job["status"] == "succeeded", job["error"]
@@ -91,12 +70,8 @@ def test_jobs_run_on_celery_workers(tmp_path, deployment, mlp_classifier, digits
 def test_a_worker_killed_mid_job_never_leaves_it_running(tmp_path, deployment, digits_csv):
     server, worker = deployment(any_redis(tmp_path).url, concurrency=1)
     with server.client() as client:
-        job_id = submit(
-            client,
-            "train",
-            {"train_data": digits_csv},
-            {"model": {"hidden": [256, 256]}, "epochs": 60},
-        )
+        params = {"model": {"hidden": [256, 256]}, "epochs": 60}
+        job_id = accepted_id(submit(client, "train", {"train_data": digits_csv}, params))
         wait_for(client, job_id, {"running"})
         (child,) = worker.pool()
         child.kill()
@@ -111,10 +86,11 @@ def test_restarting_redis_mid_queue_loses_no_job(tmp_path, deployment, digits_cs
         server, _ = deployment(broker.url, concurrency=1)
         with server.client() as client:
             params = {"model": {"hidden": [64]}, "epochs": 15}
-            ids = [submit(client, "train", {"train_data": digits_csv}, params) for _ in range(4)]
+            upload = {"train_data": digits_csv}
+            ids = [accepted_id(submit(client, "train", upload, params)) for _ in range(4)]
             wait_for(client, ids[0], {"running", "succeeded"})
             broker.stop()  # Redis keeps nothing on disk: the queued messages are gone
-            ids.append(submit(client, "train", {"train_data": digits_csv}, params))  # broker down
+            ids.append(accepted_id(submit(client, "train", upload, params)))  # broker down
             time.sleep(1)
             broker.start()
             jobs = [wait_for(client, job_id, timeout=240) for job_id in ids]

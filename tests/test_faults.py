@@ -2,32 +2,22 @@
 disk filling up (a real, small tmpfs, not a simulated error), and restarts and crashes with
 jobs waiting in the queue behind the running ones."""
 
-import json
 import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import numpy as np
 import onnxruntime as ort
 import pytest
 from brokers import skip_or_fail
-from server import Server, start_server, wait_for
+from server import Server, submit, wait_for
 
 PAGE = 4096  # tmpfs counts space in pages
 SMALL_DISK = "2m"
-
-
-@pytest.fixture(scope="module")
-def digits_csv(digits) -> bytes:
-    features, labels = digits
-    rows = "\n".join(",".join(f"{v:g}" for v in row) for row in np.c_[features, labels])
-    return (",".join([f"p{i}" for i in range(64)] + ["digit"]) + "\n" + rows).encode()
+PRUNE = {"sparsity": 0.5}
 
 
 def _private_mounts() -> list[str]:
@@ -38,7 +28,7 @@ def _private_mounts() -> list[str]:
 
 
 @pytest.fixture
-def small_disk(tmp_path) -> Iterator[tuple[Server, Path]]:
+def small_disk(tmp_path, make_server) -> tuple[Server, Path]:
     """A service whose artifact store (DATA_DIR/jobs) is a tmpfs of SMALL_DISK, with its
     database on the real disk beside it; and the store's directory as the test sees it (through
     /proc/PID/root, since the mount exists only in the server's namespace)."""
@@ -53,11 +43,8 @@ def small_disk(tmp_path) -> Iterator[tuple[Server, Path]]:
     )
     if probe.returncode != 0:
         skip_or_fail(f"cannot mount a tmpfs in a namespace here: {probe.stderr.decode().strip()}")
-    server = start_server(data_dir, wrap=[*_private_mounts(), "sh", "-c", mount, str(store)])
-    try:
-        yield server, Path(f"/proc/{server.process.pid}/root{store}")
-    finally:
-        server.stop()
+    server = make_server(data_dir, wrap=[*_private_mounts(), "sh", "-c", mount, str(store)])
+    return server, Path(f"/proc/{server.process.pid}/root{store}")
 
 
 def _free(path: Path) -> int:
@@ -74,15 +61,6 @@ def _fill(store: Path, leave: int) -> Path:
     return filler
 
 
-def _prune(client: httpx.Client, model: bytes, wait: float = 30) -> httpx.Response:
-    return client.post(
-        "/v1/jobs/prune",
-        params={"wait": wait},
-        files={"model": ("model.onnx", model)},
-        data={"params": json.dumps({"sparsity": 0.5})},
-    )
-
-
 def _pages(size: int) -> int:
     return -(-size // PAGE) * PAGE
 
@@ -96,7 +74,7 @@ def test_a_full_disk_fails_the_job_saying_so_and_serves_no_partial_model(
     # keeps every weight) gets two pages written, then the disk is full.
     filler = _fill(store, _pages(len(model)) + 2 * PAGE)
     with server.client() as client:
-        job = _prune(client, model).json()
+        job = submit(client, "prune", {"model": model}, PRUNE, wait=30).json()
         assert job["status"] == "failed", job
         assert job["error"]["status"] == 507 and job["error"]["title"] == "Insufficient storage"
         assert "disk" in job["error"]["detail"] and "full" in job["error"]["detail"]
@@ -110,7 +88,7 @@ def test_a_full_disk_fails_the_job_saying_so_and_serves_no_partial_model(
 
         # Full to the last page: a submit cannot even store its upload.
         _fill(store, 0)
-        refused = _prune(client, model)
+        refused = submit(client, "prune", {"model": model}, PRUNE, wait=30)
         assert refused.status_code == 507, refused.text
         assert refused.headers["content-type"] == "application/problem+json"
         assert "full" in refused.json()["detail"]
@@ -119,7 +97,7 @@ def test_a_full_disk_fails_the_job_saying_so_and_serves_no_partial_model(
         assert client.get("/livez").status_code == 200
 
         filler.unlink()  # space is back: the service carries on
-        later = _prune(client, model).json()
+        later = submit(client, "prune", {"model": model}, PRUNE, wait=30).json()
         assert later["status"] == "succeeded", later
         download = client.get(later["links"]["model"])
         assert download.status_code == 200
@@ -148,50 +126,41 @@ def _count(rows: dict[str, tuple[str, int]], status: str) -> int:
     return sum(s == status for s, _ in rows.values())
 
 
-def test_restart_and_crash_with_jobs_queued_lose_none(tmp_path, digits_csv):
+def test_restart_and_crash_with_jobs_queued_lose_none(make_server, tmp_path, digits_csv):
     """Six jobs on two workers: a graceful restart while some run and the rest wait, then a
     crash while some run and some wait. Every job ends succeeded: none lost, none left
     queued or running, and a job a graceful stop put back still has its retry for a crash
     (README: on a graceful stop running jobs run again; after a crash they are retried once)."""
     data_dir = tmp_path / "data"
-    params = json.dumps({"model": {"hidden": [64]}, "epochs": 15})
-    server = start_server(data_dir)
+    params = {"model": {"hidden": [64]}, "epochs": 15}
+    server = make_server(data_dir)
     with server.client() as client:
-        ids = [
-            client.post(
-                "/v1/jobs/train",
-                files={"train_data": ("d.csv", digits_csv)},
-                data={"params": params},
-            ).json()["id"]
-            for _ in range(6)
-        ]
+        upload = {"train_data": digits_csv}
+        ids = [submit(client, "train", upload, params).json()["id"] for _ in range(6)]
     at_stop = _until_some_run_and_some_wait(data_dir)
     server.stop()
     after_stop = _statuses(data_dir)
     assert set(after_stop) == set(ids)
     assert {s for s, _ in after_stop.values()} <= {"queued", "succeeded"}, after_stop
 
-    server = start_server(data_dir)
+    server = make_server(data_dir)
     _until_some_run_and_some_wait(data_dir)
     server.process.send_signal(signal.SIGKILL)  # no graceful shutdown: the service just dies
     server.process.wait()
     at_crash = _statuses(data_dir)
 
-    server = start_server(data_dir)
-    try:
-        with server.client() as client:
-            ended = {job_id: wait_for(client, job_id, timeout=120) for job_id in ids}
-            print(
-                f"\nat the stop {_count(at_stop, 'running')} running, "
-                f"{_count(at_stop, 'queued')} queued; at the crash "
-                f"{_count(at_crash, 'running')} running, {_count(at_crash, 'queued')} queued"
-            )
-            for job_id, job in ended.items():
-                assert job["status"] == "succeeded", (at_crash[job_id], job)
-                model = client.get(job["links"]["model"])
-                assert model.status_code == 200
-                ort.InferenceSession(model.content, providers=["CPUExecutionProvider"])
-            listed = [j["id"] for j in client.get("/v1/jobs").json()["items"]]
-            assert sorted(listed) == sorted(ids)
-    finally:
-        server.stop()
+    server = make_server(data_dir)
+    with server.client() as client:
+        ended = {job_id: wait_for(client, job_id, timeout=120) for job_id in ids}
+        print(
+            f"\nat the stop {_count(at_stop, 'running')} running, "
+            f"{_count(at_stop, 'queued')} queued; at the crash "
+            f"{_count(at_crash, 'running')} running, {_count(at_crash, 'queued')} queued"
+        )
+        for job_id, job in ended.items():
+            assert job["status"] == "succeeded", (at_crash[job_id], job)
+            model = client.get(job["links"]["model"])
+            assert model.status_code == 200
+            ort.InferenceSession(model.content, providers=["CPUExecutionProvider"])
+        listed = [j["id"] for j in client.get("/v1/jobs").json()["items"]]
+        assert sorted(listed) == sorted(ids)

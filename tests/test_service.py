@@ -144,11 +144,9 @@ def test_request_problems(client, digits_upload):
     assert not_json.status_code == 400 and "params is not valid JSON" in not_json.json()["detail"]
     not_multipart = client.post("/v1/jobs/prune", json={"sparsity": 0.5})
     assert not_multipart.status_code == 415
-    no_model = client.post(
-        "/v1/jobs/prune", files={"eval_data": ("e", b"a\n1\n")}, data={"params": "{}"}
-    )
+    no_model = submit(client, "prune", {"eval_data": b"a\n1\n"}, {})
     assert no_model.status_code == 422 and "model file is required" in no_model.json()["detail"]
-    unknown = client.post("/v1/jobs/prune", files={"modle": ("m", b"x")})
+    unknown = submit(client, "prune", {"modle": b"x"})
     assert unknown.status_code == 422 and "modle" in unknown.json()["detail"]
     missing = client.get("/v1/jobs/0123456789abcdef0123456789abcdef")
     assert (

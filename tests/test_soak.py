@@ -20,7 +20,6 @@ the pool's bound instead (see _connection_bound).
 
 import contextlib
 import hashlib
-import json
 import os
 import threading
 import time
@@ -32,7 +31,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import psutil
-from server import Server, start_server
+from server import Server, submit
 
 from service.store import make_engine
 
@@ -63,12 +62,7 @@ def _run_jobs(server: Server, model: bytes, count: int) -> list[str]:
                 with take:
                     if next(remaining, None) is None:
                         return outcomes
-                response = client.post(
-                    "/v1/jobs/prune",
-                    params={"wait": 60},
-                    files={"model": ("model.onnx", model)},
-                    data={"params": json.dumps({"sparsity": 0.5})},
-                )
+                response = submit(client, "prune", {"model": model}, {"sparsity": 0.5}, wait=60)
                 assert response.status_code in (200, 202), response.text
                 job = response.json()
                 outcomes.append((job["id"], job["status"]))
@@ -169,37 +163,36 @@ def _mib(rss: int) -> str:
     return f"{rss / 2**20:.1f} MiB"
 
 
-def test_soak_every_job_accounted_for_and_the_api_process_does_not_grow(tmp_path, mlp_classifier):
+def test_soak_every_job_accounted_for_and_the_api_process_does_not_grow(
+    make_server, tmp_path, mlp_classifier
+):
     model = mlp_classifier.SerializeToString()
-    server = start_server(tmp_path / "data")
-    try:
-        api = psutil.Process(server.process.pid)
-        start_rss, started = api.memory_info().rss, time.monotonic()
-        ids = _run_jobs(server, model, WARM_UP_JOBS)
-        warm_rss, warm_fds = api.memory_info().rss, _settled_fds(api.pid)
-        warm_total = api.num_fds()
-        ids += _run_jobs(server, model, JOBS - WARM_UP_JOBS)
-        elapsed = time.monotonic() - started
-        end_fds = _settled_fds(api.pid, _others(warm_fds))
-        end_rss, end_total = api.memory_info().rss, api.num_fds()
-        workers = sum(p.memory_info().rss for p in server.job_processes())
-        print(
-            f"\nsoak: {JOBS} jobs in {elapsed:.1f} s ({JOBS / elapsed:.1f} jobs/s); API RSS "
-            f"{_mib(start_rss)} at start, {_mib(warm_rss)} after {WARM_UP_JOBS} jobs, "
-            f"{_mib(end_rss)} after {JOBS}; fds {warm_total} -> {end_total} ({_sqlite(warm_fds)}"
-            f" -> {_sqlite(end_fds)} on the database); workers' RSS {_mib(workers)} at the end"
-        )
-        assert sorted(_listed(server)) == sorted(ids)
-        assert end_rss <= warm_rss * (1 + RSS_GROWTH), (
-            f"API RSS grew {_mib(warm_rss)} -> {_mib(end_rss)} over {JOBS - WARM_UP_JOBS} jobs"
-        )
-        grew = {
-            kind: (warm_fds[kind], n)
-            for kind, n in end_fds.items()
-            if n > warm_fds[kind] and not _database(kind)
-        }
-        assert not grew, f"open fds grew (after warm-up, at the end): {grew}"
-        bound = _connection_bound(tmp_path)
-        assert all(n <= bound for kind, n in end_fds.items() if _database(kind)), end_fds
-    finally:
-        server.stop()
+    server = make_server()
+    api = psutil.Process(server.process.pid)
+    start_rss, started = api.memory_info().rss, time.monotonic()
+    ids = _run_jobs(server, model, WARM_UP_JOBS)
+    warm_rss, warm_fds = api.memory_info().rss, _settled_fds(api.pid)
+    warm_total = api.num_fds()
+    ids += _run_jobs(server, model, JOBS - WARM_UP_JOBS)
+    elapsed = time.monotonic() - started
+    end_fds = _settled_fds(api.pid, _others(warm_fds))
+    end_rss, end_total = api.memory_info().rss, api.num_fds()
+    workers = sum(p.memory_info().rss for p in server.job_processes())
+    print(
+        f"\nsoak: {JOBS} jobs in {elapsed:.1f} s ({JOBS / elapsed:.1f} jobs/s); API RSS "
+        f"{_mib(start_rss)} at start, {_mib(warm_rss)} after {WARM_UP_JOBS} jobs, "
+        f"{_mib(end_rss)} after {JOBS}; fds {warm_total} -> {end_total} ({_sqlite(warm_fds)}"
+        f" -> {_sqlite(end_fds)} on the database); workers' RSS {_mib(workers)} at the end"
+    )
+    assert sorted(_listed(server)) == sorted(ids)
+    assert end_rss <= warm_rss * (1 + RSS_GROWTH), (
+        f"API RSS grew {_mib(warm_rss)} -> {_mib(end_rss)} over {JOBS - WARM_UP_JOBS} jobs"
+    )
+    grew = {
+        kind: (warm_fds[kind], n)
+        for kind, n in end_fds.items()
+        if n > warm_fds[kind] and not _database(kind)
+    }
+    assert not grew, f"open fds grew (after warm-up, at the end): {grew}"
+    bound = _connection_bound(tmp_path)
+    assert all(n <= bound for kind, n in end_fds.items() if _database(kind)), end_fds
