@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
-from schemas.vocabulary import Encoding, Granularity, Scope
+from schemas.vocabulary import EncodingChoice, Granularity, MetricChoice, Scope
 from workers import jobs
 from workers.errors import InputError
 
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--threshold", type=float, help="zero every weight with |w| <= this")
     prune.add_argument("--scope", choices=get_args(Scope))
     prune.add_argument("--granularity", choices=get_args(Granularity))
-    prune.add_argument("--encoding", choices=get_args(Encoding))
+    prune.add_argument("--encoding", choices=get_args(EncodingChoice))
+    prune.add_argument("--metric", choices=get_args(MetricChoice))
     prune.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
     prune.add_argument("--train-data", type=Path, help="CSV or NPZ to fine-tune on")
     prune.add_argument("--report", type=Path, help="write the report here, not to stdout")
@@ -74,7 +75,7 @@ def _json_params(text: str) -> dict[str, Any]:
 
 def _prune_params(args: argparse.Namespace) -> PruneParams:
     params = _json_params(args.params)
-    for flag in ("sparsity", "threshold", "scope", "granularity", "encoding"):
+    for flag in ("sparsity", "threshold", "scope", "granularity", "encoding", "metric"):
         if getattr(args, flag) is not None:
             params[flag] = getattr(args, flag)
     return PruneParams.model_validate(params)
