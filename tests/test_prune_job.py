@@ -75,21 +75,19 @@ def test_zero_sparsity_reports_no_change(job_dir, digits_files):
     assert report.accuracy.max_abs_diff == 0.0
 
 
-def test_without_eval_data_the_error_is_measured_on_generated_inputs(job_dir, mlp_regressor):
+def test_without_eval_data_accuracy_is_null_and_noise_only_checks_it_runs(job_dir, mlp_regressor):
     model, features, _ = mlp_regressor
     stage(job_dir, model.SerializeToString())
     report = run_prune_job(job_dir, PruneParams(sparsity=0.7))
-    accuracy = report.accuracy
-    # one value per sample: the relative error of all outputs against the original's
-    assert accuracy.metric == "relative_error" and accuracy.output == "variable"
-    assert accuracy.original == 0.0 and accuracy.samples == 256
-    generated = np.random.default_rng(0).standard_normal((256, features.shape[1]))
+    assert report.accuracy is None and report.latency_ms is None
+    (note,) = [note for note in report.notes if note.startswith("accuracy not measured")]
+    # the check on generated noise: one value per sample, so the relative error of all outputs
+    generated = np.random.default_rng(0).standard_normal((64, features.shape[1]))
     (before,) = run(model, {"X": generated.astype(np.float32)})
     (after,) = run((job_dir / "model.onnx").read_bytes(), {"X": generated.astype(np.float32)})
-    expected = np.linalg.norm(after - before) / np.linalg.norm(before)
-    assert accuracy.compressed == pytest.approx(expected, rel=1e-4)
-    assert accuracy.max_abs_diff == pytest.approx(float(np.max(np.abs(after - before))), rel=1e-4)
-    assert any("generated inputs" in note for note in report.notes)
+    error = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert f"relative_error against the original is {error:.4g} on output 'variable'" in note
+    assert "not its accuracy" in note and note.endswith("send eval_data")
 
 
 def test_without_eval_data_a_model_with_unknown_dims_is_not_measured(job_dir):

@@ -32,8 +32,8 @@ def test_the_search_never_returns_a_model_that_breaks_the_bound(job_dir, digits_
     assert [point.sparsity for point in report.sweep] == sorted(p.sparsity for p in report.sweep)
     assert len(sparsities) >= 5
     assert sum(stage.startswith("candidate") for stage in seen) == len(sparsities)
-    # encoding auto: each sparsity is judged as int8, sparse and dense files
-    assert {point.encoding for point in report.sweep} == {"int8", "sparse", "dense"}
+    # encoding auto: each sparsity is judged as int8, float16, sparse and dense files
+    assert {point.encoding for point in report.sweep} == {"int8", "float16", "sparse", "dense"}
     meeting = [p for p in report.sweep if report.accuracy.original - p.metric <= bound + 1e-12]
     chosen = [point for point in report.sweep if point.chosen]
     if chosen:

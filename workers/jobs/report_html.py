@@ -65,8 +65,11 @@ def _layer_plot(report: Report) -> str:
 def _sweep_plot(report: Report) -> str:
     assert report.sweep is not None
     figure, axes = _figure()
+    assert report.accuracy is not None  # a search needs eval data
     points = report.sweep
-    axes.plot([p.sparsity for p in points], [p.metric for p in points], "o-", color=ORIGINAL)
+    for encoding in dict.fromkeys(point.encoding for point in points):
+        series = [p for p in points if p.encoding == encoding]
+        axes.plot([p.sparsity for p in series], [p.metric for p in series], "o-", label=encoding)
     axes.axhline(report.accuracy.original, color="#555", linestyle=":", label="original")
     for point in points:
         if point.chosen:
@@ -80,7 +83,7 @@ def _sweep_plot(report: Report) -> str:
 
 
 def _sensitivity_plot(report: Report) -> str:
-    assert report.sensitivity is not None
+    assert report.sensitivity is not None and report.accuracy is not None
     figure, axes = _figure()
     for name in dict.fromkeys(point.name for point in report.sensitivity):
         points = [p for p in report.sensitivity if p.name == name]
@@ -134,8 +137,41 @@ def render(job_id: str, kind: str, report: Report) -> str:
         return _render(job_id, kind, report)
 
 
+def _accuracy_section(report: Report) -> list[str]:
+    accuracy, latency = report.accuracy, report.latency_ms
+    if accuracy is None:
+        return ["<h2>Accuracy</h2><p>Not measured: see the notes below.</p>"]
+    parts = [
+        "<h2>Accuracy</h2><table>",
+        _row("output", "metric", "original", "compressed", "samples", header=True),
+    ]
+    for score in accuracy.outputs:
+        parts.append(
+            _row(
+                score.name,
+                score.metric,
+                f"{score.original:.4f}",
+                f"{score.compressed:.4f}",
+                score.samples,
+            )
+        )
+    difference = "not finite" if accuracy.max_abs_diff is None else f"{accuracy.max_abs_diff:.3g}"
+    parts += [
+        "</table>",
+        f"<p>Deciding output {escape(accuracy.output)} ({escape(accuracy.reason)}): "
+        f"{accuracy.metric} {accuracy.original:.4f} → {accuracy.compressed:.4f}; agreement "
+        f"{accuracy.agreement:.1%}; largest output difference {difference}.</p>",
+    ]
+    if latency is not None:
+        parts.append(
+            f"<p>onnxruntime p50 {latency.original:.3f} ms → {latency.compressed:.3f} ms "
+            f"(batch {latency.batch}).</p>"
+        )
+    return parts
+
+
 def _render(job_id: str, kind: str, report: Report) -> str:
-    size, accuracy, latency = report.size, report.accuracy, report.latency_ms
+    size = report.size
     title = f"clipprune {escape(kind)} job {escape(job_id)}"
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title>",
@@ -159,19 +195,8 @@ def _render(job_id: str, kind: str, report: Report) -> str:
             f"{size.sparsity:.1%} zero",
         ),
         f"</table><figure>{_size_plot(report)}</figure>",
-        "<h2>Accuracy</h2><table>",
-        _row("metric", "original", "compressed", "delta", header=True),
-        _row(
-            accuracy.metric,
-            f"{accuracy.original:.4f}",
-            f"{accuracy.compressed:.4f}",
-            f"{accuracy.delta:+.4f}",
-        ),
-        "</table>",
-        f"<p>{accuracy.samples} samples; agreement {accuracy.agreement:.1%}; largest output "
-        f"difference {accuracy.max_abs_diff:.3g}; onnxruntime p50 {latency.original:.3f} ms → "
-        f"{latency.compressed:.3f} ms (batch {latency.batch}).</p>",
     ]
+    parts += _accuracy_section(report)
     if report.sweep:
         parts += ["<h2>Accuracy against sparsity</h2>", f"<figure>{_sweep_plot(report)}</figure>"]
     parts += [
