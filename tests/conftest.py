@@ -23,6 +23,15 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from workers.compress.prune import copy_model
 
 
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The arrays, read-only: a session fixture's data is shared by every test that asks for
+    it, so a test that changed it in place would change what the tests after it see. Writing
+    into one raises instead."""
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
 def _fit(estimator, features, labels):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -32,7 +41,7 @@ def _fit(estimator, features, labels):
 @pytest.fixture(scope="session")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     features, labels = load_digits(return_X_y=True)
-    return (features / 16.0).astype(np.float32), labels
+    return _frozen((features / 16.0).astype(np.float32), labels)
 
 
 # Tests get a copy_model of each: pruning works on the model it is given, in place, and the
@@ -58,7 +67,7 @@ def _mlp_regressor() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     features = (features / features.std(axis=0)).astype(np.float32)
     target = (target - target.mean()) / target.std()
     mlp = MLPRegressor(hidden_layer_sizes=(32,), max_iter=300, random_state=0)
-    return to_onnx(_fit(mlp, features, target), features[:1]), features, target
+    return to_onnx(_fit(mlp, features, target), features[:1]), *_frozen(features, target)
 
 
 @pytest.fixture
@@ -72,7 +81,7 @@ def _logistic() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     features, labels = load_iris(return_X_y=True)
     features = features.astype(np.float32)
     model = _fit(LogisticRegression(max_iter=500), features, labels)
-    return to_onnx(model, features[:1]), features, labels
+    return to_onnx(model, features[:1]), *_frozen(features, labels)
 
 
 @pytest.fixture
@@ -105,7 +114,7 @@ def _digits_300_100(digits):
     )
     mlp = MLPClassifier(hidden_layer_sizes=(300, 100), max_iter=300, random_state=0)
     model = to_onnx(_fit(mlp, x_train, y_train), x_train[:1])
-    return model, (x_train, y_train), (x_test, y_test)
+    return model, _frozen(x_train, y_train), _frozen(x_test, y_test)
 
 
 @pytest.fixture
@@ -215,9 +224,10 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Servers of this test's own: make_server(**settings) starts one on tmp_path/data;
-    pass data_dir to start another on the same data (a restart), wrap for a command to run it
-    under. Every one started is stopped when the test ends, whatever it left running."""
+    """Servers of this test's own: make_server(**settings) starts one on data_dir (default
+    tmp_path/data, so a second call after a stop is a restart on the same data), under the
+    command `wrap` if given. Every one started is stopped when the test ends, whatever state
+    the test left it in."""
     started: list[Server] = []
 
     def make(data_dir: Path | None = None, wrap: Sequence[str] = (), **settings: Any) -> Server:
