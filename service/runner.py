@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from service.artifacts import DISK_FULL
 from service.store import JobStore
 from workers import jobs
-from workers.errors import InputError
+from workers.errors import InputError, one_line
 
 log = logging.getLogger("clipprune.job")
 
@@ -29,7 +29,8 @@ PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes
 
 
 def problem(status: int, title: str, detail: str) -> dict[str, Any]:
-    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    """A job's problem; the detail on one line of at most 300 characters, whatever raised it."""
+    return {"type": "about:blank", "title": title, "status": status, "detail": one_line(detail)}
 
 
 def requeue_or_fail(store: JobStore, job_id: str, attempts: int | None, detail: str) -> bool:

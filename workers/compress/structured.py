@@ -18,7 +18,7 @@ import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto
 
 from schemas.vocabulary import Scope
-from workers.errors import UnsupportedModelError
+from workers.errors import UnsupportedModelError, one_line
 from workers.graph.walk import attribute, iter_graphs, readers
 from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.masks import magnitude_masks
@@ -198,12 +198,12 @@ def prune_neurons(
     finder = _ChainFinder(model, candidates)
     layers = finder.layers()
     if not layers:
-        reasons = "; ".join(f"{name}: {why}" for name, why in finder.skipped.items())
+        first = next(iter(finder.skipped.items()), None)
+        why = f" ({first[0]}: {one_line(first[1], 100)})" if first else ""
         raise UnsupportedModelError(
-            "structured pruning found no hidden layer it can remove neurons from safely (it needs "
-            "MatMul/Gemm layers whose outputs feed the next MatMul/Gemm through per-neuron ops"
-            + (f"; {reasons}" if reasons else "")
-            + "); use granularity=unstructured"
+            "structured pruning found no hidden layer it can remove neurons from safely (it "
+            f"needs MatMul/Gemm layers feeding the next through per-neuron ops){why}; use "
+            "granularity=unstructured"
         )
     scores = [layer.neuron_rms() for layer in layers]
     keep_masks = magnitude_masks(
