@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/service.py   (starts its own service on a free local port)
 
-3. 200 prune jobs of the skl2onnx digits MLP through HTTP, 16 concurrent clients, embedded
+3. 200 prune jobs of the skl2onnx digits MLP, each with 300 labelled eval rows (accuracy and
+   latency measured, as a user's job runs), through HTTP, 16 concurrent clients, embedded
    default; baseline: the same 200 jobs through the job entry point in a pool of as many
    processes. Target: HTTP jobs/s >= 70% of direct.
 4. A 500 MB upload: the API process's RSS grows by <= 64 MB.
@@ -39,6 +40,23 @@ PARAMS = {"sparsity": 0.5}
 WORKERS = os.cpu_count() or 1
 
 
+def digits_eval_csv(rows: int = 300) -> bytes:
+    """Labelled eval data, as a caller who wants an accuracy sends it: the job then runs the
+    path users run (both models scored, latency measured), not only the pruning."""
+    from sklearn.datasets import load_digits
+
+    features, labels = load_digits(return_X_y=True)
+    header = ",".join([*(f"p{i}" for i in range(features.shape[1])), "label"])
+    lines = [
+        ",".join([*(f"{value / 16.0:g}" for value in row), str(label)])
+        for row, label in zip(features[:rows], labels[:rows], strict=True)
+    ]
+    return "\n".join([header, *lines]).encode()
+
+
+EVAL_CSV = digits_eval_csv()
+
+
 def digits_model() -> bytes:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
@@ -63,6 +81,7 @@ def direct_rate(model: bytes, root: Path) -> float:
         job_dir = root / f"direct-{index}"
         (job_dir / "input").mkdir(parents=True)
         (job_dir / "input" / "model.onnx").write_bytes(model)
+        (job_dir / "input" / "eval_data").write_bytes(EVAL_CSV)
         dirs.append(str(job_dir))
     context = multiprocessing.get_context("forkserver")
     with context.Pool(WORKERS) as pool:
@@ -87,7 +106,7 @@ def http_rate(url: str, model: bytes) -> tuple[float, list[float]]:
             job = client.post(
                 "/v1/jobs/prune",
                 params={"wait": MAX_WAIT_S},
-                files={"model": ("m.onnx", model)},
+                files={"model": ("m.onnx", model), "eval_data": ("eval.csv", EVAL_CSV)},
                 data={"params": json.dumps(PARAMS)},
             ).json()
             done = job if job["status"] in FINISHED else wait_for(client, job["id"], timeout=600)
