@@ -4,12 +4,18 @@ Every field is described here once; the descriptions reach the OpenAPI document
 (`GET /openapi.json`, components `Report` and its parts), which the README points to.
 """
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.vocabulary import ClipMode, Encoding, JobKind, Metric
 
 
-class SizeReport(BaseModel):
+class _ReportPart(BaseModel):
+    # A model that outputs inf or NaN is reported as such: JSON has no such numbers, so they
+    # travel as the strings "Infinity", "-Infinity" and "NaN", and read back as floats.
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+
+class SizeReport(_ReportPart):
     """File sizes and parameter counts, original against compressed."""
 
     original_bytes: int = Field(description="Size of the original ONNX file in bytes.")
@@ -26,7 +32,7 @@ class SizeReport(BaseModel):
     sparsity: float = Field(description="1 - nonzero_params / params.")
 
 
-class LayerReport(BaseModel):
+class LayerReport(_ReportPart):
     """One prunable tensor after compression."""
 
     name: str = Field(description="The tensor's name in the model.")
@@ -40,7 +46,7 @@ class LayerReport(BaseModel):
     sparsity: float = Field(description="1 - nonzero / params.")
 
 
-class OutputScore(BaseModel):
+class OutputScore(_ReportPart):
     """One model output, compressed against original."""
 
     name: str = Field(description="The output's name in the model.")
@@ -53,7 +59,7 @@ class OutputScore(BaseModel):
     )
 
 
-class AccuracyReport(BaseModel):
+class AccuracyReport(_ReportPart):
     """The compressed model scored against the original on the same samples.
 
     Every output is scored (outputs); the job's figure is the output whose metric lost the most,
@@ -75,13 +81,13 @@ class AccuracyReport(BaseModel):
         "cosine similarity of at least 0.99 for other float outputs."
     )
     max_abs_diff: float | None = Field(
-        description="Largest absolute difference between the two models' float outputs; null "
-        "when an output is not finite."
+        description="Largest absolute difference between the two models' float outputs (NaN or "
+        "Infinity when an output is not finite); null when the model has no float output."
     )
     outputs: list[OutputScore] = Field(description="Every output scored.")
 
 
-class LatencyReport(BaseModel):
+class LatencyReport(_ReportPart):
     """Inference time in onnxruntime: p50 over up to 30 runs, one thread, the same batch."""
 
     original: float = Field(description="p50 latency of the original model, in milliseconds.")
@@ -89,7 +95,7 @@ class LatencyReport(BaseModel):
     batch: int = Field(description="Rows in the batch both models ran on.")
 
 
-class ClipStats(BaseModel):
+class ClipStats(_ReportPart):
     """Gradient clipping during training, as configured and as it acted."""
 
     mode: ClipMode = Field(description="The clipping mode (ClipParams.mode).")
@@ -105,7 +111,7 @@ class ClipStats(BaseModel):
     )
 
 
-class TrainingReport(BaseModel):
+class TrainingReport(_ReportPart):
     """Training or fine-tuning, per epoch and per step."""
 
     loss: list[float] = Field(description="Mean training loss per epoch.")
@@ -134,7 +140,7 @@ class TrainingReport(BaseModel):
     )
 
 
-class SweepPoint(BaseModel):
+class SweepPoint(_ReportPart):
     """One sparsity the accuracy-bounded search (max_accuracy_drop) tried."""
 
     sparsity: float = Field(description="The sparsity tried.")
@@ -144,7 +150,7 @@ class SweepPoint(BaseModel):
     chosen: bool = Field(False, description="Whether this is the point whose model was returned.")
 
 
-class SensitivityPoint(BaseModel):
+class SensitivityPoint(_ReportPart):
     """One tensor pruned alone to one sparsity (the sensitivity scan)."""
 
     name: str = Field(description="The tensor pruned, alone.")
@@ -152,7 +158,7 @@ class SensitivityPoint(BaseModel):
     metric: float = Field(description="The model's metric with only that tensor pruned.")
 
 
-class OnnxReport(BaseModel):
+class OnnxReport(_ReportPart):
     """The compressed ONNX file."""
 
     ir_version: int = Field(description="IR version, kept from the original.")
@@ -164,7 +170,7 @@ class OnnxReport(BaseModel):
     model_sha256: str = Field(description="SHA-256 of the compressed file, hex.")
 
 
-class Report(BaseModel):
+class Report(_ReportPart):
     """What a job produced: size, per-layer sparsity, accuracy and latency, original against
     compressed; plus training, search and sensitivity details when those ran."""
 

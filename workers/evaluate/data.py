@@ -319,7 +319,7 @@ def _npz_feeds(arrays: dict[str, np.ndarray], inputs: list[InputSpec]) -> EvalDa
             + ", ".join(f"{name} {_describe(runs)}" for name, runs in layouts.items())
             + "; give every input one leading axis of runs, or none"
         )
-    runs = next(iter(layouts.values()))
+    runs = next(iter(layouts.values()), None)  # a model without inputs runs once
     labels = arrays.get("y")
     if runs is None:
         feeds = [{spec.name: _conform(given[spec.name], spec) for spec in inputs}]

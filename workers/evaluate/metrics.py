@@ -59,7 +59,7 @@ def _cosines(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
     both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-    return np.where(both_zero, 1.0, cosine)
+    return np.clip(np.where(both_zero, 1.0, cosine), -1.0, 1.0)  # rounding can pass 1
 
 
 def _close_values(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -223,6 +223,11 @@ def plan_scoring(
     original: Outputs, labels: np.ndarray | None, metric: MetricChoice, task: Task
 ) -> Scoring:
     """Which metric each output gets (see the module docstring)."""
+    for name, value in original.values.items():
+        if value.size == 0:
+            raise UnsupportedModelError(
+                f"output {name!r} is empty (shape {list(value.shape)}): there is nothing to score"
+            )
     plan = {name: auto_metric(value) for name, value in original.values.items()}
     labelled = metric in ("accuracy", "r2") or (metric == "auto" and labels is not None)
     if labelled:
@@ -257,6 +262,9 @@ def _loss(metric: Metric, original: float, compressed: float) -> float:
     return compressed - original
 
 
+# Outputs may hold inf or NaN (a model with huge weights): scores then are NaN or inf, and the
+# report says so; NumPy's warnings about them add nothing.
+@np.errstate(all="ignore")
 def score_outputs(scoring: Scoring, original: Outputs, compressed: Outputs) -> AccuracyReport:
     scores = []
     for name, (metric, why) in scoring.metrics.items():
@@ -298,14 +306,14 @@ def score_outputs(scoring: Scoring, original: Outputs, compressed: Outputs) -> A
 
 
 def _max_abs_diff(original: Outputs, compressed: Outputs) -> float | None:
-    largest = 0.0
-    for name, ours in original.values.items():
-        if ours.dtype.kind == "f" and ours.size:
-            gap = float(np.max(np.abs(compressed.values[name].astype(np.float64) - ours)))
-            if not np.isfinite(gap):
-                return None
-            largest = max(largest, gap)
-    return largest
+    gaps = [
+        float(np.max(np.abs(compressed.values[name].astype(np.float64) - ours)))
+        for name, ours in original.values.items()
+        if ours.dtype.kind == "f" and ours.size
+    ]
+    if not gaps:
+        return None
+    return float("nan") if any(np.isnan(gaps)) else max(gaps)
 
 
 def loss(report: AccuracyReport) -> float:

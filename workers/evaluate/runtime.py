@@ -75,6 +75,8 @@ def _generated_shape(spec: InputSpec) -> tuple[int, ...]:
     if spec.shape is None:
         raise NotMeasurable(f"input {spec.name!r} declares no shape")
     unknown = [axis for axis, dim in enumerate(spec.shape) if dim is None]
+    if 0 in spec.shape:
+        raise NotMeasurable(f"input {spec.name!r} declares a zero-size dim {spec.described}")
     if len(unknown) > 1:
         raise NotMeasurable(f"input {spec.name!r} has {len(unknown)} unknown dims {spec.described}")
     known = math.prod(dim for dim in spec.shape if dim is not None)
@@ -160,7 +162,7 @@ def latency(
     original: ort.InferenceSession, compressed: ort.InferenceSession, feeds: Feeds
 ) -> LatencyReport:
     """Both models on the same feeds: the first run of the eval inputs."""
-    first = next(iter(feeds.values()))
+    first = next(iter(feeds.values()), np.empty(()))
     return LatencyReport(
         original=latency_p50_ms(original, feeds),
         compressed=latency_p50_ms(compressed, feeds),

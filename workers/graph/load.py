@@ -239,7 +239,8 @@ def _check_computed_shapes(skeleton: ModelProto, limits: ModelLimits) -> None:
                 tensor.ClearField(field)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-    except onnx.shape_inference.InferenceError as exc:
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        # ValidationError: a model-local function that calls itself, among others
         raise InvalidModelError(
             f"onnx shape inference rejected the model: {first_line(exc)}"
         ) from exc

@@ -6,7 +6,7 @@ from schemas.params import PruneParams, revalidated
 from schemas.report import Report
 from workers.compress.prune import float_params
 from workers.compress.search import Compressor, search, sensitivity
-from workers.errors import InputError, InvalidDataError
+from workers.errors import InputError, one_line
 from workers.evaluate.data import EvalData, InputSpec, load_eval_data
 from workers.evaluate.runtime import NotMeasurable, generated_feeds, model_inputs
 from workers.graph.load import parse_model
@@ -106,8 +106,8 @@ def generated_check(original: bytes, compressed: bytes, specs: list[InputSpec]) 
         accuracy = evaluate_pair(original, compressed, EvalData(runs, None), "auto", "auto")[0]
     except NotMeasurable as exc:
         return f"{unmeasured} (and no inputs can be generated: {exc}); send eval_data"
-    except InvalidDataError:
-        return f"{unmeasured}, and the model does not run on generated inputs; send eval_data"
+    except InputError as exc:  # the check never fails the job: it only informs
+        return one_line(f"{unmeasured}; on generated inputs: {exc}; send eval_data")
     return (
         f"{unmeasured}. On generated noise (normal floats, integers 0/1) the compressed model's "
         f"{accuracy.metric} against the original is {accuracy.compressed:.4g} on output "
