@@ -123,3 +123,41 @@ def test_non_finite_outputs_are_reported_as_such_and_the_page_renders(client):
     assert '"compressed":"NaN"' in text.replace(" ", "")
     page = client.get(f"/v1/jobs/{job['id']}/report.html")
     assert page.status_code == 200 and "nan" in page.text
+
+
+def unused_initializers(count: int) -> onnx.ModelProto:
+    model = matmul_model()
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.zeros(1, np.float32), f"unused{index}") for index in range(count)
+    )
+    return model
+
+
+def many_inputs(count: int) -> onnx.ModelProto:
+    model = matmul_model()
+    model.graph.input.extend(
+        helper.make_tensor_value_info(f"extra{index}", TensorProto.FLOAT, [1])
+        for index in range(count)
+    )
+    return model
+
+
+@pytest.mark.parametrize(
+    ("model", "detail"),
+    [
+        pytest.param(
+            unused_initializers(100_000),
+            "the model has 100001 initializers; the limit is 20000",
+            id="100000-unused-initializers",
+        ),
+        pytest.param(
+            many_inputs(100_000),
+            "the model has 100001 graph inputs; the limit is 1000",
+            id="inputs",
+        ),
+    ],
+)
+def test_models_that_would_hold_a_worker_for_minutes_are_refused_at_once(client, model, detail):
+    job = finished(client, {"model": model.SerializeToString()})
+    assert job["status"] == "failed" and job["error"]["status"] == 422, job
+    assert detail in job["error"]["detail"]

@@ -40,6 +40,10 @@ class ModelLimits:
     max_dim: int = 2**28  # any declared dimension of a tensor or graph input
     max_nodes: int = 100_000  # all graphs together
     max_subgraph_depth: int = 8
+    # onnxruntime spends seconds per session on tens of thousands of tensors or inputs, and a
+    # job opens several sessions; real models stay far below (a 7B-parameter LLM: ~300 tensors)
+    max_initializers: int = 20_000  # all graphs together, sparse ones included
+    max_inputs: int = 1_000  # graph inputs and outputs, each
 
 
 def _model_graphs(model: ModelProto) -> Iterator[tuple[GraphProto, int]]:
@@ -153,6 +157,19 @@ def _check_limits(model: ModelProto, limits: ModelLimits) -> None:
                         f"{value.name!r} declares a dimension of {dim.dim_value}; "
                         f"the limit is {limits.max_dim}"
                     )
+    for kind, count in (("inputs", len(model.graph.input)), ("outputs", len(model.graph.output))):
+        if count > limits.max_inputs:
+            raise UnsafeModelError(
+                f"the model has {count} graph {kind}; the limit is {limits.max_inputs}"
+            )
+    initializers = sum(
+        len(graph.initializer) + len(graph.sparse_initializer) for graph, _ in _model_graphs(model)
+    )
+    if initializers > limits.max_initializers:
+        raise UnsafeModelError(
+            f"the model has {initializers} initializers; the limit is {limits.max_initializers}"
+            ": drop the unused ones (onnx.utils.extract_model or onnxsim)"
+        )
     nodes += sum(len(function.node) for function in model.functions)
     if nodes > limits.max_nodes:
         raise UnsafeModelError(f"the model has {nodes} nodes; the limit is {limits.max_nodes}")
