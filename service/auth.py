@@ -21,13 +21,16 @@ def owner_of(key: str) -> str:
 def authenticate(given: str | None, keys: list[str]) -> str:
     if not keys:
         return OPEN_OWNER
-    given = given or ""
+    # Starlette decodes header values as latin-1, one character per byte, so encoding back to
+    # latin-1 gives the bytes the client sent; a configured key is text, sent as UTF-8. So a
+    # key "clé" matches the bytes 63 6c c3 a9, which is what clients send for it.
+    sent = (given or "").encode("latin-1", errors="replace")
     # Compare with every key, in constant time, so timing tells nothing about which matched.
-    matched = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
-    if not given or not any(matched):
+    matched = [key for key in keys if hmac.compare_digest(sent, key.encode())]
+    if not sent or not matched:
         raise ProblemError(
             401,
             "send a valid API key in the X-API-Key header",
             headers={"WWW-Authenticate": "X-API-Key"},
         )
-    return owner_of(given)
+    return owner_of(matched[0])  # the configured key's digest: as before for ASCII keys
