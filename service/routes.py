@@ -338,46 +338,97 @@ def get_job(job_id: str, ctx: Context, who: Owner) -> Job:
     return to_job(_row(ctx, who, job_id))
 
 
-@router.get(
-    "/{job_id}/model",
-    response_class=Response,  # not JSON: the default class documents application/json for 200
-    responses={
-        200: {
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-            "description": "The ONNX file",
-        },
-        304: {"description": "Not modified (If-None-Match)"},
-        **{code: PROBLEM for code in (404, 409)},
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The ONNX file",
     },
-    summary="Download the compressed ONNX model",
-)
-def get_model(job_id: str, request: Request, ctx: Context, who: Owner) -> Response:
+    304: {"description": "Not modified (If-None-Match)"},
+    **{code: PROBLEM for code in (404, 409)},
+}
+# RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
+# (a comma is an etagc, so a list is parsed tag by tag, not split on commas).
+ENTITY_TAG = re.compile(r'(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
+AFTER_TAG = re.compile(r"[ \t]*(?:,|$)")
+
+
+def _entity_tags(value: str) -> set[str] | None:
+    """The opaque tags of one If-None-Match line (`"a", W/"b"`), or None if it does not parse.
+    Empty list elements (`, ,`) are allowed, as RFC 9110 §5.6.1 says a recipient must."""
+    tags: set[str] = set()
+    at = 0
+    while at < len(value):
+        if value[at] in ", \t":
+            at += 1
+            continue
+        tag = ENTITY_TAG.match(value, at)
+        after = tag and AFTER_TAG.match(value, tag.end())
+        if not tag or not after:
+            return None
+        tags.add(tag.group(1))
+        at = after.end()
+    return tags
+
+
+def _not_modified(request: Request, opaque: str) -> bool:
+    """If-None-Match names the current model (RFC 9110 §13.1.2): `*` (it exists), or any tag
+    of the list, on any of the header's lines, equal by weak comparison (`W/` ignored). A line
+    that does not parse is ignored, as the RFC allows: the full answer is always safe."""
+    for line in request.headers.getlist("if-none-match"):
+        line = line.strip(" \t")
+        if line == "*" or opaque in (_entity_tags(line) or ()):
+            return True
+    return False
+
+
+def _model_answer(job_id: str, request: Request, ctx: ServiceContext, who: str) -> Response:
+    """GET and HEAD of the model: the same status and headers; only GET has a body."""
     _finished_row(ctx, who, job_id)
     with _gone_is_404(job_id):
         # Opened before answering: a DELETE from now on cannot cut the download short.
         handle = ctx.artifacts.model(job_id).open("rb")
-        report = json.loads(ctx.artifacts.report(job_id).read_bytes())
-    etag = f'"{report["onnx"]["model_sha256"]}"'
-    if request.headers.get("if-none-match") == etag:
+        try:
+            report = json.loads(ctx.artifacts.report(job_id).read_bytes())
+        except BaseException:
+            handle.close()
+            raise
+    opaque = report["onnx"]["model_sha256"]
+    etag = f'"{opaque}"'
+    if _not_modified(request, opaque):
         handle.close()
         return Response(status_code=304, headers={"ETag": etag})
+    headers = {
+        "ETag": etag,
+        "Content-Length": str(os.fstat(handle.fileno()).st_size),
+        "Content-Disposition": f'attachment; filename="clipprune-{job_id}.onnx"',
+    }
+    if request.method == "HEAD":
+        handle.close()
+        return Response(media_type="application/octet-stream", headers=headers)
 
     def chunks() -> Iterator[bytes]:
         with handle:
             while chunk := handle.read(CHUNK):
                 yield chunk
 
-    return StreamingResponse(
-        chunks(),
-        media_type="application/octet-stream",
-        headers={
-            "ETag": etag,
-            "Content-Length": str(os.fstat(handle.fileno()).st_size),
-            "Content-Disposition": f'attachment; filename="clipprune-{job_id}.onnx"',
-        },
-    )
+    return StreamingResponse(chunks(), media_type="application/octet-stream", headers=headers)
+
+
+@router.get(
+    "/{job_id}/model",
+    response_class=Response,  # not JSON: the default class documents application/json for 200
+    responses=MODEL_RESPONSES,
+    summary="Download the compressed ONNX model",
+)
+def get_model(job_id: str, request: Request, ctx: Context, who: Owner) -> Response:
+    return _model_answer(job_id, request, ctx, who)
+
+
+# HEAD: the GET's headers (Content-Length, ETag, 304 and problems alike) without the body. Not
+# in the OpenAPI document: it is GET's own semantics (RFC 9110 §9.3.2), not another operation.
+@router.head("/{job_id}/model", response_class=Response, include_in_schema=False)
+def head_model(job_id: str, request: Request, ctx: Context, who: Owner) -> Response:
+    return _model_answer(job_id, request, ctx, who)
 
 
 @contextlib.contextmanager
