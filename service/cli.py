@@ -171,8 +171,14 @@ def _serve(args: argparse.Namespace) -> None:
 def _worker(args: argparse.Namespace) -> None:
     from service.celery_app import run_worker
     from service.settings import Settings
+    from service.store import JobStore
 
-    run_worker(Settings())
+    settings = Settings()
+    # The database at the newest schema before any job is taken, as `serve` has it at start
+    # (service/migrations: under a lock, so workers starting with the API migrate it once).
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    JobStore(settings.database).engine.dispose()
+    run_worker(settings)
 
 
 def _ping_worker(args: argparse.Namespace) -> int:

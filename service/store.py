@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from schemas.job import FINISHED
+from service import migrations
 
 
 class Base(DeclarativeBase):
@@ -126,7 +127,9 @@ def _transition_statement(
 class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        # Alembic revisions make and change the table (service/migrations), never create_all:
+        # a database from an earlier release is brought up to date with its jobs in it.
+        migrations.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
