@@ -7,10 +7,11 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -184,26 +185,46 @@ def _form_inputs(kind: str, form: FormData) -> tuple[dict[str, UploadFile], Base
 
 
 def _accept(
-    ctx: ServiceContext,
-    job_id: str,
-    who: str,
-    kind: str,
-    params: BaseModel,
-    uploads: dict[str, UploadFile],
+    ctx: ServiceContext, job_id: str, params: BaseModel, uploads: dict[str, UploadFile]
 ) -> JobRow:
-    """Files to the job directory, then the row, then the backend: one trip to a thread, and
-    no half-made job (files without a row, or the reverse) whatever happens on the way."""
+    """Files to the job directory, then the reserved row becomes queued, then the backend:
+    one trip to a thread, and no half-made job (files without a row, or the reverse)
+    whatever happens on the way."""
     ctx.artifacts.create(job_id)
     try:
         for name, upload in uploads.items():
             if ctx.artifacts.save_input(job_id, FILE_NAMES[name], upload.file) == 0:
                 raise ProblemError(422, f"the {name} file is empty")
-        row = ctx.store.create(job_id, who, kind, params.model_dump(mode="json"))
+        row = ctx.store.activate(job_id, params.model_dump(mode="json"))
+        if row is None:  # not renewed for a lease: the service could not keep up
+            raise ProblemError(
+                503,
+                "the upload lost its place in the queue before it was stored; send it again",
+                headers={"Retry-After": "10"},
+            )
     except BaseException:
         ctx.artifacts.delete(job_id)
         raise
     ctx.backend.submitted(job_id)
     return row
+
+
+@contextlib.asynccontextmanager
+async def _holding(ctx: ServiceContext, job_id: str) -> AsyncIterator[None]:
+    """Renew the job's reservation while its upload streams in and is stored: one that is
+    not renewed for a lease (the process died) is given back by the next reservation."""
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(ctx.settings.heartbeat_s)
+            with contextlib.suppress(Exception):  # a missed renewal: the next one may land
+                await run_in_threadpool(ctx.store.hold, job_id)
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewing.cancel()
 
 
 async def _wait_for_end(
@@ -231,21 +252,34 @@ async def _submit(
         raise ProblemError(
             415, f"send multipart/form-data (got {content_type or 'no content type'})"
         )
-    queued = await run_in_threadpool(ctx.store.count, "queued")
-    if queued >= ctx.settings.max_queued_jobs:
+    # A slot in the queue before the body is read, counted in the transaction that takes it:
+    # uploads under way hold one each, so concurrent or slow submits cannot pass the limit.
+    job_id = new_job_id()
+    limit, lease_s = ctx.settings.max_queued_jobs, ctx.settings.worker_lease_s
+    waiting = await run_in_threadpool(ctx.store.reserve, job_id, who, kind, limit, lease_s)
+    if waiting is not None:
         raise ProblemError(
             429,
-            f"{queued} jobs are waiting, the most this service queues; try again shortly",
+            f"{waiting} jobs are waiting or uploading, the most this service queues; "
+            "try again shortly",
             headers={"Retry-After": "10"},
         )
-    job_id = new_job_id()
-    with ctx.ends.watch(job_id) as ended:  # before the job can start: its end cannot slip by
-        async with request.form(
-            max_files=len(UPLOADS[kind]), max_fields=len(UPLOADS[kind]) + 1
-        ) as form:
-            uploads, params = _form_inputs(kind, form)
-            row = await run_in_threadpool(_accept, ctx, job_id, who, kind, params, uploads)
-        row = await _wait_for_end(ctx, row, ended, wait)
+    row: JobRow | None = None
+    try:
+        with ctx.ends.watch(job_id) as ended:  # before the job can start: its end cannot slip
+            async with (
+                _holding(ctx, job_id),
+                request.form(
+                    max_files=len(UPLOADS[kind]), max_fields=len(UPLOADS[kind]) + 1
+                ) as form,
+            ):
+                uploads, params = _form_inputs(kind, form)
+                row = await run_in_threadpool(_accept, ctx, job_id, params, uploads)
+            row = await _wait_for_end(ctx, row, ended, wait)
+    finally:
+        if row is None:  # the upload failed (refused, too large, cut off): its slot goes back
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(ctx.store.release, job_id)
     job = to_job(row)
     status = 200 if job.status in FINISHED else 202
     return JSONResponse(
@@ -261,7 +295,7 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {"model": Job, "description": "Accepted; poll the Location"},
     200: {"model": Job, "description": "Finished within `wait`"},
     # 404: the job was deleted while the request waited for it
-    **{code: PROBLEM for code in (400, 404, 413, 415, 429)},
+    **{code: PROBLEM for code in (400, 404, 413, 415, 429, 503)},
 }
 
 

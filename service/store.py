@@ -20,10 +20,12 @@ from sqlalchemy import (
     Update,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -108,6 +110,21 @@ QUEUED = (
 )
 COUNT = select(func.count()).select_from(JOBS).where(JOBS.c.status == bindparam("status"))
 
+# A submit holds a slot in the queue from before its body is read: a row in UPLOADING, which
+# nothing runs, lists or cancels (every other query names the states it wants), until the
+# upload is stored and the row becomes queued, or the upload fails and the row is deleted.
+UPLOADING = "uploading"
+WAITING = (UPLOADING, "queued")  # what the queue limit counts
+WAITING_COUNT = select(func.count()).select_from(JOBS).where(JOBS.c.status.in_(WAITING))
+# A reservation whose request stopped renewing it (the API process died mid-upload).
+ABANDONED = delete(JOBS).where(
+    (JOBS.c.status == UPLOADING) & (JOBS.c.heartbeat_at < bindparam("cutoff"))
+)
+RELEASE = delete(JOBS).where((JOBS.c.id == bindparam("job_id")) & (JOBS.c.status == UPLOADING))
+# Reservations take this PostgreSQL advisory lock (any fixed 64-bit number) for their
+# transaction, so a count and the insert it allows are never interleaved with another's.
+RESERVE_LOCK = text("SELECT pg_advisory_xact_lock(7418530284011)")
+
 
 @functools.cache
 def _transition_statement(
@@ -157,17 +174,83 @@ class JobStore:
             connection.execute(INSERT, values)
         return JobRow(**values)
 
+    def reserve(self, job_id: str, owner: str, kind: str, limit: int, lease_s: float) -> int | None:
+        """A slot in the queue for a job whose upload has not been read yet: None when the row
+        is in (state UPLOADING), else the number of jobs waiting, `limit` or more, and no row.
+
+        The count and the insert are one transaction that no other reservation interleaves
+        with (SQLite: BEGIN IMMEDIATE takes the database's write lock first; PostgreSQL: an
+        advisory lock), so concurrent submits can never together pass the limit. Reservations
+        not renewed (`hold`) for lease_s seconds are deleted first: their request is gone."""
+        moment = now()
+        values = {
+            "id": job_id,
+            "owner": owner,
+            "kind": kind,
+            "status": UPLOADING,
+            "params": {},
+            "progress": 0.0,
+            "stage": UPLOADING,
+            "created_at": moment,
+            "attempts": 0,
+            "heartbeat_at": moment,
+        }
+        with self.engine.connect() as connection:
+            if self.engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                connection.execute(RESERVE_LOCK)
+            connection.execute(ABANDONED, {"cutoff": moment - timedelta(seconds=lease_s)})
+            waiting = int(connection.execute(WAITING_COUNT).scalar() or 0)
+            if waiting < limit:
+                connection.execute(INSERT, values)
+            connection.commit()
+        return waiting if waiting >= limit else None
+
+    def hold(self, job_id: str) -> None:
+        """Renew a reservation while its upload streams in."""
+        self._transition(job_id, {UPLOADING}, heartbeat_at=now())
+
+    def activate(self, job_id: str, params: dict[str, Any]) -> JobRow | None:
+        """UPLOADING -> queued once the upload is stored: the job can run from now on. None
+        when the reservation is gone (not renewed for its lease)."""
+        moment = now()
+        if not self._transition(
+            job_id,
+            {UPLOADING},
+            status="queued",
+            stage="queued",
+            params=params,
+            created_at=moment,  # the queue's order: when the job could first run
+            heartbeat_at=None,
+        ):
+            return None
+        return self.get(job_id)
+
+    def release(self, job_id: str) -> None:
+        """Give back the slot of an upload that failed (a no-op once the job is queued)."""
+        with self.engine.begin() as connection:
+            connection.execute(RELEASE, {"job_id": job_id})
+
+    def waiting(self) -> int:
+        """Jobs the queue limit counts: queued, and reserved by uploads under way."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(WAITING_COUNT).scalar() or 0)
+
     def get(self, job_id: str, owner: str | None = None) -> JobRow | None:
-        """The row as it is now (a copy: nothing written to it goes to the database)."""
+        """The row as it is now (a copy: nothing written to it goes to the database). For an
+        owner, a job still uploading is no job yet."""
         with self.engine.connect() as connection:
             found = connection.execute(GET, {"job_id": job_id}).one_or_none()
         if found is None or (owner is not None and found.owner != owner):
+            return None
+        if owner is not None and found.status == UPLOADING:
             return None
         return JobRow(**found._mapping)
 
     def page(self, owner: str, limit: int, before: tuple[datetime, str] | None) -> list[JobRow]:
         """The owner's jobs, newest first; `before` is the (created_at, id) of the last seen."""
-        query = select(JobRow).where(JobRow.owner == owner)
+        query = select(JobRow).where(JobRow.owner == owner, JobRow.status != UPLOADING)
         if before is not None:
             created, job_id = before
             query = query.where(
