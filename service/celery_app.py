@@ -14,10 +14,11 @@ import socket
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 
 from service.artifacts import ArtifactStore
 from service.logs import configure_logging
-from service.runner import run_job
+from service.runner import limit_memory, run_job
 from service.settings import Settings
 from service.store import JobStore
 
@@ -100,6 +101,13 @@ def run_worker(settings: Settings) -> None:
     """`clipprune worker`: a Celery worker with `settings.workers` processes."""
     configure_logging()
     app = make_celery(settings)
+    if settings.worker_memory_bytes is not None:
+        limit = settings.worker_memory_bytes
+
+        def limit_child_memory(**_: object) -> None:
+            limit_memory(limit)  # in each pool child, before it takes a job; not the parent
+
+        worker_process_init.connect(limit_child_memory, weak=False)
     app.worker_main(
         [
             "worker",

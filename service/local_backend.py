@@ -26,7 +26,7 @@ from multiprocessing.process import BaseProcess
 from service.artifacts import ArtifactStore
 from service.job_ends import JobEnds
 from service.logs import configure_logging
-from service.runner import problem, requeue_or_fail, run_job
+from service.runner import limit_memory, out_of_memory_detail, problem, requeue_or_fail, run_job
 from service.settings import Settings
 from service.store import JobStore
 
@@ -50,6 +50,8 @@ def _exit_with(service_pid: int) -> None:
 
 def _worker_main(settings: Settings, jobs: Connection, service_pid: int) -> None:
     """A worker process: run each job id that arrives, answer with its final status."""
+    if settings.worker_memory_bytes is not None:
+        limit_memory(settings.worker_memory_bytes)  # before any job runs
     threading.Thread(target=_exit_with, args=(service_pid,), daemon=True).start()
     configure_logging()
     store = JobStore(settings.database)
@@ -230,8 +232,7 @@ class LocalBackend:
                 process.join()
                 worker.jobs.close()
                 if worker.job_id:
-                    detail = f"the job's worker process {describe_exit(process.exitcode)}"
-                    self.store.fail(worker.job_id, problem(500, "Worker process died", detail))
+                    self.store.fail(worker.job_id, self._death(process.exitcode))
                     self.ends.ended(worker.job_id)
             elif worker.job_id is None and worker.done >= MAX_JOBS_PER_WORKER:
                 worker.jobs.close()  # EOF: the worker returns
@@ -242,6 +243,20 @@ class LocalBackend:
                 keep.append(worker)
                 continue
         self.workers = keep
+
+    def _death(self, code: int | None) -> dict:
+        """The problem of a job whose worker died. Native code (onnxruntime, onnx, BLAS) that
+        cannot allocate may abort the process (an uncaught std::bad_alloc ends in abort()): a
+        SIGABRT is reported as the memory limit, its likely cause, naming the signal."""
+        detail = f"the job's worker process {describe_exit(code)}"
+        if code == -signal.SIGABRT:
+            limit = out_of_memory_detail(self.settings.worker_memory_bytes)
+            return problem(
+                507,
+                "Out of memory",
+                f"{detail}, as native code does when an allocation fails; most likely {limit}",
+            )
+        return problem(500, "Worker process died", detail)
 
     def _fill(self) -> None:
         while len(self.workers) < self.settings.workers and not self.stopping.is_set():

@@ -7,6 +7,7 @@ job ends `succeeded` or `failed` with a problem that says why. A job that is not
 
 import logging
 import os
+import resource
 import secrets
 import socket
 import threading
@@ -26,6 +27,49 @@ log = logging.getLogger("clipprune.job")
 
 MAX_ATTEMPTS = 2  # a job whose worker was lost is retried once, then failed
 PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes always go
+
+
+# RLIMIT_DATA, not RLIMIT_AS: it counts the private writable memory a process can fill (heap,
+# anonymous mmaps, thread stacks) and not address space only reserved (glibc's 64 MiB
+# per-thread malloc arenas, PROT_NONE guard regions) or mapped from files (the shared
+# libraries), which RLIMIT_AS counts and which grow with the machine's cores, not the job.
+MEMORY_LIMIT = resource.RLIMIT_DATA
+# How onnxruntime says an allocation failed (it returns an error rather than raising bad_alloc).
+ALLOCATION_FAILED = ("Failed to allocate memory", "bad_alloc", "bad allocation")
+
+
+def limit_memory(limit_bytes: int) -> None:
+    """Cap this worker process's memory at `limit_bytes` (CLIPPRUNE_WORKER_MEMORY_BYTES), before
+    any job runs: an allocation past it fails (MemoryError, or onnxruntime's error) instead of
+    growing the process until the kernel picks a victim."""
+    resource.setrlimit(MEMORY_LIMIT, (limit_bytes, limit_bytes))
+
+
+def memory_limit() -> int | None:
+    """This process's memory limit in bytes, None if it has none."""
+    soft, _ = resource.getrlimit(MEMORY_LIMIT)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def out_of_memory_detail(limit: int | None) -> str:
+    if limit is None:
+        return "the job ran out of memory"
+    return (
+        f"the job needed more memory than a worker is allowed: {limit} bytes "
+        f"({limit / 2**30:.2f} GiB, CLIPPRUNE_WORKER_MEMORY_BYTES)"
+    )
+
+
+def _allocation_failed(exc: BaseException) -> bool:
+    """Did `exc`, or an error it was raised from, come from a failed allocation?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or any(s in str(current) for s in ALLOCATION_FAILED):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def problem(status: int, title: str, detail: str) -> dict[str, Any]:
@@ -119,13 +163,20 @@ def _run_claimed(
         detail = "the job ran past its time limit (CLIPPRUNE_JOB_TIMEOUT_S) and was stopped"
         return fail(504, "Job time limit", detail)
     except InputError as exc:
+        if _allocation_failed(exc):  # e.g. onnxruntime's failed allocation, reported as bad data
+            log.info("job failed: out of memory: %s", exc, extra=extra)
+            return fail(507, "Out of memory", out_of_memory_detail(memory_limit()))
         log.info("job failed: %s", exc, extra=extra)
         return fail(422, exc.title, str(exc))
     except ValidationError as exc:  # params validated at submit; only a changed schema lands here
         return fail(422, "Invalid parameters", str(exc))
     except MemoryError:
-        return fail(507, "Out of memory", "the job ran out of memory")
+        log.info("job failed: out of memory", extra=extra)
+        return fail(507, "Out of memory", out_of_memory_detail(memory_limit()))
     except Exception as exc:
+        if _allocation_failed(exc):
+            log.info("job failed: out of memory: %s", exc, extra=extra)
+            return fail(507, "Out of memory", out_of_memory_detail(memory_limit()))
         if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             # Neither the caller's input nor a bug: the same job succeeds once space is freed.
             log.error("job failed: the disk is full: %s", exc, extra=extra)

@@ -8,6 +8,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.vocabulary import Backend
 
+MEMORY_SHARE = 0.7  # of the machine's memory, split between the workers; the rest: API, page cache
+# The default's floor, for small machines with many workers: the test suite's jobs on the
+# digits models stay under 0.3 GiB; its third-party models (README) need up to ~2 GiB, so give
+# a machine that small fewer workers rather than a lower limit.
+MIN_WORKER_MEMORY_BYTES = 2**30
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit when a container has a smaller one."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def default_worker_memory_bytes(workers: int) -> int:
+    return max(MIN_WORKER_MEMORY_BYTES, int(machine_memory_bytes() * MEMORY_SHARE / workers))
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLIPPRUNE_", extra="ignore")
@@ -26,6 +46,8 @@ class Settings(BaseSettings):
     broker_prefix: str = "clipprune:"  # Redis key prefix: several deployments can share a Redis
     heartbeat_s: float = Field(5, gt=0)  # how often a running job renews its lease
     worker_lease_s: float = Field(60, gt=0)  # a job not heard from for this long is requeued
+    # Hard limit of one worker process's memory (RLIMIT_DATA); None: default_worker_memory_bytes
+    worker_memory_bytes: int | None = Field(None, ge=256 * 2**20)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
@@ -33,6 +55,12 @@ class Settings(BaseSettings):
     def _lease_outlives_heartbeats(self) -> "Settings":
         if self.worker_lease_s < 3 * self.heartbeat_s:
             raise ValueError("CLIPPRUNE_WORKER_LEASE_S must be at least 3 x CLIPPRUNE_HEARTBEAT_S")
+        return self
+
+    @model_validator(mode="after")
+    def _worker_memory_from_the_machine(self) -> "Settings":
+        if self.worker_memory_bytes is None:
+            self.worker_memory_bytes = default_worker_memory_bytes(self.workers)
         return self
 
     @property

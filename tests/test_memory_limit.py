@@ -1,0 +1,201 @@
+"""CLIPPRUNE_WORKER_MEMORY_BYTES through the real service: a job that allocates past a worker's
+limit ends `failed` with a problem naming the limit, no worker grows past it, and the service
+stays ready and runs the next job."""
+
+import io
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+from brokers import any_redis, drop_prefix, prefix, start_worker
+from onnx import TensorProto, helper, numpy_helper
+from server import Server, accepted_id, submit, wait_for
+
+from service.runner import limit_memory, memory_limit
+from service.settings import MIN_WORKER_MEMORY_BYTES, Settings, machine_memory_bytes
+
+LIMIT = 3 * 2**29  # 1.5 GiB
+
+
+def run_time_bomb() -> bytes:
+    """Issue 14, Found 1: X -> MatMul W -> Y, and a second output that asks for 2^31 floats
+    (8 GiB) through a shape computed by ReduceProd, which shape inference cannot fold."""
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["Y"]),
+        helper.make_node("ReduceProd", ["S"], ["P"], keepdims=1),
+        helper.make_node(
+            "ConstantOfShape",
+            ["P"],
+            ["C"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]),
+        ),
+        helper.make_node("ReduceSum", ["C"], ["Z"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bomb",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 3]),
+            helper.make_tensor_value_info("Z", TensorProto.FLOAT, []),
+        ],
+        [
+            numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "W"),
+            numpy_helper.from_array(np.array([2**15, 2**16], np.int64), "S"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def wide_csv(columns: int = 10_000, rows: int = 1_500) -> bytes:
+    """Issue 14, Found 1: a 57 MiB CSV of 10,000 columns, which grows the parser past 1.5 GiB
+    a little at a time (Python objects, not one large allocation)."""
+    row = ",".join(["0.5"] * columns) + "\n"
+    return (",".join(f"c{i}" for i in range(columns)) + "\n" + row * rows).encode()
+
+
+BOMBS = {
+    # eval data makes the job run the model: its second output asks for 8 GiB at once
+    "computed-shape": {"model": run_time_bomb(), "eval_data": b"X0,X1,X2,X3\n1,2,3,4\n5,6,7,8\n"},
+    "wide-csv": {"model": run_time_bomb(), "eval_data": wide_csv()},
+}
+
+
+@pytest.fixture
+def normal_upload(_mlp_classifier, digits) -> dict[str, bytes]:
+    features, labels = digits
+    csv = io.StringIO()
+    header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
+    np.savetxt(
+        csv, np.c_[features[1200:], labels[1200:]], delimiter=",", header=header, comments=""
+    )
+    return {"model": _mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
+
+
+def largest_worker_rss(server: Server) -> int:
+    largest = 0
+    for process in server.job_processes():
+        try:
+            largest = max(largest, process.memory_info().rss)
+        except psutil.Error:
+            continue
+    return largest
+
+
+def assert_names_the_limit(error: dict) -> None:
+    assert error["status"] in {422, 507}, error
+    assert "CLIPPRUNE_WORKER_MEMORY_BYTES" in error["detail"], error
+    assert str(LIMIT) in error["detail"], error
+
+
+@pytest.mark.parametrize("bomb", sorted(BOMBS))
+def test_a_job_past_the_limit_fails_naming_it_and_the_service_carries_on(
+    make_server, normal_upload, bomb
+):
+    server = make_server(worker_memory_bytes=LIMIT)
+    with server.client() as client:
+        job_id = accepted_id(submit(client, "prune", BOMBS[bomb], {"sparsity": 0.5}))
+        started, peak = time.monotonic(), 0
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in {
+            "succeeded",
+            "failed",
+        }:
+            assert time.monotonic() - started < 60, job
+            peak = max(peak, largest_worker_rss(server))
+            time.sleep(0.05)
+        assert job["status"] == "failed", job
+        assert_names_the_limit(job["error"])
+        assert peak < LIMIT, peak
+        assert client.get("/readyz").status_code == 200
+        # every worker is there, each under the limit, and a normal job runs to its end
+        assert len(server.job_processes()) == 2
+        for process in server.job_processes():
+            limits = process.rlimit(psutil.RLIMIT_DATA)
+            assert limits == (LIMIT, LIMIT), limits
+        normal = wait_for(
+            client, accepted_id(submit(client, "prune", normal_upload, {"sparsity": 0.5}))
+        )
+        assert normal["status"] == "succeeded", normal
+
+
+def test_a_worker_aborted_by_native_code_is_reported_as_the_limit_and_replaced(
+    make_server, digits_csv, normal_upload
+):
+    """Native code that cannot allocate (an uncaught std::bad_alloc) ends the process with
+    abort(): SIGABRT, sent here for real to the worker running a long job."""
+    server = make_server(worker_memory_bytes=LIMIT)
+    with server.client() as client:
+        params = {"model": {"hidden": [64]}, "epochs": 10_000}
+        job_id = accepted_id(submit(client, "train", {"train_data": digits_csv}, params))
+        wait_for(client, job_id, {"running"})
+        server.job_process(job_id).send_signal(signal.SIGABRT)
+        failed = wait_for(client, job_id)
+        assert failed["status"] == "failed", failed
+        assert_names_the_limit(failed["error"])
+        assert "SIGABRT" in failed["error"]["detail"], failed["error"]
+        assert client.get("/readyz").status_code == 200
+        normal = wait_for(
+            client, accepted_id(submit(client, "prune", normal_upload, {"sparsity": 0.5}))
+        )
+        assert normal["status"] == "succeeded", normal
+        assert len(server.job_processes()) == 2
+
+
+def test_the_default_is_a_share_of_the_machine_per_worker_with_a_floor():
+    memory = machine_memory_bytes()
+    assert Settings(workers=2).worker_memory_bytes == max(
+        MIN_WORKER_MEMORY_BYTES, int(memory * 0.7 / 2)
+    )
+    assert Settings(workers=256).worker_memory_bytes == max(
+        MIN_WORKER_MEMORY_BYTES, int(memory * 0.7 / 256)
+    )
+    assert Settings(workers=2, worker_memory_bytes=LIMIT).worker_memory_bytes == LIMIT
+
+
+def test_the_limit_reads_back_in_the_process_that_set_it():
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        assert pool.apply(_limited_then_read, (LIMIT,)) == LIMIT
+
+
+def _limited_then_read(limit: int) -> int | None:
+    limit_memory(limit)
+    return memory_limit()
+
+
+def test_celery_pool_children_have_the_limit(tmp_path, postgres_url, make_server, normal_upload):
+    settings = {
+        "backend": "celery",
+        "broker_url": any_redis(tmp_path).url,
+        "broker_prefix": prefix(),
+        "database_url": postgres_url,
+        "worker_memory_bytes": LIMIT,
+    }
+    server = make_server(tmp_path / "data", **settings)
+    worker = start_worker(tmp_path / "data", 2, **settings)
+    try:
+        children = worker.pool()
+        assert len(children) == 2
+        for child in children:
+            assert child.rlimit(psutil.RLIMIT_DATA) == (LIMIT, LIMIT)
+        # the parent, which only supervises, is not limited
+        assert psutil.Process(worker.process.pid).rlimit(psutil.RLIMIT_DATA)[0] != LIMIT
+        with server.client() as client:
+            bomb = wait_for(
+                client, accepted_id(submit(client, "prune", BOMBS["wide-csv"], {"sparsity": 0.5}))
+            )
+            assert bomb["status"] == "failed", bomb
+            assert_names_the_limit(bomb["error"])
+            normal = wait_for(
+                client, accepted_id(submit(client, "prune", normal_upload, {"sparsity": 0.5}))
+            )
+            assert normal["status"] == "succeeded", normal
+    finally:
+        worker.stop()
+        drop_prefix(settings["broker_url"], settings["broker_prefix"])
