@@ -65,7 +65,7 @@ def readyz(ctx: Annotated[ServiceContext, Depends(context)]) -> JSONResponse:
     response_class=PlainTextResponse,  # documents text/plain, what Prometheus' format is
 )
 def metrics(ctx: Annotated[ServiceContext, Depends(context)]) -> Response:
-    ctx.metrics.queue_depth.set(ctx.store.count("queued"))
+    ctx.metrics.queue_depth.set(ctx.store.waiting())  # queued or uploading: what the limit counts
     ctx.metrics.running.set(ctx.store.count("running"))
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
