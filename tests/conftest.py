@@ -1,6 +1,7 @@
 """Fixtures for the tests: real models (scikit-learn estimators converted by skl2onnx), the
 digits as arrays and as an upload, PostgreSQL, and the service over HTTP (at the end)."""
 
+import io
 import os
 import subprocess
 import warnings
@@ -96,6 +97,18 @@ def digits_csv(digits) -> bytes:
     features, labels = digits
     rows = "\n".join(",".join(f"{v:g}" for v in row) for row in np.c_[features, labels])
     return (",".join([f"p{i}" for i in range(64)] + ["digit"]) + "\n" + rows).encode()
+
+
+@pytest.fixture(scope="session")
+def digits_upload(_mlp_classifier, digits) -> dict[str, bytes]:
+    """A prune submit's files: the digits MLP, and its held-out rows (1200 on) as eval data."""
+    features, labels = digits
+    csv = io.StringIO()
+    header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
+    np.savetxt(
+        csv, np.c_[features[1200:], labels[1200:]], delimiter=",", header=header, comments=""
+    )
+    return {"model": _mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 limit ends `failed` with a problem naming the limit, no worker grows past it, and the service
 stays ready and runs the next job."""
 
-import io
 import signal
 import time
 
@@ -65,17 +64,6 @@ BOMBS = {
 }
 
 
-@pytest.fixture
-def normal_upload(_mlp_classifier, digits) -> dict[str, bytes]:
-    features, labels = digits
-    csv = io.StringIO()
-    header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
-    np.savetxt(
-        csv, np.c_[features[1200:], labels[1200:]], delimiter=",", header=header, comments=""
-    )
-    return {"model": _mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
-
-
 def largest_worker_rss(server: Server) -> int:
     largest = 0
     for process in server.job_processes():
@@ -94,7 +82,7 @@ def assert_names_the_limit(error: dict) -> None:
 
 @pytest.mark.parametrize("bomb", sorted(BOMBS))
 def test_a_job_past_the_limit_fails_naming_it_and_the_service_carries_on(
-    make_server, normal_upload, bomb
+    make_server, digits_upload, bomb
 ):
     server = make_server(worker_memory_bytes=LIMIT)
     with server.client() as client:
@@ -117,13 +105,13 @@ def test_a_job_past_the_limit_fails_naming_it_and_the_service_carries_on(
             limits = process.rlimit(psutil.RLIMIT_DATA)
             assert limits == (LIMIT, LIMIT), limits
         normal = wait_for(
-            client, accepted_id(submit(client, "prune", normal_upload, {"sparsity": 0.5}))
+            client, accepted_id(submit(client, "prune", digits_upload, {"sparsity": 0.5}))
         )
         assert normal["status"] == "succeeded", normal
 
 
 def test_a_worker_aborted_by_native_code_is_reported_as_the_limit_and_replaced(
-    make_server, digits_csv, normal_upload
+    make_server, digits_csv, digits_upload
 ):
     """Native code that cannot allocate (an uncaught std::bad_alloc) ends the process with
     abort(): SIGABRT, sent here for real to the worker running a long job."""
@@ -139,7 +127,7 @@ def test_a_worker_aborted_by_native_code_is_reported_as_the_limit_and_replaced(
         assert "SIGABRT" in failed["error"]["detail"], failed["error"]
         assert client.get("/readyz").status_code == 200
         normal = wait_for(
-            client, accepted_id(submit(client, "prune", normal_upload, {"sparsity": 0.5}))
+            client, accepted_id(submit(client, "prune", digits_upload, {"sparsity": 0.5}))
         )
         assert normal["status"] == "succeeded", normal
         assert len(server.job_processes()) == 2
@@ -169,7 +157,7 @@ def _limited_then_read(limit: int) -> int | None:
     return memory_limit()
 
 
-def test_celery_pool_children_have_the_limit(tmp_path, postgres_url, make_server, normal_upload):
+def test_celery_pool_children_have_the_limit(tmp_path, postgres_url, make_server, digits_upload):
     settings = {
         "backend": "celery",
         "broker_url": any_redis(tmp_path).url,
@@ -193,7 +181,7 @@ def test_celery_pool_children_have_the_limit(tmp_path, postgres_url, make_server
             assert bomb["status"] == "failed", bomb
             assert_names_the_limit(bomb["error"])
             normal = wait_for(
-                client, accepted_id(submit(client, "prune", normal_upload, {"sparsity": 0.5}))
+                client, accepted_id(submit(client, "prune", digits_upload, {"sparsity": 0.5}))
             )
             assert normal["status"] == "succeeded", normal
     finally:

@@ -15,17 +15,6 @@ from server import metrics_with, submit, wait_for
 LONG_TRAIN = {"model": {"hidden": [1024, 1024]}, "epochs": 10000}  # runs until deleted
 
 
-@pytest.fixture(scope="module")
-def digits_upload(_mlp_classifier, digits) -> dict[str, bytes]:
-    features, labels = digits
-    csv = io.StringIO()
-    header = ",".join([f"p{i}" for i in range(64)] + ["digit"])
-    np.savetxt(
-        csv, np.c_[features[1200:], labels[1200:]], delimiter=",", header=header, comments=""
-    )
-    return {"model": _mlp_classifier.SerializeToString(), "eval_data": csv.getvalue().encode()}
-
-
 def test_prune_job_end_to_end_with_numbers_rechecked(client, digits_upload, digits):
     response = submit(client, "prune", digits_upload, {"sparsity": 0.5})
     assert response.status_code == 202
