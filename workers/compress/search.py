@@ -67,8 +67,8 @@ class Candidate:
 
 
 class Compressor:
-    """Everything a candidate needs that does not change between candidates. `evaluation`
-    None: no inputs to judge on, so candidates are not measured."""
+    """Everything a candidate needs that does not change between candidates. `evaluation` (the
+    eval data; also fine-tuning's validation) None: candidates are not measured."""
 
     def __init__(
         self,
@@ -77,14 +77,11 @@ class Compressor:
         evaluation: EvalData | None,
         params: PruneParams,
         train: EvalData | None,
-        validation: EvalData | None,
     ) -> None:
         self.model = model
-        self.original_bytes = original
         self.evaluation = evaluation
         self.params = params
         self.train = train
-        self.validation = validation
         self.original: Outputs | None = None
         self.scoring: Scoring | None = None
         if evaluation is not None:
@@ -113,7 +110,7 @@ class Compressor:
         training = None
         if params.fine_tune is not None:
             assert self.train is not None
-            training = fine_tune(self.model, outcome, params, self.train, self.validation, on_epoch)
+            training = fine_tune(self.model, outcome, params, self.train, self.evaluation, on_epoch)
         assert params.encoding is not None
         if params.encoding != "auto":
             encoded = self._encoded(outcome, params.encoding)

@@ -12,7 +12,7 @@ from workers.evaluate.runtime import NotMeasurable, generated_feeds, model_input
 from workers.graph.load import parse_model
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA
 from workers.jobs.progress import Progress, epoch_progress, no_progress
-from workers.jobs.report import evaluate_pair, finish, latency_pair, onnx_report, size_report
+from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
 
 
 def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_progress) -> Report:
@@ -41,7 +41,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
-    compressor = Compressor(model, original_bytes, validation, params, train, validation)
+    compressor = Compressor(model, original_bytes, validation, params, train)
 
     sweep = None
     if params.max_accuracy_drop is None:
@@ -103,7 +103,7 @@ def generated_check(original: bytes, compressed: bytes, specs: list[InputSpec]) 
     unmeasured = "accuracy not measured: no eval_data"
     try:
         runs = [generated_feeds(specs)]
-        accuracy = evaluate_pair(original, compressed, EvalData(runs, None), "auto", "auto")[0]
+        accuracy = score_pair(original, compressed, EvalData(runs, None), "auto", "auto")
     except NotMeasurable as exc:
         return f"{unmeasured} (and no inputs can be generated: {exc}); send eval_data"
     except InputError as exc:  # the check never fails the job: it only informs

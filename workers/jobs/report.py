@@ -54,19 +54,13 @@ def latency_pair(original: bytes, compressed: bytes, feeds: Feeds) -> LatencyRep
     return latency(session(original), session(compressed), feeds)
 
 
-def evaluate_pair(
-    original: bytes,
-    compressed: bytes,
-    evaluation: EvalData,
-    metric: MetricChoice,
-    task: Task,
-) -> tuple[AccuracyReport, LatencyReport]:
-    """Both models run on the same inputs: every output scored, and latency."""
-    original_session, compressed_session = session(original), session(compressed)
-    reference = run(original_session, evaluation.runs)
+def score_pair(
+    original: bytes, compressed: bytes, evaluation: EvalData, metric: MetricChoice, task: Task
+) -> AccuracyReport:
+    """Both models run on the same inputs, every output scored."""
+    reference = run(session(original), evaluation.runs)
     scoring = plan_scoring(reference, evaluation.labels, metric, task)
-    accuracy = score_outputs(scoring, reference, run(compressed_session, evaluation.runs))
-    return accuracy, latency(original_session, compressed_session, evaluation.runs[0])
+    return score_outputs(scoring, reference, run(session(compressed), evaluation.runs))
 
 
 def finish(job_dir: Path, model: bytes, report: Report, progress: Progress) -> Report:

@@ -18,7 +18,7 @@ from workers.graph.export import to_onnx
 from workers.graph.load import parse_model
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, TRAIN_DATA
 from workers.jobs.progress import Progress, epoch_progress, no_progress
-from workers.jobs.report import evaluate_pair, finish, onnx_report, size_report
+from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
 from workers.nn.fit import (
     FitSettings,
     History,
@@ -233,7 +233,8 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
             "original and compressed are the same pruned model"
         )
     task = "classification" if outcome.classes is not None else "regression"
-    accuracy, latency = evaluate_pair(outcome.dense_onnx, outcome.onnx, evaluation, "auto", task)
+    accuracy = score_pair(outcome.dense_onnx, outcome.onnx, evaluation, "auto", task)
+    latency = latency_pair(outcome.dense_onnx, outcome.onnx, evaluation.runs[0])
     layers = [
         layer_report(f"W{index}", tuple(w.shape), w)
         for index, w in enumerate(outcome.network.weights)

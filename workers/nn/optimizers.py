@@ -9,6 +9,7 @@ the calls.
 """
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ def flat_zeros(params: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarra
     return flat, views
 
 
-class Step:
+class Step(ABC):
     """One optimizer step: call it with the parameters and their gradients to update in place.
 
     Each optimizer writes its update into `self.scratch` (viewed per parameter as
@@ -55,8 +56,9 @@ class Step:
         for p, scratch in zip(params, self.scratches, strict=True):
             p -= scratch
 
+    @abstractmethod
     def update(self, grads: Sequence[np.ndarray]) -> None:
-        raise NotImplementedError
+        """Write this optimizer's update for `grads` into self.scratch."""
 
 
 class Sgd(Step):
