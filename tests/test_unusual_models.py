@@ -161,3 +161,14 @@ def test_models_that_would_hold_a_worker_for_minutes_are_refused_at_once(client,
     job = finished(client, {"model": model.SerializeToString()})
     assert job["status"] == "failed" and job["error"]["status"] == 422, job
     assert detail in job["error"]["detail"]
+
+
+def test_an_output_whose_shape_changes_between_runs_is_refused_by_name(client):
+    model = matmul_model()
+    model.graph.node.append(helper.make_node("NonZero", ["X"], ["found"]))  # [2, nonzeros]
+    model.graph.output.append(helper.make_tensor_value_info("found", TensorProto.INT64, [2, "k"]))
+    runs = np.ones((2, 3, 4), np.float32)  # two runs of [3, 4]
+    runs[1, 0, :] = 0  # the second run has fewer nonzeros
+    job = finished(client, {"model": model.SerializeToString(), "eval_data": npz(X=runs)})
+    assert job["status"] == "failed" and job["error"]["status"] == 422, job
+    assert "output 'found' changes shape between runs" in job["error"]["detail"]

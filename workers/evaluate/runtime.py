@@ -138,10 +138,13 @@ def run(sess: ort.InferenceSession, runs: list[Feeds]) -> Outputs:
             parts[name].append(value.reshape(1) if value.ndim == 0 else value)
     values = {}
     for name, arrays in parts.items():
-        try:
-            values[name] = np.concatenate(arrays)
-        except ValueError:  # a shape that changes between runs past the first axis
-            values[name] = np.concatenate([array.reshape(len(array), -1) for array in arrays])
+        shapes = {array.shape[1:] for array in arrays}
+        if len(shapes) > 1:  # a detector's box count, say: runs cannot be joined sample-wise
+            raise UnsupportedModelError(
+                f"output {name!r} changes shape between runs ({len(shapes)} shapes); send the "
+                "eval data as one run"
+            )
+        values[name] = np.concatenate(arrays)
     return Outputs(values, classes)
 
 
