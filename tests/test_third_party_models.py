@@ -134,3 +134,16 @@ def test_a_labelled_metric_without_labels_is_refused(job_dir):
     stage(job_dir, "ppocr_cls")
     with pytest.raises(InputError, match="metric accuracy needs labels"):
         run_prune_job(job_dir, PruneParams(sparsity=0.3, metric="accuracy"))
+
+
+def test_int8_says_when_tensors_it_cannot_take_hold_much_of_the_file(job_dir):
+    """silero's LSTM weights reach the LSTM through Slice: the quantizer leaves them float32,
+    and the ratio of 1.69x comes with a note saying where the rest of the bytes are."""
+    stage(job_dir, "silero_vad")
+    report = run_prune_job(job_dir, PruneParams(sparsity=0.3, encoding="int8"))
+    (note,) = [note for note in report.notes if "stays float32" in note]
+    assert "MiB stays float32 in tensors onnxruntime's quantizer does not take" in note
+    assert len(note) <= MAX_MESSAGE
+    stage(job_dir, "magika")  # nearly every byte is a MatMul weight: nothing to say
+    report = run_prune_job(job_dir, PruneParams(sparsity=0.3, encoding="int8"))
+    assert not [note for note in report.notes if "stays float32" in note]

@@ -385,8 +385,41 @@ def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
     _convs_left_float(work.graph, frozenset(), exclude)
     quantized = _quantize_bodies_too(work, exclude)
     _sort_topologically(quantized.model)
-    notes = [INT8_NOTE, *_unquantized_notes(quantized, weights)]
+    notes = [
+        INT8_NOTE,
+        *_unquantized_notes(quantized, weights),
+        *_float_left(quantized.model, weights),
+    ]
     return serialize(compact(quantized.model)), notes
+
+
+# A note is worth it when tensors the quantizer does not take hold this share of the file.
+FLOAT_LEFT_NOTE_SHARE = 0.1
+
+
+def _float_left(model: ModelProto, weights: set[str]) -> list[str]:
+    """A note naming the large float32 tensors int8 left beside the weights already named (an
+    LSTM's weights, embeddings read by other ops, norms), when they hold a tenth of the file or
+    more: else the ratio would say less than it seems without a word why."""
+    left = {
+        slot.name: slot.holder.ByteSize()
+        for slot in all_float_constants(model)
+        if isinstance(slot.holder, TensorProto)
+        and slot.holder.data_type == TensorProto.FLOAT
+        and np.prod(slot.shape, dtype=np.int64) >= FLOAT16_MIN_ELEMENTS
+        and _source_name(slot.name, weights) not in weights
+    }
+    total = sum(left.values())
+    if total < FLOAT_LEFT_NOTE_SHARE * model.ByteSize():
+        return []
+    largest = sorted(left, key=left.__getitem__, reverse=True)
+    return [
+        cut_list(
+            f"int8: {total / 2**20:.2f} MiB stays float32 in tensors onnxruntime's quantizer does "
+            "not take (not MatMul/Gemm/Conv/Gather weights; encoding float16 halves them): ",
+            [one_line(name, NOTE_LIMIT // 4) for name in largest],
+        )
+    ]
 
 
 def _in_body(slot: WeightSlot, main: GraphProto, main_nodes: set[int]) -> bool:
