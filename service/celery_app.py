@@ -53,7 +53,14 @@ def run_job_task(task: JobTask, job_id: str) -> str:
     settings = task.settings
     store = job_store(settings.database)
     job_dir = ArtifactStore(settings.data_dir).job_dir(job_id)
-    status = run_job(store, job_dir, job_id, settings.heartbeat_s, (SoftTimeLimitExceeded,))
+    status = run_job(
+        store,
+        job_dir,
+        job_id,
+        settings.heartbeat_s,
+        (SoftTimeLimitExceeded,),
+        stage_timeout_s=settings.stage_timeout_s,
+    )
     log.info("job %s: %s", job_id, status, extra={"job_id": job_id})
     return status
 

@@ -61,7 +61,14 @@ def _worker_main(settings: Settings, jobs: Connection, service_pid: int) -> None
             job_id = jobs.recv()
         except EOFError:  # the dispatcher closed the pipe: time to go
             return
-        jobs.send(run_job(store, artifacts.job_dir(job_id), job_id, settings.heartbeat_s))
+        status = run_job(
+            store,
+            artifacts.job_dir(job_id),
+            job_id,
+            settings.heartbeat_s,
+            stage_timeout_s=settings.stage_timeout_s,
+        )
+        jobs.send(status)
 
 
 @dataclass
@@ -252,7 +259,7 @@ class LocalBackend:
         if code == -signal.SIGABRT:
             limit = out_of_memory_detail(self.settings.worker_memory_bytes)
             return problem(
-                507,
+                422,
                 "Out of memory",
                 f"{detail}, as native code does when an allocation fails; most likely {limit}",
             )

@@ -26,6 +26,7 @@ from workers.errors import InputError, one_line
 log = logging.getLogger("clipprune.job")
 
 MAX_ATTEMPTS = 2  # a job whose worker was lost is retried once, then failed
+STAGE_TIMEOUT_EXIT = 75  # a worker ends itself with this status after failing a stuck stage
 PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes always go
 
 
@@ -87,16 +88,56 @@ def requeue_or_fail(store: JobStore, job_id: str, attempts: int | None, detail: 
     return False
 
 
-def _progress_writer(store: JobStore, job_id: str, token: str) -> jobs.Progress:
+class StageClock:
+    """The stage a job is in and since when: its progress callback moves it on."""
+
+    def __init__(self) -> None:
+        self.stage = "starting"
+        self.since = time.monotonic()
+
+    def enter(self, stage: str) -> None:
+        if stage != self.stage:
+            self.stage, self.since = stage, time.monotonic()
+
+
+def _progress_writer(store: JobStore, job_id: str, token: str, clock: StageClock) -> jobs.Progress:
     last = {"stage": "", "time": 0.0}
 
     def write(stage: str, fraction: float) -> None:
+        clock.enter(stage)
         moment = time.monotonic()
         if stage != last["stage"] or moment - last["time"] >= PROGRESS_INTERVAL_S:
             store.progress(job_id, token, stage, fraction)
             last.update(stage=stage, time=moment)
 
     return write
+
+
+def _stage_watchdog(
+    store: JobStore,
+    job_id: str,
+    token: str,
+    clock: StageClock,
+    budget_s: float,
+    stop: threading.Event,
+) -> None:
+    """Fail the job and end this process when one stage outlives its budget. A stage may be
+    stuck inside native code (onnxruntime running a Loop of 2^62 iterations, a session being
+    built) that no Python exception can interrupt: only ending the process stops it, and every
+    backend replaces a worker that exits."""
+    while not stop.wait(min(1.0, budget_s / 4)):
+        if time.monotonic() - clock.since <= budget_s:
+            continue
+        detail = (
+            f"the job's stage {clock.stage!r} ran longer than {budget_s:g} s "
+            "(CLIPPRUNE_STAGE_TIMEOUT_S) and was stopped; send a smaller model or data"
+        )
+        try:
+            store.fail(job_id, problem(422, "Stage time limit", detail), {"running"}, token)
+        finally:
+            log.info("job failed: %s", detail, extra={"job_id": job_id})
+            logging.shutdown()
+            os._exit(STAGE_TIMEOUT_EXIT)
 
 
 def _heartbeat(
@@ -115,13 +156,15 @@ def run_job(
     job_id: str,
     heartbeat_s: float,
     time_limit_errors: tuple[type[BaseException], ...] = (),
+    stage_timeout_s: float | None = None,
 ) -> str:
     """Claim and run one job; returns its final status (or "skipped" if it was not queued).
 
     The claim carries a token of this run; every later write to the job row names it, so a
     run that a lease expiry replaced can no longer change the job. While it runs, the row's
     heartbeat is renewed every `heartbeat_s`. `time_limit_errors`: exceptions the backend
-    raises in the job when its time is up.
+    raises in the job when its time is up. `stage_timeout_s`: the budget of each stage (the
+    stages are what the job reports as progress); past it the job fails and the process ends.
     """
     token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     if not store.claim(job_id, token):
@@ -131,8 +174,16 @@ def run_job(
         target=_heartbeat, args=(store, job_id, token, heartbeat_s, stop), daemon=True
     )
     beat.start()
+    clock = StageClock()
+    if stage_timeout_s is not None:
+        watchdog = threading.Thread(
+            target=_stage_watchdog,
+            args=(store, job_id, token, clock, stage_timeout_s, stop),
+            daemon=True,
+        )
+        watchdog.start()
     try:
-        return _run_claimed(store, job_dir, job_id, token, time_limit_errors)
+        return _run_claimed(store, job_dir, job_id, token, clock, time_limit_errors)
     finally:
         stop.set()
 
@@ -142,6 +193,7 @@ def _run_claimed(
     job_dir: Path,
     job_id: str,
     token: str,
+    clock: StageClock,
     time_limit_errors: tuple[type[BaseException], ...],
 ) -> str:
     row = store.get(job_id)
@@ -150,7 +202,7 @@ def _run_claimed(
     extra = {"job_id": job_id, "kind": row.kind}
     log.info("job started", extra=extra)
     started = time.monotonic()
-    progress = _progress_writer(store, job_id, token)
+    progress = _progress_writer(store, job_id, token, clock)
 
     def fail(status: int, title: str, detail: str) -> str:
         store.fail(job_id, problem(status, title, detail), {"running"}, token)
@@ -165,18 +217,18 @@ def _run_claimed(
     except InputError as exc:
         if _allocation_failed(exc):  # e.g. onnxruntime's failed allocation, reported as bad data
             log.info("job failed: out of memory: %s", exc, extra=extra)
-            return fail(507, "Out of memory", out_of_memory_detail(memory_limit()))
+            return fail(422, "Out of memory", out_of_memory_detail(memory_limit()))
         log.info("job failed: %s", exc, extra=extra)
         return fail(422, exc.title, str(exc))
     except ValidationError as exc:  # params validated at submit; only a changed schema lands here
         return fail(422, "Invalid parameters", str(exc))
     except MemoryError:
         log.info("job failed: out of memory", extra=extra)
-        return fail(507, "Out of memory", out_of_memory_detail(memory_limit()))
+        return fail(422, "Out of memory", out_of_memory_detail(memory_limit()))
     except Exception as exc:
         if _allocation_failed(exc):
             log.info("job failed: out of memory: %s", exc, extra=extra)
-            return fail(507, "Out of memory", out_of_memory_detail(memory_limit()))
+            return fail(422, "Out of memory", out_of_memory_detail(memory_limit()))
         if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             # Neither the caller's input nor a bug: the same job succeeds once space is freed.
             log.error("job failed: the disk is full: %s", exc, extra=extra)

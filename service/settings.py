@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     api_keys: str = ""  # comma-separated; empty runs the service open
     max_upload_bytes: int = Field(512 * 2**20, ge=1024)
     job_timeout_s: float = Field(3600, gt=0)
+    # One stage of a job (loading, an epoch, evaluating, ...): past it the job fails and its
+    # worker process is replaced, even when the stage is stuck in native code
+    stage_timeout_s: float = Field(600, gt=0)
     max_queued_jobs: int = Field(100, ge=1)
     job_ttl_s: float = Field(7 * 24 * 3600, gt=0)  # finished jobs and their files are deleted after
     min_free_disk_bytes: int = Field(256 * 2**20, ge=0)
