@@ -46,6 +46,21 @@ class LayerReport(_ReportPart):
     sparsity: float = Field(description="1 - nonzero / params.")
 
 
+class GroupReport(_ReportPart):
+    """One group of coupled channels that structured pruning found (a layer's output channels
+    with every slice that must go with them)."""
+
+    leading: str = Field(description="The weight whose output channels start the group.")
+    node: str = Field(description="The node that weight feeds.")
+    channels: int = Field(description="The group's channels in the original model.")
+    kept: int = Field(description="Channels kept: equal to channels when the group was left whole.")
+    unit: int = Field(
+        description="Channels removed together: 1, or an attention head's width, or a conv group."
+    )
+    tensors: int = Field(description="Constants sliced with the group (weights, biases, norms).")
+    note: str | None = Field(None, description="Why the group was left whole, when it was.")
+
+
 class OutputScore(_ReportPart):
     """One model output, compressed against original."""
 
@@ -194,6 +209,11 @@ class Report(_ReportPart):
     )
     sensitivity: list[SensitivityPoint] | None = Field(
         None, description="With sensitivity: true: the metric per tensor and sparsity."
+    )
+    groups: list[GroupReport] | None = Field(
+        None,
+        description="With granularity structured: each channel group, its channels before and "
+        "after, and why a group was left whole.",
     )
     notes: list[str] = Field(
         [], description="What the job decided on the caller's behalf, in plain words."

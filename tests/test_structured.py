@@ -64,10 +64,16 @@ def test_skl2onnx_mlp_shrinks_and_matches_the_model_with_those_neurons_zeroed(
 
 
 def test_the_weakest_neurons_go(mlp_classifier):
-    before = initializers(mlp_classifier)["coefficient"]
+    # A neuron's importance is the RMS of every weight coupled to it (issue 15, as
+    # Torch-Pruning's group importance): its incoming column and its outgoing row.
+    weights = initializers(mlp_classifier)
+    before, outgoing = weights["coefficient"], weights["coefficient1"]
     after = initializers(structured(mlp_classifier, sparsity=0.25))["coefficient"]
     kept = kept_columns(before, after)
-    rms = np.sqrt(np.mean(before.astype(np.float64) ** 2, axis=0))
+    squares = np.sum(before.astype(np.float64) ** 2, axis=0) + np.sum(
+        outgoing.astype(np.float64) ** 2, axis=1
+    )
+    rms = np.sqrt(squares / (before.shape[0] + outgoing.shape[1]))
     assert len(kept) == 36
     assert rms[sorted(set(range(48)) - set(kept))].max() <= rms[kept].min()
 
@@ -134,8 +140,15 @@ def test_a_layer_never_loses_all_its_neurons(mlp_classifier):
 def test_no_safe_chain_is_refused_with_the_reason(logistic):
     with pytest.raises(UnsupportedModelError, match="granularity=unstructured"):
         structured(logistic[0], sparsity=0.5)
-    with pytest.raises(UnsupportedModelError, match="Conv; only MatMul/Gemm"):
-        structured(conv_net(), sparsity=0.5)
+
+
+def test_conv_channels_are_removed_with_their_flattened_block_of_the_head():
+    # Once refused ("only MatMul/Gemm"): the channel graph follows Conv -> Relu -> Flatten.
+    shapes = {
+        name: a.shape for name, a in initializers(structured(conv_net(), sparsity=0.5)).items()
+    }
+    assert shapes["conv_w"] == (2, 1, 3, 3) and shapes["conv_b"] == (2,)
+    assert shapes["fc_w"] == (72, 10)  # each channel owned 36 rows of the flattened input
 
 
 def test_a_branching_hidden_layer_is_left_alone():
@@ -170,7 +183,9 @@ def test_structured_pruning_never_slices_an_initializer_that_is_also_an_input():
         prune_model(both, PruneParams(granularity="structured", sparsity=0.5))
 
 
-def test_prelu_is_not_taken_for_a_one_input_activation():
+def test_prelu_slopes_are_cut_with_their_neurons():
+    # PRelu is elementwise with one slope per neuron: the slope is sliced with the neuron
+    # (it was once refused; it must never be taken for a one-input activation).
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("MatMul", ["X", "W0"], ["h"]),
@@ -179,7 +194,7 @@ def test_prelu_is_not_taken_for_a_one_input_activation():
     ]
     inits = [
         numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "W0"),
-        numpy_helper.from_array(np.full(6, 0.1, np.float32), "slope"),
+        numpy_helper.from_array(np.linspace(0.1, 0.6, 6).astype(np.float32), "slope"),
         numpy_helper.from_array(rng.standard_normal((6, 2)).astype(np.float32), "W1"),
     ]
     graph = helper.make_graph(
@@ -189,5 +204,17 @@ def test_prelu_is_not_taken_for_a_one_input_activation():
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
         inits,
     )
-    with pytest.raises(UnsupportedModelError, match="PRelu"):
-        prune_model(make_model(graph), PruneParams(granularity="structured", sparsity=0.5))
+    model = make_model(graph)
+    pruned = structured(model, sparsity=0.5)
+    before, after = initializers(model), initializers(pruned)
+    kept = kept_columns(before["W0"], after["W0"])
+    np.testing.assert_array_equal(after["slope"], before["slope"][kept])
+    zeroed = copy_model(model)
+    gone = sorted(set(range(6)) - set(kept))
+    w1 = before["W1"].copy()
+    w1[gone] = 0
+    zeroed.graph.initializer[2].CopyFrom(numpy_helper.from_array(w1, "W1"))
+    features = rng.standard_normal((5, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        run(pruned, {"X": features})[0], run(zeroed, {"X": features})[0], rtol=1e-5, atol=1e-6
+    )

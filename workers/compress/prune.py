@@ -8,9 +8,9 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from schemas.params import PruneParams
-from schemas.report import LayerReport
+from schemas.report import GroupReport, LayerReport
 from schemas.vocabulary import Granularity
-from workers.compress.structured import prune_neurons
+from workers.compress.structured import prune_channels
 from workers.errors import InvalidModelError, UnsupportedModelError
 from workers.graph.walk import iter_graphs
 from workers.graph.weights import WeightSlot, all_float_constants, find_weights
@@ -24,6 +24,7 @@ class PruneOutcome:
     params_before: int  # float parameters of the original, sparse initializers densified
     pruned: set[str] = field(default_factory=set)  # weights whose values changed
     notes: list[str] = field(default_factory=list)
+    groups: list[GroupReport] | None = None  # structured: every channel group found
 
 
 def copy_model(model: ModelProto) -> ModelProto:
@@ -127,17 +128,13 @@ def prune_weights(
 def prune_structured(
     model: ModelProto, slots: list[WeightSlot], params: PruneParams, outcome: PruneOutcome
 ) -> None:
-    """Structured: whole neurons removed, so the tensors shrink."""
-    layers, skipped = prune_neurons(
+    """Structured: whole channels, neurons and heads removed with their coupled slices, so
+    the tensors shrink."""
+    found = prune_channels(
         model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
     )
-    outcome.notes.append(
-        f"structured: removed neurons from {len(layers)} hidden layer(s); sparsity counts "
-        "neurons, ranked by the root-mean-square of their incoming weights"
-    )
-    outcome.notes += [
-        f"structured: kept every output neuron of {name}: {why}" for name, why in skipped.items()
-    ]
+    outcome.groups = found.groups
+    outcome.notes += found.notes
 
 
 # Each prunes the chosen weights in place and records what it changed in the outcome.

@@ -1,229 +1,227 @@
-"""Structured pruning: whole hidden neurons removed from MatMul/Gemm chains, so matrices shrink.
+"""Structured pruning: whole channels, neurons and attention heads removed together with every
+parameter slice coupled to them, so tensors, the file and the latency shrink.
 
-A neuron can go only when the graph is a chain we fully understand:
+The groups come from the channel dependency graph (workers/graph/channels.py). Each group's
+units are ranked by the root-mean-square of all their coupled weight slices (the producing
+layer's rows, the consuming layers' columns, across residual branches): RMS rather than the
+norm so that `global` scope compares groups of different fan-in and unit size on one scale.
 
-    MatMul|Gemm(W1) -> [Add|Sub|Mul|Div(per-neuron constant) | activation]* -> MatMul|Gemm(W2)
-
-Removing neuron j deletes column j of W1 (its inputs), entry j of every per-neuron constant on the
-way, and row j of W2 (its outputs). The result computes exactly what the dense model computes with
-neuron j's outgoing row of W2 zeroed. Anything else (a branch, a graph output, a shared weight, an
-unknown op between the layers) leaves that layer alone, and a model with no such chain at all is
-refused rather than rewritten into something broken.
+Removing a unit deletes its block from every slice, shrinks the counts that name the width
+(Reshape targets, Conv `group`, Split sizes) and drops stale value_info. What the pruned model
+computes is exactly the original with those channels zeroed where they are consumed: every op
+on the way treats channels on their own, so the kept channels see the same values, and the
+removed ones no longer reach any consumer. (A removed channel's bias or BatchNorm shift is not
+folded into the consumer's bias, as Torch-Pruning does not either: the reference for exactness
+is the channel zeroed at its consumers' inputs, not at its producer.)
 """
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from onnx import GraphProto, ModelProto, NodeProto
+from onnx import ModelProto, TensorProto, numpy_helper
 
+from schemas.report import GroupReport
 from schemas.vocabulary import Scope
-from workers.errors import UnsupportedModelError, one_line
-from workers.graph.walk import attribute, iter_graphs, readers
+from workers.errors import UnsupportedModelError, cut_list, one_line
+from workers.graph.channels import ChannelGraph, ChannelGroup, Slice
 from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.masks import magnitude_masks
 
-# Ops that act on each neuron on its own, so a neuron's value never mixes with another's.
-UNARY_PER_NEURON = frozenset(
-    {
-        "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Sigmoid", "HardSigmoid",
-        "HardSwish", "Softplus", "Softsign", "Gelu", "Erf", "Identity", "Cast", "Abs", "Neg",
-    }
-)  # fmt: skip
-BINARY_PER_NEURON = frozenset({"Add", "Sub", "Mul", "Div"})
+MAX_GROUP_NOTES = 12  # notes naming groups left whole; the report's groups list has them all
 
 
 @dataclass
-class _Cut:
-    """Where a layer's neuron axis runs through one tensor."""
+class StructuredOutcome:
+    """What structured pruning did: every group found, and notes in plain words."""
 
-    slot: WeightSlot
-    axis: int
-
-
-@dataclass
-class NeuronLayer:
-    """A hidden layer whose neurons can be removed: W1's output axis and everything that follows."""
-
-    producer: _Cut  # W1, the neuron's incoming weights
-    consumer: _Cut  # W2, the neuron's outgoing weights
-    per_neuron: list[_Cut] = field(default_factory=list)  # biases and scales on the way
-    values: list[str] = field(
-        default_factory=list
-    )  # intermediate value names (their shapes change)
-
-    @property
-    def width(self) -> int:
-        return self.producer.slot.shape[self.producer.axis]
-
-    def neuron_rms(self) -> np.ndarray:
-        """Root-mean-square of each neuron's incoming weights: [width]. RMS rather than the
-        norm so that layers of different fan-in rank on one scale (global scope)."""
-        weights = self.producer.slot.read().astype(np.float64)
-        other = 1 - self.producer.axis
-        return np.sqrt(np.mean(weights**2, axis=other))
+    groups: list[GroupReport]
+    notes: list[str]
 
 
-class _ChainFinder:
-    def __init__(self, model: ModelProto, candidates: list[WeightSlot]) -> None:
-        self.candidates = {slot.name for slot in candidates}
-        everything = find_weights(model, include=[".*"])
-        self.by_name = {slot.name: slot for slot in everything}
-        self.graphs = [graph for graph, _ in iter_graphs(model.graph)]
-        self.readers = {id(graph): readers(graph) for graph in self.graphs}
-        self.all_readers: dict[str, int] = defaultdict(int)
-        for graph in self.graphs:
-            for name, nodes in self.readers[id(graph)].items():
-                self.all_readers[name] += len(nodes)
-        # An initializer listed as a graph input is a default the caller may override with a
-        # tensor of the old shape: never slice one.
-        self.overridable = {value.name for graph in self.graphs for value in graph.input}
-        self.skipped: dict[str, str] = {}
+def _unit_blocks(array: np.ndarray, piece: Slice, units: int) -> np.ndarray:
+    """The slice's values as [units, elements of one unit]."""
+    size = int(piece.span.size)
+    taken = np.take(array, np.arange(piece.span.offset, piece.span.offset + size), piece.axis)
+    # [.., size, ..] -> [size, rest] -> [units, size/units * rest]
+    return np.moveaxis(taken, piece.axis, 0).reshape(units, -1)
 
-    def _owned(self, name: str) -> WeightSlot | None:
-        """The constant `name` if exactly one node anywhere reads it (safe to slice)."""
-        slot = self.by_name.get(name)
-        if slot is None or self.all_readers[name] != 1 or name in self.overridable:
-            return None
-        return slot
 
-    def layers(self) -> list[NeuronLayer]:
-        found = []
-        for graph in self.graphs:
-            outputs = {value.name for value in graph.output}
-            for node in graph.node:
-                slot = self.by_name.get(node.input[1]) if len(node.input) > 1 else None
-                if slot is None or slot.name not in self.candidates:
-                    continue
-                if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                    self._skip(
-                        slot, f"it feeds {node.op_type}; only MatMul/Gemm neurons are removed"
-                    )
-                    continue
-                layer = self._chain_from(node, slot, graph, outputs)
-                if layer is not None:
-                    found.append(layer)
-        return found
+def unit_scores(
+    group: ChannelGroup, constants: dict[str, TensorProto], weights: set[str]
+) -> np.ndarray:
+    """RMS of each unit's coupled weights: [units]. Biases and norm statistics are not
+    magnitudes of a connection, so only weights count (all slices if the group has none)."""
+    pieces = [piece for piece in group.slices if piece.tensor in weights] or group.slices
+    squares = np.zeros(group.units)
+    elements = 0
+    for piece in pieces:
+        blocks = _unit_blocks(numpy_helper.to_array(constants[piece.tensor]), piece, group.units)
+        squares += np.sum(blocks.astype(np.float64) ** 2, axis=1)
+        elements += blocks.shape[1]
+    return np.sqrt(squares / max(elements, 1))
 
-    def _skip(self, slot: WeightSlot, reason: str) -> None:
-        self.skipped.setdefault(slot.name, reason)
 
-    def _chain_from(
-        self, node: NodeProto, w1: WeightSlot, graph: GraphProto, outputs: set[str]
-    ) -> NeuronLayer | None:
-        if len(w1.shape) != 2 or self._owned(w1.name) is None:
-            self._skip(w1, "not a 2-D weight read by exactly one node (nor a graph input)")
-            return None
-        if node.op_type == "Gemm" and attribute(node, "transA", 0):
-            self._skip(w1, "Gemm with transA=1")
-            return None
-        out_axis = 0 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 1
-        layer = NeuronLayer(producer=_Cut(w1, out_axis), consumer=_Cut(w1, 0))
-        width = w1.shape[out_axis]
-        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-        if has_bias and not self._per_neuron(node.input[2], width, layer):
-            self._skip(w1, f"Gemm bias {node.input[2]!r} is not a per-neuron constant")
-            return None
-        graph_readers = self.readers[id(graph)]
-        value = node.output[0]
-        while True:
-            if value in outputs or len(graph_readers.get(value, [])) != 1:
-                self._skip(w1, f"its output {value!r} is a graph output or read by several nodes")
-                return None
-            layer.values.append(value)
-            nxt = graph_readers[value][0]
-            if nxt.op_type in ("MatMul", "Gemm") and nxt.input[0] == value:
-                return self._close(nxt, w1, width, layer)
-            if nxt.op_type in UNARY_PER_NEURON and nxt.input[0] == value:
-                value = nxt.output[0]
-                continue
-            if nxt.op_type in BINARY_PER_NEURON and len(nxt.input) == 2:
-                other = nxt.input[1] if nxt.input[0] == value else nxt.input[0]
-                if self._per_neuron(other, width, layer):
-                    value = nxt.output[0]
-                    continue
-            self._skip(w1, f"{nxt.op_type} node {nxt.name!r} follows it")
-            return None
+def _indices(offset: int, size: int, units: int, removed: np.ndarray) -> np.ndarray:
+    """Positions along an axis of the removed units' blocks."""
+    per = size // units
+    return (offset + removed[:, None] * per + np.arange(per)[None, :]).reshape(-1)
 
-    def _close(
-        self, node: NodeProto, w1: WeightSlot, width: int, layer: NeuronLayer
-    ) -> NeuronLayer | None:
-        w2 = self._owned(node.input[1]) if len(node.input) > 1 else None
-        if w2 is None or len(w2.shape) != 2:
-            name = node.input[1] if len(node.input) > 1 else "?"
-            why = "is not a 2-D constant read once (nor a graph input)"
-            self._skip(w1, f"the next layer's weight {name!r} {why}")
-            return None
-        if node.op_type == "Gemm" and attribute(node, "transA", 0):
-            self._skip(w1, "the next Gemm has transA=1")
-            return None
-        in_axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
-        if w2.shape[in_axis] != width:
-            self._skip(w1, f"the next weight {w2.name!r} has shape {list(w2.shape)}")
-            return None
-        layer.consumer = _Cut(w2, in_axis)
-        return layer
 
-    def _per_neuron(self, name: str, width: int, layer: NeuronLayer) -> bool:
-        slot = self.by_name.get(name)
-        if slot is None:
-            return False
-        size = int(np.prod(slot.shape))
-        if size == 1:
-            return True  # a scalar broadcasts the same to every neuron: nothing to slice
-        if slot.shape[-1] != width or size != width or self._owned(name) is None:
-            return False
-        layer.per_neuron.append(_Cut(slot, len(slot.shape) - 1))
-        return True
+def _cut_slices(
+    cuts: list[tuple[ChannelGroup, np.ndarray]], constants: dict[str, TensorProto]
+) -> None:
+    """Delete every removed block from every constant, all groups at once (a Concat's consumer
+    is cut by several groups, each at its own offset)."""
+    doomed: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+    for group, removed in cuts:
+        for piece in group.slices:
+            positions = _indices(piece.span.offset, int(piece.span.size), group.units, removed)
+            doomed[(piece.tensor, piece.axis)].append(positions)
+    by_tensor: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for (name, axis), parts in doomed.items():
+        by_tensor[name][axis] = np.unique(np.concatenate(parts))
+    for name, axes in by_tensor.items():
+        holder = constants[name]
+        array = numpy_helper.to_array(holder)
+        for axis, positions in axes.items():
+            array = np.delete(array, positions, axis=axis)
+        holder.CopyFrom(numpy_helper.from_array(array, holder.name))
+
+
+def _shrink_counts(
+    model: ModelProto,
+    cuts: list[tuple[ChannelGroup, np.ndarray]],
+    constants: dict[str, TensorProto],
+) -> None:
+    """Lower every integer that counts removed channels: a Reshape target's element (written
+    as a new initializer for that node alone, as exporters share small constants), a Conv's
+    group, a Split's sizes."""
+    drops: dict[tuple[int, int | None, str | None, int | None], int] = defaultdict(int)
+    for group, removed in cuts:
+        for count in group.counts:
+            key = (count.node, count.input, count.attr, count.element)
+            drops[key] += int(count.size * len(removed) / group.units)
+    graph = model.graph
+    for (position, input_index, attr, element), drop in drops.items():
+        node = graph.node[position]
+        if input_index is not None:
+            _lower_input(graph, node, input_index, element or 0, drop, constants)
+        else:
+            _lower_attribute(node, attr or "", element, drop)
+
+
+def _lower_input(
+    graph, node, input_index: int, element: int, drop: int, constants: dict[str, TensorProto]
+) -> None:
+    old = node.input[input_index]
+    array = numpy_helper.to_array(constants[old]).copy()
+    array.reshape(-1)[element] -= drop
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    name = f"{old}_pruned"
+    while name in taken:
+        name += "_"
+    tensor = numpy_helper.from_array(array, name)
+    graph.initializer.append(tensor)
+    constants[name] = graph.initializer[-1]
+    node.input[input_index] = name
+
+
+def _lower_attribute(node, name: str, element: int | None, drop: int) -> None:
+    attr = next(a for a in node.attribute if a.name == name)
+    if element is None:
+        attr.i -= drop
+    else:
+        attr.ints[element] -= drop
 
 
 def _drop_value_info(model: ModelProto, names: set[str]) -> None:
-    """Shapes recorded for the chain's values are stale once the chain narrows."""
-    for graph, _ in iter_graphs(model.graph):
-        kept = [info for info in graph.value_info if info.name not in names]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+    """Shapes recorded for the narrowed values are stale; onnxruntime infers them again."""
+    kept = [info for info in model.graph.value_info if info.name not in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
-def prune_neurons(
+def _report(group: ChannelGroup, kept_units: int | None, note: str | None) -> GroupReport:
+    kept = group.channels if kept_units is None else kept_units * group.unit
+    return GroupReport(
+        leading=group.leading,
+        node=group.node,
+        channels=group.channels,
+        kept=kept,
+        unit=group.unit if not group.blocked else 1,
+        tensors=len(group.slices),
+        note=note,
+    )
+
+
+def _refusal(groups: list[ChannelGroup], notes: dict[int, str]) -> UnsupportedModelError:
+    first = next(iter(notes.items()), None)
+    why = f" ({groups[first[0]].leading}: {one_line(first[1], 140)})" if first else ""
+    return UnsupportedModelError(
+        one_line(
+            "structured pruning found no channel group it can remove channels from safely"
+            f"{why}; use granularity=unstructured"
+        )
+    )
+
+
+def prune_channels(
     model: ModelProto,
     candidates: list[WeightSlot],
     *,
     sparsity: float | None,
     threshold: float | None,
     scope: Scope,
-) -> tuple[list[NeuronLayer], dict[str, str]]:
-    """Remove the weakest hidden neurons in place. Returns the layers cut and, by weight name,
-    why each other candidate was left as it was."""
-    finder = _ChainFinder(model, candidates)
-    layers = finder.layers()
-    if not layers:
-        first = next(iter(finder.skipped.items()), None)
-        why = f" ({first[0]}: {one_line(first[1], 100)})" if first else ""
-        raise UnsupportedModelError(
-            "structured pruning found no hidden layer it can remove neurons from safely (it "
-            f"needs MatMul/Gemm layers feeding the next through per-neuron ops){why}; use "
-            "granularity=unstructured"
-        )
-    scores = [layer.neuron_rms() for layer in layers]
-    keep_masks = magnitude_masks(
-        scores,
-        sparsity=sparsity,
-        threshold=threshold,
-        scope=scope,
-    )
-    cuts: dict[int, list[tuple[WeightSlot, int, np.ndarray]]] = defaultdict(list)
-    for layer, score, keep in zip(layers, scores, keep_masks, strict=True):
-        if not keep.any():  # a layer of width 0 is not a model: keep its strongest neuron
+) -> StructuredOutcome:
+    """Remove the weakest units of every prunable group in place. A group is prunable when its
+    channels could be followed everywhere and its leading weight is a candidate (include /
+    exclude); the others are reported with the reason they were left whole."""
+    channel_graph = ChannelGraph(model)
+    groups = channel_graph.groups()
+    chosen = {slot.name for slot in candidates}
+    notes: dict[int, str] = {}
+    for index, group in enumerate(groups):
+        if group.blocked:
+            notes[index] = group.blocked
+        elif group.leading not in chosen:
+            notes[index] = "its weight is not among the prunable tensors (include/exclude)"
+    live = [index for index in range(len(groups)) if index not in notes]
+    if not live:
+        raise _refusal(groups, notes)
+    constants = channel_graph.constants
+    weights = {slot.name for slot in find_weights(model)}
+    scores = [unit_scores(groups[index], constants, weights) for index in live]
+    masks = magnitude_masks(scores, sparsity=sparsity, threshold=threshold, scope=scope)
+    cuts = []
+    kept_units: dict[int, int] = {}
+    for index, score, keep in zip(live, scores, masks, strict=True):
+        if not keep.any():  # a group of width 0 is not a model: keep its strongest unit
             keep[np.argmax(score)] = True
-        kept = np.flatnonzero(keep)
-        for cut in [layer.producer, layer.consumer, *layer.per_neuron]:
-            cuts[id(cut.slot.holder)].append((cut.slot, cut.axis, kept))
-    for operations in cuts.values():
-        slot = operations[0][0]
-        array = slot.read()
-        for _, axis, kept in operations:
-            array = np.take(array, kept, axis=axis)
-        slot.write(array)
-    _drop_value_info(model, {value for layer in layers for value in layer.values})
-    return layers, finder.skipped
+        kept_units[index] = int(keep.sum())
+        removed = np.flatnonzero(~keep)
+        if removed.size:
+            cuts.append((groups[index], removed))
+    _cut_slices(cuts, constants)
+    _shrink_counts(model, cuts, constants)
+    _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
+    reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
+    return StructuredOutcome(reports, _notes(reports, len(live)))
+
+
+def _notes(reports: list[GroupReport], pruned: int) -> list[str]:
+    removed = sum(r.channels - r.kept for r in reports)
+    total = sum(r.channels for r in reports if r.note is None)
+    notes = [
+        f"structured: {pruned} of {len(reports)} channel groups pruned, {removed} of their "
+        f"{total} channels removed; units ranked by the RMS of all their coupled weights"
+    ]
+    whole = [r for r in reports if r.note is not None]
+    for report in whole[:MAX_GROUP_NOTES]:
+        notes.append(
+            one_line(f"structured: kept every output channel of {report.leading}: {report.note}")
+        )
+    if len(whole) > MAX_GROUP_NOTES:
+        rest = [r.leading for r in whole[MAX_GROUP_NOTES:]]
+        notes.append(cut_list("structured: also left whole (see groups): ", rest))
+    return notes
