@@ -4,7 +4,10 @@ Not concurrent.futures.ProcessPoolExecutor: a pool cannot stop one running job, 
 worker breaks the whole pool and fails every job in it. Here each worker is a process of its own
 (forked from a forkserver that has the compute modules imported) with a pipe to the dispatcher:
 DELETE and the time limit kill exactly the worker running that job, a worker that dies (OOM,
-SIGKILL) fails exactly its job, and a fresh worker takes its place. Workers stay warm between
+SIGKILL) fails exactly its job, and a fresh worker takes its place. A dead forkserver takes
+no worker with it: each one it forked is killed for certain (through a pidfd, since the
+sentinel closes with the forkserver while the worker runs on) and its job is retried as a lost
+worker's; the next spawn starts a new forkserver. Workers stay warm between
 jobs (onnxruntime and BLAS initialised once) and are recycled after MAX_JOBS_PER_WORKER jobs so
 memory a large job left behind goes back to the system. The job table is the queue, so a
 restart loses nothing.
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
@@ -35,13 +39,17 @@ log = logging.getLogger("clipprune.backend")
 TICK_S = 0.2
 MAX_JOBS_PER_WORKER = 50
 ORPHAN_CHECK_S = 0.5
+KILL_WAIT_S = 5.0
 
 
-def _exit_with(service_pid: int) -> None:
-    """A worker must not outlive its service: after a crash the restarted service requeues
-    the job it was running."""
+def _exit_with(service_pid: int, parent_pid: int) -> None:
+    """A worker must not outlive its service (after a crash the restarted service requeues
+    the job it was running) nor its forkserver (the dispatcher counts the worker lost and
+    retries its job, which must then have no other run)."""
     while True:
         time.sleep(ORPHAN_CHECK_S)
+        if os.getppid() != parent_pid:  # the forkserver died: the worker was re-parented
+            os._exit(70)
         try:
             os.kill(service_pid, 0)
         except ProcessLookupError:
@@ -52,7 +60,8 @@ def _worker_main(settings: Settings, jobs: Connection, service_pid: int) -> None
     """A worker process: run each job id that arrives, answer with its final status."""
     if settings.worker_memory_bytes is not None:
         limit_memory(settings.worker_memory_bytes)  # before any job runs
-    threading.Thread(target=_exit_with, args=(service_pid,), daemon=True).start()
+    watch = threading.Thread(target=_exit_with, args=(service_pid, os.getppid()), daemon=True)
+    watch.start()
     configure_logging()
     store = JobStore(settings.database)
     artifacts = ArtifactStore(settings.data_dir)
@@ -71,10 +80,28 @@ def _worker_main(settings: Settings, jobs: Connection, service_pid: int) -> None
         jobs.send(status)
 
 
+def _parent_pid(pid: int) -> int:
+    """From /proc/PID/stat: the field after the state, which follows the command name (and
+    that may hold spaces and parentheses, so the line is split after its last one)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
+def _exited(pidfd: int, timeout_s: float = 0) -> bool:
+    """Has the process behind `pidfd` exited (a zombie counts)? Waits up to `timeout_s`."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
+
+
 @dataclass
 class _Worker:
     process: BaseProcess
     jobs: Connection
+    # pidfds of the worker and of the forkserver that forked it: they tell for certain when
+    # each has exited, and a signal sent through one can reach no process that reused the pid.
+    pidfd: int
+    forkserver: int
     job_id: str | None = None
     started: float = 0.0
     done: int = 0  # jobs finished by this process
@@ -135,6 +162,7 @@ class LocalBackend:
         with self.lock:
             for worker in self.workers:
                 self._kill(worker)
+                self._release(worker)
                 if worker.job_id is not None:
                     # it runs again on the next start, with its crash retry still to come
                     self.store.put_back(worker.job_id)
@@ -196,13 +224,24 @@ class LocalBackend:
         )
         process.start()
         theirs.close()
-        return _Worker(process, ours)
+        assert process.pid is not None  # started
+        pidfd = os.pidfd_open(process.pid)
+        return _Worker(process, ours, pidfd, os.pidfd_open(_parent_pid(process.pid)))
 
     def _kill(self, worker: _Worker) -> None:
-        if worker.process.is_alive():
-            worker.process.kill()
-        worker.process.join(5)
+        """SIGKILL the worker and wait until it has exited: its sentinel is no proof, as it
+        closes when the forkserver dies while the worker runs on."""
+        with contextlib.suppress(ProcessLookupError):  # already exited and reaped
+            signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+        if not _exited(worker.pidfd, KILL_WAIT_S):
+            log.error("worker %s still runs %g s after SIGKILL", worker.process.pid, KILL_WAIT_S)
+        worker.process.join(KILL_WAIT_S)  # its exit status, from the forkserver if it runs
+
+    def _release(self, worker: _Worker) -> None:
+        """Close what the dispatcher holds of a worker it is done with."""
         worker.jobs.close()
+        os.close(worker.pidfd)
+        os.close(worker.forkserver)
 
     def _collect(self) -> None:
         """Workers that answered: their job is over (the runner recorded how it ended)."""
@@ -235,21 +274,34 @@ class LocalBackend:
                     {"running"},
                 )
                 self.ends.ended(worker.job_id)
-            elif not process.is_alive():
-                process.join()
-                worker.jobs.close()
+            elif not process.is_alive():  # the worker died, or the forkserver that forked it
+                forkserver_died = _exited(worker.forkserver)
+                self._kill(worker)  # before its job is accounted for: no run outlives that
                 if worker.job_id:
-                    self.store.fail(worker.job_id, self._death(process.exitcode))
-                    self.ends.ended(worker.job_id)
+                    self._lost(worker.job_id, forkserver_died, process.exitcode)
             elif worker.job_id is None and worker.done >= MAX_JOBS_PER_WORKER:
                 worker.jobs.close()  # EOF: the worker returns
-                process.join(5)
-                if process.is_alive():
+                if not _exited(worker.pidfd, KILL_WAIT_S):
                     self._kill(worker)
             else:
                 keep.append(worker)
                 continue
+            self._release(worker)
         self.workers = keep
+
+    def _lost(self, job_id: str, forkserver_died: bool, code: int | None) -> None:
+        """Account for the job of a worker that is gone. A dead forkserver is not the job's
+        doing: the job gets a lost worker's retry (requeued once, then failed), as after a
+        crash. A worker that died itself fails its job, saying how."""
+        if forkserver_died:
+            row = self.store.get(job_id)
+            detail = "the worker pool's forkserver process died while this job ran, twice"
+            if requeue_or_fail(self.store, job_id, None if row is None else row.attempts, detail):
+                log.warning("requeued a job whose forkserver died", extra={"job_id": job_id})
+                return
+        else:
+            self.store.fail(job_id, self._death(code))
+        self.ends.ended(job_id)
 
     def _death(self, code: int | None) -> dict:
         """The problem of a job whose worker died. Native code (onnxruntime, onnx, BLAS) that

@@ -1,6 +1,6 @@
 """Faults a real deployment meets that test_service_resilience does not bring: the artifact store's
-disk filling up (a real, small tmpfs, not a simulated error), and restarts and crashes with
-jobs waiting in the queue behind the running ones."""
+disk filling up (a real, small tmpfs, not a simulated error), restarts and crashes with jobs
+waiting in the queue behind the running ones, and the worker pool's forkserver killed."""
 
 import os
 import shutil
@@ -8,12 +8,14 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
+import psutil
 import pytest
 from brokers import skip_or_fail
-from server import Server, submit, wait_for
+from server import Server, accepted_id, submit, wait_for
 
 PAGE = 4096  # tmpfs counts space in pages
 SMALL_DISK = "2m"
@@ -164,3 +166,88 @@ def test_restart_and_crash_with_jobs_queued_lose_none(make_server, tmp_path, dig
             ort.InferenceSession(model.content, providers=["CPUExecutionProvider"])
         listed = [j["id"] for j in client.get("/v1/jobs").json()["items"]]
         assert sorted(listed) == sorted(ids)
+
+
+LONG_TRAIN = {"model": {"hidden": [1024, 1024]}, "epochs": 10_000}  # runs until stopped
+
+
+def _gone(process: psutil.Process) -> bool:
+    """Exited: a zombie counts (a worker whose forkserver died is re-parented, and who reaps
+    it then is up to the machine's init)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _kill_the_forkserver(server: Server, job_id: str) -> list[psutil.Process]:
+    """SIGKILL the forkserver that forked the worker running `job_id` (the workers' parent);
+    the workers it forked are returned."""
+    workers = server.job_processes()
+    running = server.job_process(job_id)
+    assert running in workers
+    running.parent().kill()
+    return workers
+
+
+def _attempts(data_dir: Path, job_id: str) -> int:
+    with sqlite3.connect(data_dir / "clipprune.db") as db:
+        (attempts,) = db.execute(
+            "SELECT attempts FROM clipprune_jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+    return attempts
+
+
+def _a_normal_job_succeeds(server: Server, upload: dict[str, bytes]) -> None:
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+        job = submit(client, "prune", upload, PRUNE, wait=30).json()
+        assert job["status"] == "succeeded", job
+    assert len(server.job_processes()) == 2
+
+
+def test_a_dead_forkserver_takes_its_workers_along_and_the_job_runs_again(
+    make_server, tmp_path, digits_csv, digits_upload
+):
+    """Issue 14: the job of a worker whose forkserver died is a lost worker's (requeued once),
+    not a failure of its own; the workers die with their forkserver, not minutes later."""
+    server = make_server()
+    with server.client() as client:
+        params = {"model": {"hidden": [64]}, "epochs": 200}
+        job_id = accepted_id(submit(client, "train", {"train_data": digits_csv}, params))
+        wait_for(client, job_id, {"running"})
+        old = _kill_the_forkserver(server, job_id)
+        _until(lambda: all(_gone(worker) for worker in old), "every old worker gone", 10)
+        job = wait_for(client, job_id)
+        assert job["status"] == "succeeded", job
+        assert _attempts(tmp_path / "data", job_id) == 2
+        assert client.get(job["links"]["model"]).status_code == 200
+    assert not set(server.job_processes()) & set(old)
+    _a_normal_job_succeeds(server, digits_upload)
+
+
+def test_a_job_whose_forkserver_dies_twice_fails_saying_so_and_gets_no_model(
+    make_server, tmp_path, digits_csv, digits_upload
+):
+    server = make_server()
+    with server.client() as client:
+        job_id = accepted_id(submit(client, "train", {"train_data": digits_csv}, LONG_TRAIN))
+        wait_for(client, job_id, {"running"})
+        old = _kill_the_forkserver(server, job_id)
+        _until(lambda: _attempts(tmp_path / "data", job_id) == 2, "the job claimed again")
+        old += _kill_the_forkserver(server, job_id)
+        _until(lambda: all(_gone(worker) for worker in old), "every old worker gone", 10)
+        job = wait_for(client, job_id)
+        assert job["status"] == "failed", job
+        assert job["error"]["title"] == "Worker lost", job["error"]
+        assert "forkserver process died" in job["error"]["detail"], job["error"]
+    # Every process that ran the job has exited: nothing can write its model any more.
+    assert not (tmp_path / "data" / "jobs" / job_id / "model.onnx").exists()
+    _a_normal_job_succeeds(server, digits_upload)
