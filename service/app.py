@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI
@@ -26,7 +27,7 @@ from service.logs import configure_logging, request_id
 from service.metrics import Metrics
 from service.problems import ProblemBodyLimit, install_handlers
 from service.settings import Settings
-from service.store import JobStore, aware, now
+from service.store import UPLOADING, JobStore, aware, now
 
 log = logging.getLogger("clipprune.http")
 EXPIRY_INTERVAL_S = 300
@@ -122,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore(settings.database)
         artifacts = ArtifactStore(settings.data_dir)
 
+        await asyncio.to_thread(_sweep_orphans, store, artifacts, settings.worker_lease_s)
+
         ends = JobEnds()
         backend = make_backend(settings, store, ends)
         app.state.context = ServiceContext(settings, store, artifacts, backend, metrics, ends)
@@ -158,6 +161,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ProblemBodyLimit, max_body_size=settings.max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+def _sweep_orphans(store: JobStore, artifacts: ArtifactStore, lease_s: float) -> None:
+    """Remove the job directories whose job is gone: those with no job row (a crash between a
+    DELETE's or expiry's row and its files), and those of a reservation not renewed for a
+    lease (a crash during the upload's copy; the row is given back too, as a submit would).
+
+    No grace period beyond the lease, even with several API processes on one data directory
+    and database (the Celery backend): a submit's row is committed before its directory is
+    made and renewed while the upload lasts, so a directory listed before its row is read,
+    and found without one or with a lapsed one, belongs to no upload under way.
+    """
+    cutoff = now() - timedelta(seconds=lease_s)
+    for job_id in artifacts.job_ids():
+        row = store.get(job_id)
+        if row is not None and row.status == UPLOADING and aware(row.heartbeat_at) < cutoff:
+            store.release(job_id)
+        elif row is not None:
+            continue
+        artifacts.delete(job_id)
+        log.warning("removed the directory of a job that is gone", extra={"job_id": job_id})
 
 
 async def _expire(store: JobStore, artifacts: ArtifactStore, ttl_s: float) -> None:

@@ -1,6 +1,8 @@
 """Job directories on disk: uploads streamed in, results read out, whole jobs removed."""
 
 import errno
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import BinaryIO
@@ -8,6 +10,7 @@ from typing import BinaryIO
 from workers import jobs
 
 CHUNK = 1 << 20
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # what new_job_id() makes; anything else is no job
 # The errors a write gets when the disk (or the user's quota on it) is full: neither the
 # caller's fault nor a bug, and gone once space is freed.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -20,6 +23,15 @@ class ArtifactStore:
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
+
+    def job_ids(self) -> list[str]:
+        """The ids of the job directories there are (other entries are not the store's)."""
+        with os.scandir(self.root) as entries:
+            return [
+                entry.name
+                for entry in entries
+                if JOB_ID.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+            ]
 
     def create(self, job_id: str) -> Path:
         path = self.job_dir(job_id)

@@ -22,6 +22,7 @@ from schemas.job import FINISHED, Job, JobLinks, JobPage, Problem
 from schemas.params import PruneParams
 from schemas.report import Report
 from schemas.vocabulary import JobKind
+from service.artifacts import JOB_ID
 from service.auth import api_key_header, authenticate
 from service.context import ServiceContext, context
 from service.problems import MEDIA_TYPE, ProblemError, field_problems
@@ -32,7 +33,6 @@ from workers.jobs import report_html
 MAX_WAIT_S = 60
 MAX_PARAMS_CHARS = 65536
 CHUNK = 1 << 20
-JOB_ID = re.compile(r"[0-9a-f]{32}")  # what new_job_id() makes; anything else is no job
 UPLOADS = {"prune": ("model", "eval_data", "train_data"), "train": ("train_data", "eval_data")}
 REQUIRED = {"prune": "model", "train": "train_data"}
 FILE_NAMES = {"model": jobs.MODEL_IN, "eval_data": jobs.EVAL_DATA, "train_data": jobs.TRAIN_DATA}
