@@ -19,12 +19,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto, TensorProto, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
 from schemas.report import GroupReport
 from schemas.vocabulary import Scope
 from workers.errors import UnsupportedModelError, cut_list, one_line
 from workers.graph.channels import ChannelGraph, ChannelGroup, Slice
+from workers.graph.walk import iter_graphs
 from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.masks import magnitude_masks
 
@@ -94,45 +95,68 @@ def _shrink_counts(
     cuts: list[tuple[ChannelGroup, np.ndarray]],
     constants: dict[str, TensorProto],
 ) -> None:
-    """Lower every integer that counts removed channels: a Reshape target's element (written
-    as a new initializer for that node alone, as exporters share small constants), a Conv's
-    group, a Split's sizes."""
-    drops: dict[tuple[int, int | None, str | None, int | None], int] = defaultdict(int)
+    """Lower every integer that counts removed channels: a Reshape target's element, Resize
+    sizes, Split sizes (inputs: rewritten as a new initializer for that node alone, as
+    exporters share small constants), a Conv's group or Split's split (attributes)."""
+    drops: dict[tuple[int, int | None, str | None], dict[int | None, int]] = defaultdict(
+        lambda: defaultdict(int)
+    )
     for group, removed in cuts:
         for count in group.counts:
-            key = (count.node, count.input, count.attr, count.element)
-            drops[key] += int(count.size * len(removed) / group.units)
+            key = (count.node, count.input, count.attr)
+            drops[key][count.element] += int(count.size * len(removed) / group.units)
     graph = model.graph
-    for (position, input_index, attr, element), drop in drops.items():
+    replaced = []
+    for (position, input_index, attr), elements in drops.items():
         node = graph.node[position]
-        if input_index is not None:
-            _lower_input(graph, node, input_index, element or 0, drop, constants)
-        else:
-            _lower_attribute(node, attr or "", element, drop)
+        if input_index is None:
+            _lower_attribute(node, attr or "", elements)
+            continue
+        replaced.append(node.input[input_index])
+        _lower_input(graph, node, input_index, elements, constants)
+    _remove_unread(graph, set(replaced))
 
 
 def _lower_input(
-    graph, node, input_index: int, element: int, drop: int, constants: dict[str, TensorProto]
+    graph: GraphProto,
+    node: NodeProto,
+    input_index: int,
+    elements: dict[int | None, int],
+    constants: dict[str, TensorProto],
 ) -> None:
     old = node.input[input_index]
     array = numpy_helper.to_array(constants[old]).copy()
-    array.reshape(-1)[element] -= drop
+    for element, drop in elements.items():
+        array.reshape(-1)[element or 0] -= drop
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     name = f"{old}_pruned"
     while name in taken:
         name += "_"
-    tensor = numpy_helper.from_array(array, name)
-    graph.initializer.append(tensor)
+    graph.initializer.append(numpy_helper.from_array(array, name))
     constants[name] = graph.initializer[-1]
     node.input[input_index] = name
 
 
-def _lower_attribute(node, name: str, element: int | None, drop: int) -> None:
+def _lower_attribute(node: NodeProto, name: str, elements: dict[int | None, int]) -> None:
     attr = next(a for a in node.attribute if a.name == name)
-    if element is None:
-        attr.i -= drop
-    else:
-        attr.ints[element] -= drop
+    for element, drop in elements.items():
+        if element is None:
+            attr.i -= drop
+        else:
+            attr.ints[element] -= drop
+
+
+def _remove_unread(graph: GraphProto, names: set[str]) -> None:
+    """Constants that a rewritten count replaced and nothing reads any more."""
+    read = {name for inner, _ in iter_graphs(graph) for n in inner.node for name in n.input}
+    read |= {value.name for value in graph.output}
+    gone = names - read
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _drop_value_info(model: ModelProto, names: set[str]) -> None:

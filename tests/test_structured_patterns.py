@@ -1,0 +1,305 @@
+"""Structured pruning on the patterns of issue 15, graphs built with onnx.helper: each pruned
+model must equal the original with the same channels' activations set to zero.
+
+The reference zeroes the removed channels where they are consumed: a 0/1 mask multiplies the
+consumer's input (the next Conv's, Gemm's or MatMul's) in the ORIGINAL model. That is the exact
+meaning of removal: a removed channel's bias or BatchNorm shift still makes it a constant before
+the consumer, which zeroing the producing weights would not remove. Which channels went is read
+back from the pruned model's 1-D parameters (biases, BatchNorm scales), which pruning only
+slices, so the reference does not depend on the group finder it checks.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from graphs import make_model
+from helpers import run
+from onnx import TensorProto, helper, numpy_helper
+
+from schemas import PruneParams
+from workers.compress.prune import copy_model, prune_model
+from workers.graph.encoding import encode
+from workers.graph.load import parse_model
+from workers.graph.walk import attribute
+
+RNG_SEED = 0
+
+
+class Builder:
+    """Nodes and random constants for one graph."""
+
+    def __init__(self, seed: int = RNG_SEED) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def rand(self, name: str, *shape: int, scale: float = 0.5) -> str:
+        return self.const(name, (scale * self.rng.standard_normal(shape)).astype(np.float32))
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def conv(self, name: str, x: str, c_in: int, c_out: int, k: int = 3, group: int = 1) -> str:
+        weight = self.rand(f"{name}_w", c_out, c_in // group, k, k)
+        bias = self.rand(f"{name}_b", c_out)
+        pads = [k // 2] * 4
+        return self.node("Conv", [x, weight, bias], name, group=group, pads=pads)
+
+    def bn(self, name: str, x: str, c: int) -> str:
+        scale = self.const(f"{name}_scale", self.rng.uniform(0.5, 1.5, c).astype(np.float32))
+        shift = self.rand(f"{name}_shift", c)
+        mean = self.rand(f"{name}_mean", c)
+        var = self.const(f"{name}_var", self.rng.uniform(0.5, 2.0, c).astype(np.float32))
+        return self.node("BatchNormalization", [x, scale, shift, mean, var], name)
+
+    def head(self, x: str, c: int, classes: int = 4) -> str:
+        """GlobalAveragePool -> Flatten -> Gemm: the classifier head of a conv net."""
+        pooled = self.node("GlobalAveragePool", [x], "pool")
+        flat = self.node("Flatten", [pooled], "flat")
+        weight, bias = self.rand("fc_w", c, classes), self.rand("fc_b", classes)
+        return self.node("Gemm", [flat, weight, bias], "Y")
+
+    def model(self, inputs: list, outputs: list) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "pattern", inputs, outputs, self.inits)
+        return make_model(graph)
+
+
+def image_input(shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)
+
+
+def logits(classes: int = 4) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", classes])
+
+
+def prune(model: onnx.ModelProto, sparsity: float = 0.5):
+    outcome = prune_model(
+        copy_model(model), PruneParams(granularity="structured", sparsity=sparsity)
+    )
+    data, _ = encode(outcome.model, "dense", outcome.pruned)
+    onnx.checker.check_model(parse_model(data), full_check=True)
+    return outcome, parse_model(data)
+
+
+def tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def kept(original: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """0/1 per original entry of a 1-D parameter: 1 where the pruned model still has it."""
+    keep = np.isin(original, pruned).astype(np.float32)
+    assert keep.sum() == len(pruned), "pruning only slices: every survivor is an original value"
+    return keep
+
+
+def zero_at(
+    model: onnx.ModelProto, where: list[tuple[str, int, int, np.ndarray]]
+) -> onnx.ModelProto:
+    """The original with node `name`'s input `index` multiplied by `mask` along `axis`: those
+    channels' activations zeroed where that node consumes them."""
+    zeroed = copy_model(model)
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {
+        info.name: len(info.type.tensor_type.shape.dim)
+        for info in [*inferred.input, *inferred.value_info, *inferred.output]
+    }
+    nodes = {node.name: node for node in zeroed.graph.node}
+    extra = []
+    for number, (name, index, axis, mask) in enumerate(where):
+        node = nodes[name]
+        shape = [1] * ranks[node.input[index]]
+        shape[axis] = len(mask)
+        mask_name, out = f"mask{number}", f"masked{number}"
+        zeroed.graph.initializer.append(numpy_helper.from_array(mask.reshape(shape), mask_name))
+        extra.append(helper.make_node("Mul", [node.input[index], mask_name], [out]))
+        node.input[index] = out
+    # Topological order: each mask right before the graph's nodes (they read earlier values).
+    ordered = []
+    for node in zeroed.graph.node:
+        ordered += [m for m in extra if m.output[0] in node.input]
+        ordered.append(node)
+    del zeroed.graph.node[:]
+    zeroed.graph.node.extend(ordered)
+    return zeroed
+
+
+def node_named(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(node for node in model.graph.node if node.name == name)
+
+
+def assert_exact(original, pruned, reference, feeds) -> None:
+    expected, actual = run(reference, feeds), run(pruned, feeds)
+    before = run(original, feeds)
+    for want, got, first in zip(expected, actual, before, strict=True):
+        assert got.shape == first.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def images(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {"X": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+
+
+# -------------------------------------------------------------------------------- patterns
+
+
+def residual_block() -> onnx.ModelProto:
+    """stem Conv-BN-Relu -> [Conv-BN-Relu-Conv-BN] + stem -> Relu -> Conv -> head."""
+    b = Builder()
+    stem = b.node("Relu", [b.bn("bn0", b.conv("conv0", "X", 3, 8), 8)], "stem")
+    inner = b.node("Relu", [b.bn("bn1", b.conv("conv1", stem, 8, 8), 8)], "inner")
+    branch = b.bn("bn2", b.conv("conv2", inner, 8, 8), 8)
+    out = b.node("Relu", [b.node("Add", [branch, stem], "sum")], "out")
+    features = b.node("Relu", [b.conv("conv3", out, 8, 6, k=1)], "features")
+    b.head(features, 6)
+    return b.model([image_input(["N", 3, 8, 8])], [logits()])
+
+
+def test_residual_block_with_batchnorm_couples_both_sides_of_the_add():
+    model = residual_block()
+    outcome, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    stem = kept(before["bn0_scale"], after["bn0_scale"])
+    inner = kept(before["bn1_scale"], after["bn1_scale"])
+    features = kept(before["conv3_b"], after["conv3_b"])
+    # the residual's two sides lose the same channels: conv0/bn0 rows and conv2/bn2 rows
+    np.testing.assert_array_equal(after["bn2_scale"], before["bn2_scale"][stem == 1])
+    assert after["conv2_w"].shape == (4, 4, 3, 3) and after["conv3_w"].shape == (3, 4, 1, 1)
+    assert after["fc_w"].shape == (3, 4)
+    reference = zero_at(
+        model,
+        [
+            ("conv1", 0, 1, stem),
+            ("conv3", 0, 1, stem),
+            ("conv2", 0, 1, inner),
+            ("Y", 0, 1, features),  # the Gemm: the pooled, flattened channels
+        ],
+    )
+    assert_exact(model, pruned, reference, images((2, 3, 8, 8)))
+    assert [g.kept for g in outcome.groups] == [4, 4, 3, 4]  # the Gemm feeds the output
+    assert "graph output" in (outcome.groups[-1].note or "")
+
+
+def depthwise_separable(multiplier: int = 1) -> onnx.ModelProto:
+    """Conv -> Relu -> depthwise Conv -> BN -> Clip(0, 6) -> pointwise Conv -> HardSwish -> head."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("conv0", "X", 3, 8)], "r0")
+    dw = b.conv("dw", x, 8, 8 * multiplier, group=8)
+    low, high = b.const("zero", np.float32(0)), b.const("six", np.float32(6))
+    x = b.node("Clip", [b.bn("bn_dw", dw, 8 * multiplier), low, high], "clip")
+    x = b.node("HardSwish", [b.conv("pw", x, 8 * multiplier, 10, k=1)], "hs")
+    b.head(x, 10)
+    return b.model([image_input(["N", 3, 8, 8])], [logits()])
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_separable_block_passes_the_cut_through_the_depthwise_conv(multiplier):
+    model = depthwise_separable(multiplier)
+    outcome, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    dw_kept = kept(before["bn_dw_scale"], after["bn_dw_scale"])
+    pw_kept = kept(before["pw_b"], after["pw_b"])
+    conv0 = kept(before["conv0_b"], after["conv0_b"])
+    # a depthwise channel goes with its input channel (and its multiplier's outputs)
+    np.testing.assert_array_equal(dw_kept, np.repeat(conv0, multiplier))
+    assert attribute(node_named(pruned, "dw"), "group", 1) == 4
+    assert after["dw_w"].shape == (4 * multiplier, 1, 3, 3)
+    reference = zero_at(model, [("pw", 0, 1, dw_kept), ("Y", 0, 1, pw_kept)])
+    assert_exact(model, pruned, reference, images((2, 3, 8, 8)))
+    assert {g.unit for g in outcome.groups} == {1}
+
+
+def concat_and_split() -> onnx.ModelProto:
+    """Two branches concatenated; the concat read whole by one conv and split again at the
+    same boundary into two more; their outputs added: Concat and Split offsets, and a
+    three-way coupling through the Adds."""
+    b = Builder()
+    a = b.node("Relu", [b.conv("conv_a", "X", 3, 4)], "a")
+    c = b.node("Sigmoid", [b.conv("conv_b", "X", 3, 6)], "b")
+    joined = b.node("Concat", [a, c], "joined", axis=1)
+    mixed = b.node("Relu", [b.conv("mix", joined, 10, 5, k=1)], "mixed")
+    sizes = b.const("sizes", np.array([4, 6], np.int64))
+    b.nodes.append(
+        helper.make_node("Split", [joined, sizes], ["p_in", "q_in"], name="split", axis=1)
+    )
+    p = b.conv("conv_p", "p_in", 4, 5, k=1)
+    q = b.conv("conv_q", "q_in", 6, 5, k=1)
+    total = b.node("Add", [b.node("Add", [p, q], "pq"), mixed], "sum")
+    b.head(b.node("Relu", [b.conv("last", total, 5, 6, k=1)], "out"), 6)
+    return b.model([image_input(["N", 3, 8, 8])], [logits()])
+
+
+def test_concat_and_split_cut_each_branch_at_its_own_offset():
+    model = concat_and_split()
+    outcome, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    a = kept(before["conv_a_b"], after["conv_a_b"])
+    c = kept(before["conv_b_b"], after["conv_b_b"])
+    added = kept(before["conv_p_b"], after["conv_p_b"])
+    last = kept(before["last_b"], after["last_b"])
+    np.testing.assert_array_equal(after["mix_b"], before["mix_b"][added == 1])
+    assert after["mix_w"].shape == (2, 5, 1, 1)  # 2 of 4 and 3 of 6 concat channels left
+    assert list(after["sizes_pruned"]) == [2, 3]
+    reference = zero_at(
+        model,
+        [
+            ("mix", 0, 1, np.concatenate([a, c])),
+            ("conv_p", 0, 1, a),
+            ("conv_q", 0, 1, c),
+            ("last", 0, 1, added),
+            ("Y", 0, 1, last),
+        ],
+    )
+    assert_exact(model, pruned, reference, images((2, 3, 8, 8)))
+    assert [g.note is None for g in outcome.groups] == [True] * 4 + [False]  # fc: output
+
+
+def flatten_head() -> onnx.ModelProto:
+    """Conv -> Relu -> Flatten -> Gemm: each channel owns its 8x8 block of the flattened row."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("conv", "X", 1, 4)], "r")
+    flat = b.node("Flatten", [x], "flat")
+    b.node("Gemm", [flat, b.rand("fc_w", 3, 256), b.rand("fc_b", 3)], "Y", transB=1)
+    return b.model([image_input(["N", 1, 8, 8])], [logits(3)])
+
+
+def test_flatten_into_gemm_removes_each_channels_block_of_inputs():
+    model = flatten_head()
+    _, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    channels = kept(before["conv_b"], after["conv_b"])
+    assert after["fc_w"].shape == (3, 128)
+    np.testing.assert_array_equal(after["fc_w"], before["fc_w"][:, np.repeat(channels, 64) == 1])
+    reference = zero_at(model, [("Y", 0, 1, np.repeat(channels, 64))])
+    assert_exact(model, pruned, reference, images((3, 1, 8, 8)))
+
+
+def upsample_path() -> onnx.ModelProto:
+    """Conv -> Resize(scales) -> Conv -> Resize(sizes, whose channel entry shrinks) -> Conv."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("conv0", "X", 3, 6)], "r0")
+    scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
+    x = b.node("Resize", [x, "", scales], "up0", mode="nearest")
+    x = b.node("Relu", [b.conv("conv1", x, 6, 5)], "r1")
+    sizes = b.const("up_sizes", np.array([1, 5, 32, 32], np.int64))
+    x = b.node("Resize", [x, "", "", sizes], "up1", mode="linear")
+    x = b.node("Relu", [b.conv("conv2", x, 5, 4)], "r2")
+    b.head(x, 4)
+    return b.model([image_input([1, 3, 8, 8])], [logits()])
+
+
+def test_resize_passes_channels_and_its_sizes_shrink_with_them():
+    model = upsample_path()
+    _, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    first = kept(before["conv0_b"], after["conv0_b"])
+    second = kept(before["conv1_b"], after["conv1_b"])
+    third = kept(before["conv2_b"], after["conv2_b"])
+    assert list(after["up_sizes_pruned"]) == [1, int(second.sum()), 32, 32]
+    where = [("conv1", 0, 1, first), ("conv2", 0, 1, second), ("Y", 0, 1, third)]
+    reference = zero_at(model, where)
+    assert_exact(model, pruned, reference, images((1, 3, 8, 8)))
