@@ -35,8 +35,9 @@ PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes
 # per-thread malloc arenas, PROT_NONE guard regions) or mapped from files (the shared
 # libraries), which RLIMIT_AS counts and which grow with the machine's cores, not the job.
 MEMORY_LIMIT = resource.RLIMIT_DATA
-# How onnxruntime says an allocation failed (it returns an error rather than raising bad_alloc).
-ALLOCATION_FAILED = ("Failed to allocate memory", "bad_alloc", "bad allocation")
+# How onnxruntime says an allocation failed (it returns an error rather than raising bad_alloc),
+# and protobuf when a model its parser cannot hold arrives (it raises DecodeError).
+ALLOCATION_FAILED = ("Failed to allocate memory", "bad_alloc", "bad allocation", "Arena alloc failed")
 
 
 def limit_memory(limit_bytes: int) -> None:

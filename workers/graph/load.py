@@ -24,7 +24,6 @@ from onnx import (
 
 from workers.errors import InvalidModelError, UnsafeModelError, first_line
 from workers.graph.walk import iter_graphs, node_subgraphs
-from workers.graph.weights import FLOAT_TYPES
 
 # Domains whose operators onnxruntime implements itself. A model-local function adds its own.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -36,7 +35,9 @@ class ModelLimits:
 
     max_bytes: int = 2**31 - 1  # protobuf's own limit for one message
     max_tensor_elements: int = 2**28  # 1 GiB of float32 in one tensor
-    max_total_elements: int = 2**29
+    max_total_elements: int = 2**29  # what the tensors hold, and, apart, what the model computes
+    # a string element costs tens of bytes as an object however short: counted on their own
+    max_strings: int = 2**20
     max_dim: int = 2**28  # any declared dimension of a tensor or graph input
     max_nodes: int = 100_000  # all graphs together
     max_subgraph_depth: int = 8
@@ -174,10 +175,17 @@ def _check_limits(model: ModelProto, limits: ModelLimits) -> None:
     if nodes > limits.max_nodes:
         raise UnsafeModelError(f"the model has {nodes} nodes; the limit is {limits.max_nodes}")
     total = 0
+    strings = sum(1 for _ in _attribute_values(model, "s", "strings"))
     for where, tensor in _tensors_of(model):
         count = _check_dims(where, list(tensor.dims), limits)
         total += count
+        strings += len(tensor.string_data)
         _check_raw_size(where, tensor, count)
+    if strings > limits.max_strings:
+        raise UnsafeModelError(
+            f"the model holds {strings} strings in its tensors and attributes; the limit is "
+            f"{limits.max_strings}"
+        )
     for where, sparse in _sparse_tensors(model):
         total += _check_dims(f"{where} (dense shape)", list(sparse.dims), limits)
     if total > limits.max_total_elements:
@@ -241,44 +249,185 @@ def _check_opsets(model: ModelProto) -> None:
             )
 
 
-# Float tensors larger than this are weights, not shapes: shape inference never reads them.
+# Tensors larger than this are weights or data, never shapes: shape inference need not read them,
+# and onnx's data propagation would copy an int64 one element by element into shape protos.
 _SHAPE_TENSOR_MAX = 1024
+_TENSOR_DATA_FIELDS = (
+    "raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data",
+    "string_data",
+)  # fmt: skip
+
+_INTEGER_TYPES = frozenset(
+    {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8}
+)
+
+# Operators that allocate an output whose size is read from the values of these inputs.
+ALLOCATING_INPUTS = {
+    "ConstantOfShape": (0,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Range": (0, 1, 2),
+}
+
+
+# onnx's data propagation copies every integer it folds into a shape proto of its own (tens of
+# bytes an element): run it only when no integer tensor the model computes is larger than this.
+_PROPAGATED_MAX = 2**16
 
 
 def _check_computed_shapes(skeleton: ModelProto, limits: ModelLimits) -> None:
-    """Refuse a tensor the model would compute past the caps, such as a ConstantOfShape or an
+    """Refuse a model that would compute tensors past the caps, such as a ConstantOfShape or an
     Expand to a constant shape of gigabytes: evaluation runs the model in onnxruntime, which
-    would allocate it. onnx infers the shapes with constants propagated, after the weights' data
-    is cleared from `skeleton`, so what its C++ side copies and returns stays small."""
+    would allocate them. The large tensors' data is cleared from `skeleton` first, so what
+    onnx's C++ side copies and returns stays small. Shapes are inferred twice: plainly, which
+    bounds every tensor, then with constants propagated (which folds shape arithmetic) when
+    no computed integer tensor is large enough to make propagation itself a bomb."""
     for _, tensor in _tensors_of(skeleton):
-        if tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) > _SHAPE_TENSOR_MAX:
-            for field in ("raw_data", "float_data", "double_data", "int32_data"):
+        if math.prod(tensor.dims) > _SHAPE_TENSOR_MAX:
+            for field in _TENSOR_DATA_FIELDS:
                 tensor.ClearField(field)
+    plain = _inferred(skeleton, data_prop=False)
+    largest_integers = _check_inferred_model(plain, limits)
+    if largest_integers <= _PROPAGATED_MAX:
+        _check_inferred_model(_inferred(skeleton, data_prop=True), limits)
+
+
+def _inferred(skeleton: ModelProto, data_prop: bool) -> ModelProto:
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        return onnx.shape_inference.infer_shapes(skeleton, data_prop=data_prop)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         # ValidationError: a model-local function that calls itself, among others
         raise InvalidModelError(
             f"onnx shape inference rejected the model: {first_line(exc)}"
         ) from exc
+
+
+def _check_inferred_model(inferred: ModelProto, limits: ModelLimits) -> int:
+    """Every computed tensor within the caps, and their sum; returns the element count of the
+    largest integer tensor computed."""
+    total = largest_integers = 0
     for graph, _ in iter_graphs(inferred.graph):
         producers = {output: node for node in graph.node for output in node.output}
-        for value in [*graph.value_info, *graph.output]:
-            shape = value.type.tensor_type.shape.dim
-            # symbolic dimensions (the batch) count as 1, and so does a -1 that inference
-            # carried over from an input PaddlePaddle declared with it
-            known = [dim.dim_value for dim in shape if dim.HasField("dim_value")]
-            count = math.prod(dim for dim in known if dim >= 0)
-            if count <= limits.max_tensor_elements and all(dim <= limits.max_dim for dim in known):
-                continue
-            dims = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in shape]
-            node = producers.get(value.name)
-            source = f"{node.op_type} node {node.name!r}" if node is not None else "the graph"
-            raise UnsafeModelError(
-                f"{source} would make {value.name!r} of shape {dims} ({count} elements); the "
-                f"limit is {limits.max_tensor_elements} elements and {limits.max_dim} per "
-                "dimension, so the model is refused rather than run"
-            )
+        shapes = {
+            value.name: value.type.tensor_type for value in [*graph.value_info, *graph.output]
+        }
+        for name, tensor_type in shapes.items():
+            count = _check_inferred(name, tensor_type, producers.get(name), limits)
+            total += count
+            if tensor_type.elem_type in _INTEGER_TYPES:
+                largest_integers = max(largest_integers, count)
+        for node in graph.node:
+            _check_allocation_is_folded(node, graph, producers, shapes)
+            _check_loop_trips(node, graph, limits)
+    if total > limits.max_total_elements:
+        raise UnsafeModelError(
+            f"the model would compute {total} elements in its tensors (counting each symbolic "
+            f"dimension as 1); the limit is {limits.max_total_elements}, so it is refused rather "
+            "than run"
+        )
+    return largest_integers
+
+
+def _check_inferred(
+    name: str, tensor_type: onnx.TypeProto.Tensor, producer: NodeProto | None, limits: ModelLimits
+) -> int:
+    """The elements of a computed tensor (symbolic dims count as 1, as does a -1 inference
+    carried over from a PaddlePaddle input); past the caps, the model is refused."""
+    shape = tensor_type.shape.dim
+    known = [dim.dim_value for dim in shape if dim.HasField("dim_value")]
+    count = math.prod(dim for dim in known if dim >= 0)
+    if count <= limits.max_tensor_elements and all(dim <= limits.max_dim for dim in known):
+        return count
+    dims = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in shape]
+    source = f"{producer.op_type} node {producer.name!r}" if producer is not None else "the graph"
+    raise UnsafeModelError(
+        f"{source} would make {name!r} of shape {dims} ({count} elements); the "
+        f"limit is {limits.max_tensor_elements} elements and {limits.max_dim} per "
+        "dimension, so the model is refused rather than run"
+    )
+
+
+def _unfolded(tensor_type: onnx.TypeProto.Tensor | None) -> bool:
+    """No rank, or a dim that is neither known nor named by the model: inference could not
+    tell the size (it names such dims unk__0, unk__1, ...)."""
+    if tensor_type is None or not tensor_type.HasField("shape"):
+        return True
+    return any(
+        not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith("unk__"))
+        for dim in tensor_type.shape.dim
+    )
+
+
+def _constant_source(
+    name: str, graph: GraphProto, producers: dict[str, NodeProto]
+) -> NodeProto | None:
+    """When `name` is computed from constants only, the first node on the way that shape
+    inference cannot fold (or the producer itself); None when any graph input, or a value from
+    an outer graph, reaches it: then its size depends on what the caller sends."""
+    constants = {tensor.name for tensor in graph.initializer}
+    inputs = {value.name for value in graph.input} - constants
+    seen: set[str] = set()
+    stack, deepest = [name], None
+    while stack:
+        current = stack.pop()
+        if not current or current in seen or current in constants:
+            continue
+        seen.add(current)
+        node = producers.get(current)
+        if current in inputs or node is None:
+            return None
+        if node.op_type != "Constant":
+            deepest = node
+        stack.extend(node.input)
+    return deepest
+
+
+def _check_allocation_is_folded(
+    node: NodeProto,
+    graph: GraphProto,
+    producers: dict[str, NodeProto],
+    shapes: dict[str, onnx.TypeProto.Tensor],
+) -> None:
+    """An allocating node whose output size comes from constants alone should have had it folded
+    by inference; when it was not (ReduceProd, ReduceMax on the way), the size is unknown until
+    onnxruntime allocates it, so the model is refused."""
+    sizes = ALLOCATING_INPUTS.get(node.op_type)
+    if sizes is None or node.domain not in ("", "ai.onnx") or not node.output:
+        return
+    if not _unfolded(shapes.get(node.output[0])):
+        return
+    named = [node.input[index] for index in sizes if index < len(node.input) and node.input[index]]
+    sources = [_constant_source(name, graph, producers) for name in named]
+    if not named or any(source is None for source in sources):
+        return
+    culprit = next(source for source in sources if source is not None)
+    raise UnsafeModelError(
+        f"{node.op_type} node {node.name!r} allocates a tensor whose size is computed from "
+        f"constants by {culprit.op_type} node {culprit.name!r}, which shape inference cannot "
+        "fold: fold the constants (onnxsim) before sending"
+    )
+
+
+def _check_loop_trips(node: NodeProto, graph: GraphProto, limits: ModelLimits) -> None:
+    """A Loop stacks each scan output once per iteration: a constant trip count past the
+    dimension cap is a tensor past it (its body's scan outputs follow the carried values)."""
+    if node.op_type != "Loop" or not node.input or not node.input[0]:
+        return
+    body = next(node_subgraphs(node))
+    carried = len(node.input) - 2
+    if len(body.output) <= 1 + carried:  # the condition, the carried values: nothing stacked
+        return
+    trips = next((t for t in graph.initializer if t.name == node.input[0]), None)
+    if trips is None or (not trips.raw_data and not trips.int64_data):
+        return
+    count = int(onnx.numpy_helper.to_array(trips).reshape(-1)[0])
+    if count > limits.max_dim:
+        raise UnsafeModelError(
+            f"Loop node {node.name!r} would stack {count} iterations of its scan outputs; the "
+            f"limit is {limits.max_dim} per dimension, so the model is refused rather than run"
+        )
 
 
 def _check_domains(model: ModelProto) -> None:
