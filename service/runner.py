@@ -37,7 +37,12 @@ PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes
 MEMORY_LIMIT = resource.RLIMIT_DATA
 # How onnxruntime says an allocation failed (it returns an error rather than raising bad_alloc),
 # and protobuf when a model its parser cannot hold arrives (it raises DecodeError).
-ALLOCATION_FAILED = ("Failed to allocate memory", "bad_alloc", "bad allocation", "Arena alloc failed")
+ALLOCATION_FAILED = (
+    "Failed to allocate memory",
+    "bad_alloc",
+    "bad allocation",
+    "Arena alloc failed",
+)
 
 
 def limit_memory(limit_bytes: int) -> None:
