@@ -303,3 +303,111 @@ def test_resize_passes_channels_and_its_sizes_shrink_with_them():
     where = [("conv1", 0, 1, first), ("conv2", 0, 1, second), ("Y", 0, 1, third)]
     reference = zero_at(model, where)
     assert_exact(model, pruned, reference, images((1, 3, 8, 8)))
+
+
+def encoder_layer(width: int = 16, heads: int = 4, hidden: int = 32) -> onnx.ModelProto:
+    """A post-norm transformer encoder layer as PyTorch exports it: Q, K, V MatMul + bias, a
+    head split by Reshape (Q's target built at run time from Shape -> Gather -> Concat, the
+    others constant) and Transpose, softmax attention, heads merged, output projection,
+    residual + LayerNormalization; then a GELU feed-forward (Erf, reading its input twice)."""
+    b = Builder()
+    size = width // heads
+
+    def project(name: str, x: str, fan_in: int, fan_out: int) -> str:
+        product = b.node("MatMul", [x, b.rand(f"{name}_w", fan_in, fan_out)], f"{name}_mm")
+        return b.node("Add", [product, b.rand(f"{name}_b", fan_out)], name)
+
+    def split_heads(x: str, perm: list[int], target: str) -> str:
+        return b.node(
+            "Transpose", [b.node("Reshape", [x, target], f"{x}_heads")], f"{x}_t", perm=perm
+        )
+
+    q, k, v = (project(name, "X", width, width) for name in ("q", "k", "v"))
+    shape = b.node("Shape", [q], "q_shape")
+    pieces = []
+    for axis in (0, 1):
+        index = b.const(f"q_index{axis}", np.array(axis, np.int64))
+        gathered = b.node("Gather", [shape, index], f"q_dim{axis}")
+        axes = b.const(f"q_axes{axis}", np.array([0], np.int64))
+        pieces.append(b.node("Unsqueeze", [gathered, axes], f"q_piece{axis}"))
+    heads_piece = b.const("q_count", np.array([heads], np.int64))
+    size_piece = b.const("q_size", np.array([size], np.int64))
+    q_target = b.node("Concat", [*pieces, heads_piece, size_piece], "q_target", axis=0)
+    k_target = b.const("k_target", np.array([0, 0, heads, size], np.int64))
+    v_target = b.const("v_target", np.array([0, 0, heads, size], np.int64))
+    qh = split_heads(q, [0, 2, 1, 3], q_target)  # [N, H, S, d]
+    kt = split_heads(k, [0, 2, 3, 1], k_target)  # [N, H, d, S]
+    vh = split_heads(v, [0, 2, 1, 3], v_target)
+    scores = b.node(
+        "Div", [b.node("MatMul", [qh, kt], "scores"), b.const("scale", np.float32(2))], "scaled"
+    )
+    weights = b.node("Softmax", [scores], "attention", axis=-1)
+    context = b.node(
+        "Transpose", [b.node("MatMul", [weights, vh], "context")], "context_t", perm=[0, 2, 1, 3]
+    )
+    merged = b.node(
+        "Reshape", [context, b.const("merge_target", np.array([0, 0, width], np.int64))], "merged"
+    )
+    attended = project("o", merged, width, width)
+    gamma, beta = (
+        b.const("ln1_g", np.ones(width, np.float32)),
+        b.const("ln1_b", np.zeros(width, np.float32)),
+    )
+    h = b.node(
+        "LayerNormalization", [b.node("Add", [attended, "X"], "res1"), gamma, beta], "h", axis=-1
+    )
+    f = project("ffn1", h, width, hidden)
+    erf = b.node(
+        "Erf", [b.node("Div", [f, b.const("sqrt2", np.float32(np.sqrt(2)))], "f_div")], "f_erf"
+    )
+    gelu = b.node(
+        "Mul",
+        [
+            b.node(
+                "Mul", [f, b.node("Add", [erf, b.const("one", np.float32(1))], "f_add")], "f_mul"
+            ),
+            b.const("half", np.float32(0.5)),
+        ],
+        "gelu",
+    )
+    out = project("ffn2", gelu, hidden, width)
+    gamma2, beta2 = (
+        b.const("ln2_g", np.ones(width, np.float32)),
+        b.const("ln2_b", np.zeros(width, np.float32)),
+    )
+    b.node("LayerNormalization", [b.node("Add", [out, h], "res2"), gamma2, beta2], "Y", axis=-1)
+    sequence = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", "S", width])
+    result = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", "S", width])
+    return b.model([sequence], [result])
+
+
+def test_encoder_layer_loses_whole_heads_and_feed_forward_neurons():
+    model = encoder_layer()
+    outcome, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    heads = kept(before["q_b"], after["q_b"])
+    assert (heads.reshape(4, 4) == heads.reshape(4, 4)[:, :1]).all(), "whole heads only"
+    neurons = kept(before["ffn1_b"], after["ffn1_b"])
+    shapes = {name: after[name].shape for name in ("q_w", "k_w", "v_w", "o_w", "ffn1_w", "ffn2_w")}
+    assert shapes == {
+        "q_w": (16, 8),
+        "k_w": (16, 8),
+        "v_w": (16, 8),
+        "o_w": (8, 16),  # rows of the heads removed; its columns (the residual) stay
+        "ffn1_w": (16, 16),
+        "ffn2_w": (16, 16),
+    }
+    assert list(after["k_target_pruned"]) == [0, 0, 2, 4] and list(after["q_count_pruned"]) == [2]
+    assert list(after["merge_target_pruned"]) == [0, 0, 8]
+    units = {g.leading: (g.channels, g.kept, g.unit) for g in outcome.groups if g.note is None}
+    assert units == {"q_w": (16, 8, 4), "ffn1_w": (32, 16, 1)}
+    left = [g for g in outcome.groups if g.note is not None]
+    assert {g.leading for g in left} == {"o_w", "ffn2_w"}
+    notes = {g.leading: g.note or "" for g in left}
+    # the residual dimension: the first layer's add reads the model input; the second's
+    # reaches a LayerNormalization, which pruning across would not keep exact
+    assert "graph input" in notes["o_w"]
+    assert "LayerNormalization node 'h'" in notes["ffn2_w"] and "not exact" in notes["ffn2_w"]
+    reference = zero_at(model, [("o_mm", 0, 2, heads), ("ffn2_mm", 0, 2, neurons)])
+    feeds = {"X": np.random.default_rng(2).standard_normal((2, 5, 16)).astype(np.float32)}
+    assert_exact(model, pruned, reference, feeds)
