@@ -26,7 +26,7 @@ from schemas.vocabulary import Scope
 from workers.errors import UnsupportedModelError, cut_list, one_line
 from workers.graph.channels import ChannelGraph, ChannelGroup, Slice
 from workers.graph.walk import iter_graphs
-from workers.graph.weights import WeightSlot, find_weights
+from workers.graph.weights import FLOAT_TYPES, WeightSlot, find_weights
 from workers.nn.masks import magnitude_masks
 
 MAX_GROUP_NOTES = 12  # notes naming groups left whole; the report's groups list has them all
@@ -230,7 +230,31 @@ def prune_channels(
     _shrink_counts(model, cuts, constants)
     _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
     reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
-    return StructuredOutcome(reports, _notes(reports, len(live)))
+    share = _share_note([groups[index] for index in live], constants)
+    return StructuredOutcome(reports, _notes(reports, len(live)) + share)
+
+
+def _share_note(live: list[ChannelGroup], constants: dict[str, TensorProto]) -> list[str]:
+    """Why the file shrinks less than the sparsity, when most bytes sit outside the groups (a
+    transformer's vocabulary embedding, a residual width left whole)."""
+    sizes = {
+        name: int(np.prod(tensor.dims))
+        for name, tensor in constants.items()
+        if tensor.data_type in FLOAT_TYPES
+    }
+    total = sum(sizes.values())
+    touched = {piece.tensor for group in live for piece in group.slices}
+    share = sum(sizes[name] for name in touched) / max(total, 1)
+    if share >= 0.6:
+        return []
+    largest = max((name for name in sizes if name not in touched), key=sizes.__getitem__)
+    return [
+        one_line(
+            f"structured: the pruned groups' tensors hold {share:.0%} of the float parameters; "
+            f"the rest stays as it was (largest: {largest!r}, {sizes[largest] / total:.0%}, "
+            "e.g. an embedding or a width left whole), so the file shrinks less than the sparsity"
+        )
+    ]
 
 
 def _notes(reports: list[GroupReport], pruned: int) -> list[str]:
