@@ -20,6 +20,10 @@ class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
+        # Where multipart uploads spool while the request streams in: on the data directory's
+        # disk, which /readyz checks, not the system's temporary directory.
+        self.spool = root / "uploads"
+        self.spool.mkdir(exist_ok=True)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id

@@ -7,8 +7,10 @@ import json
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from datetime import datetime
+from pathlib import Path
+from tempfile import SpooledTemporaryFile
 from typing import Annotated, Any
 
 import anyio
@@ -16,7 +18,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from schemas.job import FINISHED, Job, JobLinks, JobPage, Problem
 from schemas.params import PruneParams
@@ -209,6 +212,49 @@ def _accept(
     return row
 
 
+class _SpoolingParser(MultiPartParser):
+    """Starlette's multipart parser with each file part spooled (past 1 MiB, on disk) in
+    `spool_dir`. Starlette has no setting for where: the spool it makes for a part is swapped
+    as the part's headers end, before anything is written to it."""
+
+    def __init__(
+        self, spool_dir: Path, headers: Headers, stream: AsyncGenerator[bytes, None], **limits: int
+    ) -> None:
+        super().__init__(headers, stream, **limits)
+        self.spool_dir = spool_dir
+        self.spools: list[SpooledTemporaryFile[bytes]] = []
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        upload = self._current_part.file
+        if upload is not None:  # a file part
+            upload.file.close()
+            spool = SpooledTemporaryFile(  # noqa: SIM115  # closed by _form, whatever happens
+                max_size=self.spool_max_size, dir=self.spool_dir
+            )
+            self.spools.append(spool)
+            upload.file = spool  # type: ignore[assignment]  # what Starlette gives UploadFile
+
+
+@contextlib.asynccontextmanager
+async def _form(request: Request, spool_dir: Path, kind: str) -> AsyncIterator[FormData]:
+    """The submit's form, read as request.form() reads it, with its files spooled in
+    `spool_dir`. Every spool is closed on the way out, a part the body cut short too; being
+    unnamed temporary files, they are gone then (and after a crash)."""
+    fields = len(UPLOADS[kind])
+    async with contextlib.aclosing(request.stream()) as stream:
+        parser = _SpoolingParser(
+            spool_dir, request.headers, stream, max_files=fields, max_fields=fields + 1
+        )
+        try:
+            yield await parser.parse()
+        except MultiPartException as exc:
+            raise ProblemError(400, exc.message) from exc
+        finally:
+            for spool in parser.spools:
+                spool.close()
+
+
 @contextlib.asynccontextmanager
 async def _holding(ctx: ServiceContext, job_id: str) -> AsyncIterator[None]:
     """Renew the job's reservation while its upload streams in and is stored: one that is
@@ -269,9 +315,7 @@ async def _submit(
         with ctx.ends.watch(job_id) as ended:  # before the job can start: its end cannot slip
             async with (
                 _holding(ctx, job_id),
-                request.form(
-                    max_files=len(UPLOADS[kind]), max_fields=len(UPLOADS[kind]) + 1
-                ) as form,
+                _form(request, ctx.artifacts.spool, kind) as form,
             ):
                 uploads, params = _form_inputs(kind, form)
                 row = await run_in_threadpool(_accept, ctx, job_id, params, uploads)

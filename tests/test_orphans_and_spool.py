@@ -1,10 +1,18 @@
 """Issue 14, Deliver 6: what is left on disk. Job directories whose job is gone are removed
-at start."""
+at start, and uploads spool on the data directory's disk, leaving nothing behind."""
 
+import contextlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-from server import submit
+import pytest
+from server import Server, accepted_id, submit, wait_for
 from sqlalchemy import update
 
 from service.settings import Settings
@@ -61,3 +69,71 @@ def test_job_directories_whose_job_is_gone_are_removed_at_start(
     store.engine.dispose()
     with server.client() as client:
         assert client.get(job["links"]["model"]).content == model
+
+
+def _open_files(pid: int) -> list[str]:
+    """What the process's descriptors point at; an unnamed temporary file reads as
+    `DIR/#INODE (deleted)`."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed since the listing
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
+def _under(directory: Path, links: list[str]) -> list[str]:
+    return [link for link in links if link.startswith(f"{directory}/")]
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def system_tmp(monkeypatch) -> Iterator[Path]:
+    """The server's system temporary directory (TMPDIR), one of its own. Short: the forkserver's
+    socket goes there, and a socket's path has at most 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="cp-") as directory:
+        monkeypatch.setenv("TMPDIR", directory)
+        yield Path(directory)
+
+
+def test_an_upload_spools_in_the_data_directory_and_leaves_nothing(
+    make_server, system_tmp, digits_csv
+):
+    server: Server = make_server()
+    spool = server.data_dir / "uploads"
+    header, _, rows = digits_csv.partition(b"\n")
+    data = header + b"\n" + b"\n".join([rows] * 8) + b"\n"  # 3 MiB: past the 1 MiB in memory
+    boundary = "clipprune-spool"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="train_data"; '
+        'filename="train.csv"\r\nContent-Type: text/csv\r\n\r\n'
+    ).encode()
+    tail = f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'
+    tail += f'{{"model": {{"hidden": [16]}}, "epochs": 1}}\r\n--{boundary}--\r\n'
+    half = 2 * 2**20
+    go_on = threading.Event()
+
+    def body() -> Iterator[bytes]:  # the first 2 MiB, then the rest once the test has looked
+        yield head + data[:half]
+        assert go_on.wait(60)
+        yield data[half:] + tail.encode()
+
+    with server.client() as client, ThreadPoolExecutor(1) as pool:
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        sent = pool.submit(client.post, "/v1/jobs/train", content=body(), headers=headers)
+        try:
+            _until(lambda: _under(spool, _open_files(server.process.pid)), "spooled")
+            assert not _under(system_tmp, _open_files(server.process.pid))
+        finally:
+            go_on.set()
+        job_id = accepted_id(sent.result(60))
+        stored = server.data_dir / "jobs" / job_id / jobs.INPUT_DIR / jobs.TRAIN_DATA
+        assert stored.read_bytes() == data
+        assert not _under(spool, _open_files(server.process.pid))  # closed: nothing left
+        assert not list(spool.iterdir())
+        assert wait_for(client, job_id)["status"] == "succeeded"
