@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import pytest
 from helpers import run
-from third_party import MODELS, model_bytes
+from server import submit, wait_for
+from third_party import MODELS, eval_npz, model_bytes
 
 from schemas import PruneParams
 from workers.compress.prune import PruneOutcome, prune_model
@@ -96,3 +97,19 @@ def test_a_model_with_no_followable_group_is_refused_naming_the_node():
     message = str(caught.value)
     assert "Reshape node" in message and "granularity=unstructured" in message
     assert len(message) <= MAX_MESSAGE
+
+
+def test_the_service_prunes_a_conv_net_structured_with_int8(client):
+    runs = MODELS["ppocr_cls"].inputs(np.random.default_rng(1), 2)
+    files = {"model": model_bytes("ppocr_cls"), "eval_data": eval_npz(runs)}
+    params = {"granularity": "structured", "sparsity": SPARSITY, "encoding": "int8"}
+    job = submit(client, "prune", files, params, wait=60).json()
+    job = wait_for(client, job["id"])
+    assert job["status"] == "succeeded", job.get("error")
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["size"]["ratio"] >= 4  # structured 1.7x times int8's 2.8x, roughly
+    assert report["latency_ms"]["original"] > 0 and report["latency_ms"]["compressed"] > 0
+    assert report["onnx"]["checker"] == "passed"
+    assert any(note.startswith("structured: ") for note in report["notes"])
+    model = client.get(f"/v1/jobs/{job['id']}/model").content
+    check_runs_with_original_shapes("ppocr_cls", model)
