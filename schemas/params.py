@@ -20,6 +20,8 @@ from schemas.vocabulary import (
 )
 
 MAX_HIDDEN_WEIGHTS = 2**26  # 256 MiB of float32 between hidden layers
+# A training step holds each hidden layer's activations and their gradients for a whole batch.
+MAX_BATCH_ACTIVATIONS = 2**25  # batch_size x the hidden widths' sum: 128 MiB of float32 a copy
 
 # include/exclude are matched by RE2, in time linear in the name: Python's backtracking re can
 # take hours on a pattern such as (a+)+$ against a long tensor name, and nothing can stop it.
@@ -230,3 +232,13 @@ class TrainParams(_Params):
         "metric and keep the best weights. None trains every epoch.",
     )
     seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _batch_activations_fit(self) -> "TrainParams":
+        activations = self.batch_size * sum(self.model.hidden)
+        if self.model.type == "mlp" and activations > MAX_BATCH_ACTIVATIONS:
+            raise ValueError(
+                f"batch_size x the sum of model.hidden is {activations} activations a step; the "
+                f"limit is {MAX_BATCH_ACTIVATIONS}: lower batch_size or the hidden widths"
+            )
+        return self

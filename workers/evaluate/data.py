@@ -6,7 +6,7 @@ The format is told by content, not by file name: an NPZ file is a zip archive.
 import csv
 import math
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from workers.errors import InvalidDataError, cut_list
 class DataLimits:
     max_rows: int = 1_000_000
     max_columns: int = 10_000
+    # Checked while reading: every cell is a Python string until it is parsed (about 60 bytes)
+    max_cells: int = 2**24
     max_bytes: int = 2**31
     # A compressed NPZ past this many bytes in memory may be at most max_npz_expansion times
     # its file: a zip bomb (zeros deflate a thousandfold) costs a worker no more than that.
@@ -78,7 +80,7 @@ def read_csv(path: Path, label: str | None, limits: DataLimits = DataLimits()) -
         raise InvalidDataError(f"the file is larger than {limits.max_bytes} bytes")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         try:
-            rows = list(csv.reader(handle))
+            rows = _bounded_rows(csv.reader(handle), limits)
         except (csv.Error, UnicodeDecodeError) as exc:
             raise InvalidDataError(f"not a readable UTF-8 CSV file: {exc}") from exc
     rows = [row for row in rows if any(cell.strip() for cell in row)]
@@ -117,6 +119,21 @@ def read_csv(path: Path, label: str | None, limits: DataLimits = DataLimits()) -
         except InvalidDataError:
             labels = np.array([str(value).strip() for value in raw])  # class names
     return Table({"": features}, labels, [header[i] for i in feature_index])
+
+
+def _bounded_rows(reader: Iterator[list[str]], limits: DataLimits) -> list[list[str]]:
+    """The rows, refused as soon as they hold more cells than the cap: a file of many short
+    cells would otherwise cost tens of times its size before any count is checked."""
+    rows, cells = [], 0
+    for row in reader:
+        cells += len(row)
+        if cells > limits.max_cells:
+            raise InvalidDataError(
+                f"the CSV holds more than {limits.max_cells} cells (rows x columns, "
+                f"{len(row)} columns in line {len(rows) + 1}); send fewer rows or columns"
+            )
+        rows.append(row)
+    return rows
 
 
 def _numeric(cells: np.ndarray, names: list[str]) -> np.ndarray:

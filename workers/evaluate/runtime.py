@@ -20,7 +20,7 @@ from workers.errors import InvalidDataError, InvalidModelError, UnsupportedModel
 from workers.evaluate.data import InputSpec
 
 GENERATED_ROWS = 64  # a check that the model runs, not a measurement: few rows do
-MAX_GENERATED_ELEMENTS = 2**24
+MAX_GENERATED_ELEMENTS = 2**24  # all generated inputs together
 LATENCY_RUNS = 30
 LATENCY_BUDGET_S = 2.0
 
@@ -70,20 +70,27 @@ def session(model_bytes: bytes) -> ort.InferenceSession:
         raise InvalidModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
-def _generated_shape(spec: InputSpec) -> tuple[int, ...]:
-    """Every dim known but at most one (the batch), which gets as many rows as fit the cap."""
-    if spec.shape is None:
-        raise NotMeasurable(f"input {spec.name!r} declares no shape")
-    unknown = [axis for axis, dim in enumerate(spec.shape) if dim is None]
-    if 0 in spec.shape:
-        raise NotMeasurable(f"input {spec.name!r} declares a zero-size dim {spec.described}")
-    if len(unknown) > 1:
-        raise NotMeasurable(f"input {spec.name!r} has {len(unknown)} unknown dims {spec.described}")
-    known = math.prod(dim for dim in spec.shape if dim is not None)
-    rows = min(GENERATED_ROWS, MAX_GENERATED_ELEMENTS // max(known, 1))
-    if rows < 1 or known > MAX_GENERATED_ELEMENTS:
-        raise NotMeasurable(f"input {spec.name!r} of shape {spec.described} is too large")
-    return tuple(rows if dim is None else dim for dim in spec.shape)
+def _generated_shapes(inputs: list[InputSpec]) -> list[tuple[int, ...]]:
+    """Every dim known but at most one (the batch), which gets as many rows as fit the cap on
+    all the generated inputs together."""
+    per_row = fixed = 0
+    for spec in inputs:
+        if spec.shape is None:
+            raise NotMeasurable(f"input {spec.name!r} declares no shape")
+        if 0 in spec.shape:
+            raise NotMeasurable(f"input {spec.name!r} declares a zero-size dim {spec.described}")
+        unknown = sum(dim is None for dim in spec.shape)
+        if unknown > 1:
+            raise NotMeasurable(f"input {spec.name!r} has {unknown} unknown dims {spec.described}")
+        known = math.prod(dim for dim in spec.shape if dim is not None)
+        if unknown:
+            per_row += known
+        else:
+            fixed += known
+    rows = min(GENERATED_ROWS, (MAX_GENERATED_ELEMENTS - fixed) // max(per_row, 1))
+    if rows < 1:
+        raise NotMeasurable(f"the inputs need more than {MAX_GENERATED_ELEMENTS} elements together")
+    return [tuple(rows if dim is None else dim for dim in spec.shape or ()) for spec in inputs]
 
 
 def generated_feeds(inputs: list[InputSpec], seed: int = 0) -> Feeds:
@@ -92,8 +99,7 @@ def generated_feeds(inputs: list[InputSpec], seed: int = 0) -> Feeds:
     dim declared but one batch dim. Else NotMeasurable."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in inputs:
-        shape = _generated_shape(spec)
+    for spec, shape in zip(inputs, _generated_shapes(inputs), strict=True):
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iub":

@@ -9,7 +9,8 @@ from workers.compress.search import Compressor, search, sensitivity
 from workers.errors import InputError, one_line
 from workers.evaluate.data import EvalData, InputSpec, load_eval_data
 from workers.evaluate.runtime import NotMeasurable, generated_feeds, model_inputs
-from workers.graph.load import parse_model
+from workers.graph.load import parse_model, serialize
+from workers.graph.walk import drop_unused_initializers
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
@@ -31,6 +32,12 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     model = parse_model(original_bytes)
     specs = model_inputs(model)
     notes: list[str] = []
+    # `reference`: the original as onnxruntime runs it, for its outputs and latency; the size
+    # figures compare against the upload itself
+    reference = original_bytes
+    if unused := drop_unused_initializers(model):
+        reference = serialize(model)
+        notes.append(f"removed {unused} initializers that no node reads")
     validation = None
     if eval_path.exists():
         validation = load_eval_data(eval_path, specs, params.label)
@@ -41,7 +48,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
-    compressor = Compressor(model, original_bytes, validation, params, train)
+    compressor = Compressor(model, reference, validation, params, train)
 
     sweep = None
     if params.max_accuracy_drop is None:
@@ -55,7 +62,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
                 params, sparsity=0.0, max_accuracy_drop=None, fine_tune=None, encoding="dense"
             )
             chosen = compressor.candidate(keep)
-            data, accuracy = original_bytes, compressor.measure(original_bytes)
+            data, accuracy = original_bytes, compressor.measure(reference)
             notes.append(
                 f"search: no sparsity tried kept the metric within {params.max_accuracy_drop}; "
                 "the original model is returned unchanged"
@@ -76,9 +83,9 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     progress("evaluating", 0.9)
     latency = None
     if validation is not None:
-        latency = latency_pair(original_bytes, data, validation.runs[0])
+        latency = latency_pair(reference, data, validation.runs[0])
     else:
-        notes.append(generated_check(original_bytes, data, specs))
+        notes.append(generated_check(reference, data, specs))
     _, nonzero_after = float_params(chosen.outcome.model)
     report = Report(
         kind="prune",
