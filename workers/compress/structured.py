@@ -29,6 +29,12 @@ from workers.graph.walk import iter_graphs
 from workers.graph.weights import FLOAT_TYPES, WeightSlot, find_weights
 from workers.nn.masks import magnitude_masks
 
+# onnxruntime's convolutions work on blocks of channels (NCHWc): a conv net pruned to odd
+# widths ran slower than the original (PicoDet at 30%: 134 -> 138 ms, p50 on one thread),
+# rounded to fours faster (-> 107 ms; eights 103 ms, but 16 channels would keep 8, not 11).
+# As Torch-Pruning's round_to, conv groups of 8 or more channels keep a multiple of 4.
+ROUND_TO = 4
+ROUNDED_OPS = frozenset({"Conv", "ConvTranspose"})
 MAX_GROUP_NOTES = 12  # notes naming groups left whole; the report's groups list has them all
 
 
@@ -171,6 +177,7 @@ def _report(group: ChannelGroup, kept_units: int | None, note: str | None) -> Gr
     return GroupReport(
         leading=group.leading,
         node=group.node,
+        op=group.op,
         channels=group.channels,
         kept=kept,
         unit=group.unit if not group.blocked else 1,
@@ -222,6 +229,7 @@ def prune_channels(
     for index, score, keep in zip(live, scores, masks, strict=True):
         if not keep.any():  # a group of width 0 is not a model: keep its strongest unit
             keep[np.argmax(score)] = True
+        keep = _rounded(groups[index], keep, score)
         kept_units[index] = int(keep.sum())
         removed = np.flatnonzero(~keep)
         if removed.size:
@@ -232,6 +240,18 @@ def prune_channels(
     reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
     share = _share_note([groups[index] for index in live], constants)
     return StructuredOutcome(reports, _notes(reports, len(live)) + share)
+
+
+def _rounded(group: ChannelGroup, keep: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """The strongest units, as many as `keep` holds rounded to ROUND_TO channels (half up,
+    at least ROUND_TO), for conv groups of plain channels wide enough to round."""
+    if group.op not in ROUNDED_OPS or group.unit != 1 or group.channels < 2 * ROUND_TO:
+        return keep
+    count = int(np.floor(keep.sum() / ROUND_TO + 0.5)) * ROUND_TO
+    count = min(group.channels, max(ROUND_TO, count))
+    rounded = np.zeros_like(keep)
+    rounded[np.argsort(-score, kind="stable")[:count]] = True
+    return rounded
 
 
 def _share_note(live: list[ChannelGroup], constants: dict[str, TensorProto]) -> list[str]:

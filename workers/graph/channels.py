@@ -107,6 +107,7 @@ class ChannelGroup:
 
     leading: str  # the weight whose output channels started the group
     node: str  # the node that weight feeds
+    op: str  # its op_type
     channels: int  # C: the leading layer's output channels
     dims: list[Dim] = field(default_factory=list)
     slices: list[Slice] = field(default_factory=list)
@@ -773,7 +774,8 @@ class ChannelGraph:
         return Dim(node.output[0], axis, Span(0, Fraction(size)))
 
     def _follow(self, node: NodeProto, start: Dim) -> ChannelGroup:
-        group = ChannelGroup(node.input[LEADERS[node.op_type]], node.name, int(start.span.size))
+        weight = node.input[LEADERS[node.op_type]]
+        group = ChannelGroup(weight, node.name, node.op_type, int(start.span.size))
         try:
             self._walk(group, start)
         except Blocked as exc:
