@@ -164,3 +164,57 @@ def test_raw_data_longer_than_the_dims_is_refused():
     model.graph.initializer[0].raw_data += b"\0" * 8
     with pytest.raises(InvalidModelError, match="holds"):
         parse_model(model.SerializeToString())
+
+
+def _allocating(size_nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]) -> bytes:
+    """X [N, 4] -> ConstantOfShape(size) + X -> Y, the size made by `size_nodes` into 'size'."""
+    nodes = [
+        *size_nodes,
+        helper.make_node("ConstantOfShape", ["size"], ["filled"]),
+        helper.make_node("Add", ["X", "filled"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "allocating",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_allocations_sized_by_the_inputs_or_by_foldable_constants_are_accepted():
+    """Exporters size masks and position ids from the input's shape (PyTorch's
+    ConstantOfShape(Shape(x))) or from constants inference folds: neither is refused."""
+    from_the_input = _allocating([helper.make_node("Shape", ["X"], ["size"])], [])
+    parse_model(from_the_input)
+    folded = _allocating(
+        [helper.make_node("Concat", ["rows", "columns"], ["size"], axis=0)],
+        [
+            onnx.numpy_helper.from_array(np.array([1], np.int64), "rows"),
+            onnx.numpy_helper.from_array(np.array([4], np.int64), "columns"),
+        ],
+    )
+    parse_model(folded)
+
+
+def test_an_allocation_sized_by_constants_inference_cannot_fold_is_refused_naming_both():
+    unfolded = _allocating(
+        [helper.make_node("ReduceMax", ["sizes"], ["size"], axes=[0], keepdims=0, name="biggest")],
+        [onnx.numpy_helper.from_array(np.array([[1, 4], [2, 4]], np.int64), "sizes")],
+    )
+    with pytest.raises(UnsafeModelError, match="by ReduceMax node 'biggest', which shape inf"):
+        parse_model(unfolded)
+
+
+def test_strings_are_counted_against_their_own_cap():
+    model = constant_node_mlp()
+    labels = helper.make_tensor("labels", TensorProto.STRING, [3], [b"a", b"b", b"c"])
+    model.graph.node.append(helper.make_node("Constant", [], ["names"], value=labels))
+    model.graph.output.append(helper.make_tensor_value_info("names", TensorProto.STRING, [3]))
+    data = model.SerializeToString()
+    parse_model(data, ModelLimits(max_strings=3))
+    with pytest.raises(UnsafeModelError, match=r"the model holds 3 strings .* the limit is 2"):
+        parse_model(data, ModelLimits(max_strings=2))

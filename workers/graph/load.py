@@ -288,10 +288,16 @@ def _check_computed_shapes(skeleton: ModelProto, limits: ModelLimits) -> None:
         if math.prod(tensor.dims) > _SHAPE_TENSOR_MAX:
             for field in _TENSOR_DATA_FIELDS:
                 tensor.ClearField(field)
-    plain = _inferred(skeleton, data_prop=False)
-    largest_integers = _check_inferred_model(plain, limits)
-    if largest_integers <= _PROPAGATED_MAX:
-        _check_inferred_model(_inferred(skeleton, data_prop=True), limits)
+    inferred = _inferred(skeleton, data_prop=False)
+    if _check_sizes(inferred, limits) <= _PROPAGATED_MAX:
+        inferred = _inferred(skeleton, data_prop=True)
+        _check_sizes(inferred, limits)
+    for graph, _ in iter_graphs(inferred.graph):
+        producers = {output: node for node in graph.node for output in node.output}
+        shapes = _shapes(graph)
+        for node in graph.node:
+            _check_allocation_is_folded(node, graph, producers, shapes)
+            _check_loop_trips(node, graph, limits)
 
 
 def _inferred(skeleton: ModelProto, data_prop: bool) -> ModelProto:
@@ -304,23 +310,21 @@ def _inferred(skeleton: ModelProto, data_prop: bool) -> ModelProto:
         ) from exc
 
 
-def _check_inferred_model(inferred: ModelProto, limits: ModelLimits) -> int:
+def _shapes(graph: GraphProto) -> dict[str, onnx.TypeProto.Tensor]:
+    return {value.name: value.type.tensor_type for value in [*graph.value_info, *graph.output]}
+
+
+def _check_sizes(inferred: ModelProto, limits: ModelLimits) -> int:
     """Every computed tensor within the caps, and their sum; returns the element count of the
     largest integer tensor computed."""
     total = largest_integers = 0
     for graph, _ in iter_graphs(inferred.graph):
         producers = {output: node for node in graph.node for output in node.output}
-        shapes = {
-            value.name: value.type.tensor_type for value in [*graph.value_info, *graph.output]
-        }
-        for name, tensor_type in shapes.items():
+        for name, tensor_type in _shapes(graph).items():
             count = _check_inferred(name, tensor_type, producers.get(name), limits)
             total += count
             if tensor_type.elem_type in _INTEGER_TYPES:
                 largest_integers = max(largest_integers, count)
-        for node in graph.node:
-            _check_allocation_is_folded(node, graph, producers, shapes)
-            _check_loop_trips(node, graph, limits)
     if total > limits.max_total_elements:
         raise UnsafeModelError(
             f"the model would compute {total} elements in its tensors (counting each symbolic "
