@@ -1,0 +1,213 @@
+"""Calibration maths in NumPy: input statistics, the Wanda mask and layer-wise reconstruction.
+
+Every layer is seen the same way here, whatever op holds it: a weight matrix W [out, in] that
+maps an input row x [in] to W x, and the calibration inputs X [n, in] of that layer. A Conv is
+the same after im2col (in = channels/groups x kh x kw, one row per output pixel), one matrix
+per group.
+
+Only H = XᵀX [in, in] (float64) is kept, accumulated chunk by chunk: every quantity below
+(Wanda's ‖x_j‖₂ = sqrt(H_jj), the error ‖(W - Ŵ) X‖² = Σ_r d_r H d_rᵀ, the least-squares
+normal equations, SparseGPT's inverse Hessian) needs nothing else.
+
+References: Wanda (Sun et al., 2023, "A Simple and Effective Pruning Approach for LLMs");
+SparseGPT (Frantar & Alistarh, 2023, "Massive Language Models Can Be Accurately Pruned in
+One-Shot"), whose dampening (λ = 0.01 · mean diag H) and column-block OBS update are used as
+published.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.nn.masks import count_to_prune
+
+ROWS_PER_CHUNK = 4096  # rows of X cast to float64 at a time: 4096 x in x 8 bytes
+DAMP_FRACTION = 0.01  # SparseGPT's default percdamp
+OBS_BLOCK = 128  # SparseGPT's column block (lazy batch updates)
+SOLVE_BYTES = 1 << 27  # batched least squares: 128 MiB of stacked [k, k] systems at a time
+# Exact per-row least squares costs Σ_r k_r³/3 flops; SparseGPT's OBS about in³ + out·in².
+# Above this many flops exact least squares is traded for OBS (seconds on one core).
+LSTSQ_MAX_FLOPS = 4e11
+
+
+def accumulate_gram(gram: np.ndarray, rows: np.ndarray) -> None:
+    """gram [in, in] += rowsᵀ rows for rows [n, in], in float64, ROWS_PER_CHUNK rows at a time:
+    the float64 copy of a large activation never exists whole."""
+    for start in range(0, len(rows), ROWS_PER_CHUNK):
+        chunk = rows[start : start + ROWS_PER_CHUNK].astype(np.float64)
+        gram += chunk.T @ chunk
+
+
+def im2col(
+    x: np.ndarray,
+    kernel: tuple[int, ...],
+    strides: tuple[int, ...],
+    pads: tuple[int, ...],
+    dilations: tuple[int, ...],
+) -> np.ndarray:
+    """Patches of a 2-D convolution's input x [N, C, H, W] as rows [N·oh·ow, C·kh·kw], columns in
+    the order of a weight [O, C, kh, kw] reshaped to [O, C·kh·kw]. pads: ONNX order (top, left,
+    bottom, right)."""
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    top, left, bottom, right = pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n, c, height, width = padded.shape
+    oh = (height - dh * (kh - 1) - 1) // sh + 1
+    ow = (width - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh,
+                            j * dw : j * dw + sw * (ow - 1) + 1 : sw]  # fmt: skip
+            cols[..., i, j] = window.transpose(0, 2, 3, 1)  # [N, oh, ow, C]
+    return cols.reshape(n * oh * ow, c * kh * kw)
+
+
+def damped(gram: np.ndarray, fraction: float = DAMP_FRACTION) -> np.ndarray:
+    """H + λI with λ = fraction · mean(diag H): keeps the solves well posed when inputs are
+    collinear or rarely active (SparseGPT's percdamp)."""
+    diagonal = np.diag(gram)
+    damping = fraction * float(diagonal.mean()) if diagonal.size else 0.0
+    return gram + np.eye(len(gram)) * max(damping, np.finfo(np.float64).tiny)
+
+
+def wanda_scores(weight: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """|W_rj| · ‖x_j‖₂ [out, in]: a weight matters as much as it moves its output on the
+    calibration inputs, not as large as it is (an input that is always near zero makes its
+    weights cheap to drop, a large-norm input makes even small weights costly)."""
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    return np.abs(weight.astype(np.float64)) * norms[None, :]
+
+
+def row_masks(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep-mask [out, in]: each row drops its round(sparsity · in) lowest scores, ties broken by
+    position (a stable sort), so every output keeps the same count as Wanda compares weights
+    within each output row."""
+    out, width = scores.shape
+    k = count_to_prune(sparsity, width)
+    keep = np.ones((out, width), dtype=bool)
+    if k:
+        lowest = np.argsort(scores, axis=1, kind="stable")[:, :k]
+        np.put_along_axis(keep, lowest, False, axis=1)
+    return keep
+
+
+def squared_errors(weight: np.ndarray, new: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """‖(w_r - ŵ_r) X‖² per row r [out], from H alone."""
+    delta = weight.astype(np.float64) - new
+    return np.einsum("ri,ij,rj->r", delta, gram, delta)
+
+
+def relative(lost: float, base: float) -> float:
+    """sqrt(lost / base): ‖W X - Ŵ X‖ / ‖W X‖ from the squared norms."""
+    return float(np.sqrt(max(lost, 0.0) / base)) if base > 0 else 0.0
+
+
+def least_squares(
+    weight: np.ndarray, gram: np.ndarray, keep: np.ndarray, fraction: float = DAMP_FRACTION
+) -> np.ndarray:
+    """Per output row r, the exact minimiser of (w_r - ŵ_r)(H + λI)(w_r - ŵ_r)ᵀ with ŵ_r zero
+    off its kept inputs S_r: ((H + λI) ŵ_r)_S = ((H + λI) w_r)_S. The dampened H is SparseGPT's
+    objective: ‖(w_r - ŵ_r) X‖² plus λ‖w_r - ŵ_r‖², which pulls toward the original weights, not
+    toward zero. Returns Ŵ [out, in] float64.
+
+    Rows that keep the same count are solved together (a Wanda mask keeps the same count in
+    every row), in batches that fit SOLVE_BYTES."""
+    w = weight.astype(np.float64)
+    hessian = damped(gram, fraction)
+    targets = w @ hessian  # [out, in]: row r is ((H + λI) w_r)ᵀ
+    new = np.zeros_like(w)
+    counts = keep.sum(axis=1)
+    for count in np.unique(counts):
+        if count == 0:
+            continue
+        rows = np.flatnonzero(counts == count)
+        batch = max(1, SOLVE_BYTES // (8 * int(count) ** 2))
+        for start in range(0, len(rows), batch):
+            chosen = rows[start : start + batch]
+            kept = np.nonzero(keep[chosen])[1].reshape(len(chosen), count)  # [b, k]
+            systems = hessian[kept[:, :, None], kept[:, None, :]]  # [b, k, k]
+            rhs = np.take_along_axis(targets[chosen], kept, axis=1)  # [b, k]
+            solved = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+            new[chosen[:, None], kept] = solved
+    return new
+
+
+def obs_update(
+    weight: np.ndarray,
+    gram: np.ndarray,
+    keep: np.ndarray,
+    fraction: float = DAMP_FRACTION,
+    block: int = OBS_BLOCK,
+) -> np.ndarray:
+    """SparseGPT's sequential OBS reconstruction for a fixed mask: columns left to right, each
+    pruned weight's error spread over the row's later columns through the upper Cholesky factor
+    of H⁻¹ (lazy updates per block of columns). Returns Ŵ [out, in] float64, zero off `keep`."""
+    w = weight.astype(np.float64).copy()
+    hessian = damped(gram, fraction)
+    dead = np.diag(gram) == 0  # inputs that are always zero: their weights do nothing
+    w[:, dead] = 0.0
+    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T  # H⁻¹ = Uᵀ U
+    width = w.shape[1]
+    for start in range(0, width, block):
+        end = min(start + block, width)
+        part = w[:, start:end].copy()  # [out, b]
+        errors = np.zeros_like(part)
+        factor = upper[start:end, start:end]
+        for i in range(end - start):
+            column = part[:, i]
+            pruned = np.where(keep[:, start + i], column, 0.0)
+            error = (column - pruned) / factor[i, i]  # [out]
+            part[:, i:] -= np.outer(error, factor[i, i:])
+            part[:, i] = pruned
+            errors[:, i] = error
+        w[:, start:end] = part
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return np.where(keep, w, 0.0)
+
+
+def _lstsq_flops(keep: np.ndarray) -> float:
+    return float((keep.sum(axis=1).astype(np.float64) ** 3).sum() / 3)
+
+
+Reconstructor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def choose_reconstructor(keep: np.ndarray) -> tuple[str, Reconstructor]:
+    """Exact per-row least squares where it is affordable, else SparseGPT's OBS update."""
+    if _lstsq_flops(keep) <= LSTSQ_MAX_FLOPS:
+        return "least_squares", least_squares
+    return "obs", obs_update
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Squared norms rather than ratios, so the groups of a grouped Conv add up."""
+
+    weight: np.ndarray  # Ŵ [out, in] float64, zero off the mask
+    method: str  # "least_squares" or "obs"
+    base: float  # ‖WX‖²
+    lost_before: float  # ‖WX - (W⊙M)X‖²: the mask alone
+    lost_after: float  # ‖WX - ŴX‖²
+
+
+def reconstruct(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray) -> Reconstruction:
+    """The surviving weights of one layer updated to minimise ‖W X − Ŵ X‖ on the calibration
+    inputs. The dampened solve minimises a slightly different objective, so a row whose error
+    it would raise keeps its masked weights: the layer error never goes up."""
+    method, solver = choose_reconstructor(keep)
+    masked = np.where(keep, weight.astype(np.float64), 0.0)
+    solved = solver(weight, gram, keep)
+    worse = squared_errors(weight, solved, gram) > squared_errors(weight, masked, gram)
+    solved[worse] = masked[worse]
+    zero = np.zeros_like(masked)
+    return Reconstruction(
+        weight=solved,
+        method=method,
+        base=float(squared_errors(weight, zero, gram).sum()),
+        lost_before=float(squared_errors(weight, masked, gram).sum()),
+        lost_after=float(squared_errors(weight, solved, gram).sum()),
+    )
