@@ -10,13 +10,19 @@ message delivered twice runs the job once.
 import functools
 import logging
 import os
+import signal
 import socket
 
+from billiard.common import human_status
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
+from celery.worker.request import Request
 
 from service.artifacts import ArtifactStore
+from service.local_backend import death_problem
 from service.logs import configure_logging
 from service.runner import limit_memory, run_job
 from service.settings import Settings
@@ -42,10 +48,50 @@ def job_store(database: str) -> JobStore:
 os.register_at_fork(after_in_child=job_store.cache_clear)
 
 
+# How billiard words the loss of a pool child that SIGABRT ended, in its WorkerLostError.
+ABORTED = f"exited prematurely: {human_status(-signal.SIGABRT)}"
+
+
+def _fail_aborted(settings: Settings, job_id: str, child_pid: int | None) -> None:
+    """Fail the job of a pool child that native code aborted, as the embedded pool does (the
+    memory limit, its likely cause): run again, the same input would abort again. Only while
+    the job's claim is that child's; a run that has taken the job since is left alone. With
+    an engine of its own, disposed of here: this main process forks the pool's children."""
+    store = JobStore(settings.database)
+    try:
+        row = store.get(job_id)
+        claim = f"{socket.gethostname()}:{child_pid}:"  # run_job's token starts so
+        if row is not None and row.worker is not None and row.worker.startswith(claim):
+            died = death_problem(-signal.SIGABRT, settings.worker_memory_bytes)
+            # queued too: the child may take longer to die (a core dump) than the job's lease,
+            # and a job the lease expiry requeued keeps the claim until it runs again
+            if store.fail(job_id, died, {"running", "queued"}, row.worker):
+                log.warning("job failed: its worker aborted", extra={"job_id": job_id})
+    finally:
+        store.engine.dispose()
+
+
+class JobRequest(Request):
+    """A job's task request in the worker's main process, which sees a pool child die."""
+
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        lost = exc_info.exception
+        if isinstance(lost, ExceptionWithTraceback):  # as billiard hands it over
+            lost = lost.exc
+        if isinstance(lost, WorkerLostError) and ABORTED in str(lost):
+            # Before the message goes back to the queue (reject on worker lost): the redelivery
+            # then finds the job failed and skips it.
+            _fail_aborted(self.task.settings, self.id, self.worker_pid)
+        super().on_failure(exc_info, send_failed_event, return_ok)
+
+
 class JobTask(Task):
     """The task class `make_celery` registers `run_job_task` with; `settings` is its app's."""
 
     settings: Settings
+    Request = JobRequest
 
 
 def run_job_task(task: JobTask, job_id: str) -> str:

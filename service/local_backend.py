@@ -118,6 +118,22 @@ def describe_exit(code: int | None) -> str:
     return f"exited with status {code}"
 
 
+def death_problem(code: int | None, memory_limit: int | None) -> dict:
+    """The problem of a job whose worker process died with exit `code`, in every backend.
+    Native code (onnxruntime, onnx, BLAS) that cannot allocate may abort the process (an
+    uncaught std::bad_alloc ends in abort()): a SIGABRT is reported as the memory limit
+    (`memory_limit`, CLIPPRUNE_WORKER_MEMORY_BYTES), its likely cause, naming the signal."""
+    detail = f"the job's worker process {describe_exit(code)}"
+    if code == -signal.SIGABRT:
+        limit = out_of_memory_detail(memory_limit)
+        return problem(
+            422,
+            "Out of memory",
+            f"{detail}, as native code does when an allocation fails; most likely {limit}",
+        )
+    return problem(500, "Worker process died", detail)
+
+
 class LocalBackend:
     # Every job ends in this process's dispatcher or in a DELETE, which both tell `ends`; the
     # re-read only bounds the wait should an end ever go untold.
@@ -300,22 +316,8 @@ class LocalBackend:
                 log.warning("requeued a job whose forkserver died", extra={"job_id": job_id})
                 return
         else:
-            self.store.fail(job_id, self._death(code))
+            self.store.fail(job_id, death_problem(code, self.settings.worker_memory_bytes))
         self.ends.ended(job_id)
-
-    def _death(self, code: int | None) -> dict:
-        """The problem of a job whose worker died. Native code (onnxruntime, onnx, BLAS) that
-        cannot allocate may abort the process (an uncaught std::bad_alloc ends in abort()): a
-        SIGABRT is reported as the memory limit, its likely cause, naming the signal."""
-        detail = f"the job's worker process {describe_exit(code)}"
-        if code == -signal.SIGABRT:
-            limit = out_of_memory_detail(self.settings.worker_memory_bytes)
-            return problem(
-                422,
-                "Out of memory",
-                f"{detail}, as native code does when an allocation fails; most likely {limit}",
-            )
-        return problem(500, "Worker process died", detail)
 
     def _fill(self) -> None:
         while len(self.workers) < self.settings.workers and not self.stopping.is_set():
