@@ -446,14 +446,20 @@ def _target(ctx: RuleContext, node: NodeProto) -> list[_Element]:
         where = ctx.position(node)
         return [_Element(int(v), where, 1, i) for i, v in enumerate(array.reshape(-1))]
     maker = ctx.producers.get(name)
+    while maker is not None and maker.op_type in PASS_THROUGH:  # tf2onnx casts it to int64
+        maker = ctx.producers.get(maker.input[0])
     if maker is None or maker.op_type != "Concat":
         raise Blocked("its target shape is computed at run time")
     elements: list[_Element] = []
     for index, piece in enumerate(maker.input):
-        values = ctx.constant(piece)
+        reader, position = maker, index
+        caster = ctx.producers.get(piece)
+        if caster is not None and caster.op_type in PASS_THROUGH:  # Paddle casts constants
+            reader, position = caster, 0
+        values = ctx.constant(reader.input[position])
         if values is not None:
-            where = ctx.position(maker)
-            elements += [_Element(int(v), where, index, i) for i, v in enumerate(values.ravel())]
+            where = ctx.position(reader)
+            elements += [_Element(int(v), where, position, i) for i, v in enumerate(values.ravel())]
             continue
         length = ctx.shape(piece)
         if len(length) != 1 or length[0] is None:
@@ -599,17 +605,48 @@ def matmul(ctx: RuleContext, node: NodeProto, port: Port, axis: int, span: Span)
     return links
 
 
+PASS_THROUGH = frozenset({"Cast", "Identity"})  # shape arithmetic that keeps the values
+
+
+def _readers_past(ctx: RuleContext, value: str) -> list[NodeProto]:
+    """The readers of `value`, looking through Cast and Identity to the nodes that use it."""
+    found = []
+    for reader in ctx.readers.get(value, []):
+        if reader.op_type in PASS_THROUGH:
+            found += _readers_past(ctx, reader.output[0])
+        else:
+            found.append(reader)
+    return found
+
+
+def _shape_positions(ctx: RuleContext, reader: NodeProto, length: int) -> set[int] | None:
+    """Which elements of a shape vector of `length` a Gather or a Slice (constant indices,
+    step 1) takes; None when it cannot tell."""
+    if reader.op_type == "Gather":
+        index = ctx.constant(reader.input[1])
+        return None if index is None else {int(i) % length for i in np.ravel(index)}
+    if reader.op_type != "Slice" or len(reader.input) < 3:
+        return None
+    bounds = [ctx.constant(name) for name in reader.input[1:3]]
+    steps = ctx.constant(reader.input[4]) if len(reader.input) > 4 and reader.input[4] else None
+    if any(b is None or b.size != 1 for b in bounds) or (steps is not None and steps.item() != 1):
+        return None
+    start, end = (int(b.item()) for b in bounds)  # type: ignore[union-attr]
+    return set(range(length)[slice(start, end)])
+
+
 def shape_of(ctx: RuleContext, node: NodeProto, port: Port, axis: int, span: Span) -> Found:
-    """Shape only reads sizes: harmless while nothing reads the channel count it reports."""
+    """Shape only reads sizes: harmless while nothing reads the channel count it reports
+    (PyTorch and Paddle exports take the batch and sequence sizes from it)."""
     rank = ctx.rank(node.input[0])
     start = attribute(node, "start", 0) % rank
     end = attribute(node, "end", rank)
     end = rank if end >= rank else end % rank
     if not start <= axis < end:
         return []
-    for reader in ctx.readers.get(node.output[0], []):
-        index = ctx.constant(reader.input[1]) if reader.op_type == "Gather" else None
-        if index is None or (np.asarray(index) % (end - start) == axis - start).any():
+    for reader in _readers_past(ctx, node.output[0]):
+        taken = _shape_positions(ctx, reader, end - start)
+        if taken is None or axis - start in taken:
             raise Blocked(f"{reader.op_type} node {reader.name!r} reads its channel count")
     return []
 
