@@ -411,3 +411,24 @@ def test_encoder_layer_loses_whole_heads_and_feed_forward_neurons():
     reference = zero_at(model, [("o_mm", 0, 2, heads), ("ffn2_mm", 0, 2, neurons)])
     feeds = {"X": np.random.default_rng(2).standard_normal((2, 5, 16)).astype(np.float32)}
     assert_exact(model, pruned, reference, feeds)
+
+
+def test_global_scope_ranks_heads_and_neurons_on_one_scale():
+    model = encoder_layer()
+    params = PruneParams(granularity="structured", sparsity=0.5, scope="global")
+    outcome = prune_model(copy_model(model), params)
+    pruned = [g for g in outcome.groups if g.note is None]
+    units = sum(g.channels // g.unit for g in pruned)
+    removed = sum((g.channels - g.kept) // g.unit for g in pruned)
+    assert units == 4 + 32 and removed == 18  # half of all units, wherever they are weakest
+
+
+def test_exclude_leaves_the_group_of_that_leading_weight_whole():
+    model = residual_block()
+    params = PruneParams(granularity="structured", sparsity=0.5, exclude=["^conv1_w$"])
+    outcome = prune_model(copy_model(model), params)
+    notes = {g.leading: g.note for g in outcome.groups}
+    assert "include/exclude" in (notes["conv1_w"] or "")
+    assert notes["conv0_w"] is None  # the residual group is pruned
+    after = tensors(outcome.model)
+    assert after["bn1_scale"].shape == (8,) and after["conv2_w"].shape == (4, 8, 3, 3)

@@ -212,11 +212,14 @@ def prune_channels(
     groups = channel_graph.groups()
     chosen = {slot.name for slot in candidates}
     notes: dict[int, str] = {}
+    taken: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
     for index, group in enumerate(groups):
         if group.blocked:
             notes[index] = group.blocked
         elif group.leading not in chosen:
             notes[index] = "its weight is not among the prunable tensors (include/exclude)"
+        elif overlap := _overlapping(group, taken):
+            notes[index] = f"it shares {overlap!r} with an earlier group"
     live = [index for index in range(len(groups)) if index not in notes]
     if not live:
         raise _refusal(groups, notes)
@@ -240,6 +243,22 @@ def prune_channels(
     reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
     share = _share_note([groups[index] for index in live], constants)
     return StructuredOutcome(reports, _notes(reports, len(live)) + share)
+
+
+def _overlapping(group: ChannelGroup, taken: dict[tuple[str, int], list[tuple[int, int]]]) -> str:
+    """A constant this group would slice where an earlier group already does ('' if none),
+    else record its ranges. The walk makes coupled channels one group, so this is a guard: two
+    groups deleting the same indices would corrupt the tensor."""
+    ranges = [
+        ((piece.tensor, piece.axis), (piece.span.offset, piece.span.offset + int(piece.span.size)))
+        for piece in group.slices
+    ]
+    for key, (start, end) in ranges:
+        if any(start < other_end and other_start < end for other_start, other_end in taken[key]):
+            return key[0]
+    for key, bounds in ranges:
+        taken[key].append(bounds)
+    return ""
 
 
 def _rounded(group: ChannelGroup, keep: np.ndarray, score: np.ndarray) -> np.ndarray:
