@@ -4,13 +4,13 @@ Not concurrent.futures.ProcessPoolExecutor: a pool cannot stop one running job, 
 worker breaks the whole pool and fails every job in it. Here each worker is a process of its own
 (forked from a forkserver that has the compute modules imported) with a pipe to the dispatcher:
 DELETE and the time limit kill exactly the worker running that job, a worker that dies (OOM,
-SIGKILL) fails exactly its job, and a fresh worker takes its place. A dead forkserver takes
-no worker with it: each one it forked is killed for certain (through a pidfd, since the
-sentinel closes with the forkserver while the worker runs on) and its job is retried as a lost
-worker's; the next spawn starts a new forkserver. Workers stay warm between
-jobs (onnxruntime and BLAS initialised once) and are recycled after MAX_JOBS_PER_WORKER jobs so
-memory a large job left behind goes back to the system. The job table is the queue, so a
-restart loses nothing.
+SIGKILL) fails exactly its job, and a fresh worker takes its place. No worker outlives a dead
+forkserver: each one it forked is killed for certain (through a pidfd, since the sentinel
+closes with the forkserver while the worker runs on) and its job is retried as a lost
+worker's; the next spawn starts a new forkserver. Workers stay warm between jobs (onnxruntime
+and BLAS initialised once) and are recycled after MAX_JOBS_PER_WORKER jobs so memory a large
+job left behind goes back to the system. The job table is the queue, so a restart loses
+nothing.
 """
 
 import asyncio
@@ -92,6 +92,17 @@ def _exited(pidfd: int, timeout_s: float = 0) -> bool:
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(timeout_s * 1000))
+
+
+def _pidfds(pid: int | None) -> tuple[int, int]:
+    """pidfds of a worker just started and of its parent, the forkserver that forked it."""
+    assert pid is not None  # set by start()
+    pidfd = os.pidfd_open(pid)
+    try:
+        return pidfd, os.pidfd_open(_parent_pid(pid))
+    except OSError:
+        os.close(pidfd)
+        raise
 
 
 @dataclass
@@ -240,9 +251,11 @@ class LocalBackend:
         )
         process.start()
         theirs.close()
-        assert process.pid is not None  # started
-        pidfd = os.pidfd_open(process.pid)
-        return _Worker(process, ours, pidfd, os.pidfd_open(_parent_pid(process.pid)))
+        try:
+            return _Worker(process, ours, *_pidfds(process.pid))
+        except OSError:  # the worker is gone already (it failed as it started): tried next tick
+            ours.close()
+            raise
 
     def _kill(self, worker: _Worker) -> None:
         """SIGKILL the worker and wait until it has exited: its sentinel is no proof, as it
