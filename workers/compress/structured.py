@@ -46,12 +46,22 @@ class StructuredOutcome:
     notes: list[str]
 
 
-def _unit_blocks(array: np.ndarray, piece: Slice, units: int) -> np.ndarray:
-    """The slice's values as [units, elements of one unit]."""
+CHUNK = 1 << 20  # elements squared at a time: float64 temporaries stay a few MB
+
+
+def _squares_per_index(array: np.ndarray, piece: Slice) -> tuple[np.ndarray, int]:
+    """Sum of squares of each index of the slice along its axis ([size], float64), and the
+    elements each index holds. Chunked, so a 64 MB weight costs no 128 MB float64 copy."""
+    along = np.moveaxis(array, piece.axis, 0)  # a view
     size = int(piece.span.size)
-    taken = np.take(array, np.arange(piece.span.offset, piece.span.offset + size), piece.axis)
-    # [.., size, ..] -> [size, rest] -> [units, size/units * rest]
-    return np.moveaxis(taken, piece.axis, 0).reshape(units, -1)
+    view = along[piece.span.offset : piece.span.offset + size]
+    width = int(np.prod(view.shape[1:]))
+    rows = max(1, CHUNK // max(width, 1))
+    sums = np.empty(size)
+    for start in range(0, size, rows):
+        part = view[start : start + rows].reshape(-1, width).astype(np.float64)
+        sums[start : start + rows] = np.einsum("ij,ij->i", part, part)
+    return sums, width
 
 
 def unit_scores(
@@ -63,9 +73,10 @@ def unit_scores(
     squares = np.zeros(group.units)
     elements = 0
     for piece in pieces:
-        blocks = _unit_blocks(numpy_helper.to_array(constants[piece.tensor]), piece, group.units)
-        squares += np.sum(blocks.astype(np.float64) ** 2, axis=1)
-        elements += blocks.shape[1]
+        sums, width = _squares_per_index(numpy_helper.to_array(constants[piece.tensor]), piece)
+        per_unit = sums.reshape(group.units, -1)  # [units, indices of one unit]
+        squares += per_unit.sum(axis=1)
+        elements += per_unit.shape[1] * width
     return np.sqrt(squares / max(elements, 1))
 
 
@@ -153,16 +164,19 @@ def _lower_attribute(node: NodeProto, name: str, elements: dict[int | None, int]
 
 
 def _remove_unread(graph: GraphProto, names: set[str]) -> None:
-    """Constants that a rewritten count replaced and nothing reads any more."""
+    """Constants that a rewritten count replaced and nothing reads any more. Deleted in place:
+    rebuilding the initializer list would copy every weight of the model once more."""
+    if not names:
+        return
     read = {name for inner, _ in iter_graphs(graph) for n in inner.node for name in n.input}
-    read |= {value.name for value in graph.output}
-    gone = names - read
-    kept = [t for t in graph.initializer if t.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    gone = names - read - {value.name for value in graph.output}
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in gone:
+            del graph.initializer[index]
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
+        if node.op_type == "Constant" and node.output[0] in gone:
+            del graph.node[index]
 
 
 def _drop_value_info(model: ModelProto, names: set[str]) -> None:

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper, shape_inference
+from onnx import (
+    GraphProto,
+    ModelProto,
+    NodeProto,
+    TensorProto,
+    helper,
+    numpy_helper,
+    shape_inference,
+)
 
 from workers.errors import one_line
 from workers.graph.walk import attribute, iter_graphs, node_subgraphs
@@ -715,10 +723,50 @@ def _constants(graph: GraphProto) -> dict[str, TensorProto]:
     return found
 
 
+FLOATS = frozenset(
+    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+)
+SMALL = 1024  # elements: constants up to this size stay in the skeleton (shapes, scalars)
+
+
+def _large(tensor: TensorProto) -> bool:
+    return tensor.data_type in FLOATS and math.prod(tensor.dims) > SMALL
+
+
+def _skeleton(model: ModelProto) -> ModelProto:
+    """The model without its large float tensors, which become graph inputs of their type and
+    shape: onnx's shape inference copies the model it is given, and a 270 MB model must not
+    cost another 270 MB (and its time) here. Integer constants stay for constant propagation."""
+    light = ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    light.functions.extend(model.functions)
+    source, graph = model.graph, light.graph
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    declared = {value.name for value in source.input}
+
+    def as_input(name: str, tensor: TensorProto) -> None:
+        if name not in declared:
+            graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+
+    for tensor in source.initializer:
+        if _large(tensor):
+            as_input(tensor.name, tensor)
+        else:
+            graph.initializer.append(tensor)
+    for node in source.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and _large(value):
+            as_input(node.output[0], value)
+        else:
+            graph.node.append(node)
+    return light
+
+
 def _shapes(model: ModelProto, constants: dict[str, TensorProto]) -> dict[str, Shape]:
     """Every value's shape as far as onnx's inference (with constant propagation) knows it."""
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
     except Exception:  # inference only helps: without a shape the rules block
         inferred = model
     shapes: dict[str, Shape] = {}
