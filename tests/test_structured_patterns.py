@@ -432,3 +432,38 @@ def test_exclude_leaves_the_group_of_that_leading_weight_whole():
     assert notes["conv0_w"] is None  # the residual group is pruned
     after = tensors(outcome.model)
     assert after["bn1_scale"].shape == (8,) and after["conv2_w"].shape == (4, 8, 3, 3)
+
+
+def test_a_group_that_cannot_be_followed_is_left_whole_with_a_note_naming_the_node():
+    b = Builder()
+    x = b.node("Softmax", [b.conv("conv0", "X", 3, 8)], "attention_over_channels", axis=1)
+    x = b.node("Relu", [b.conv("conv1", x, 8, 8)], "r1")
+    b.head(x, 8)
+    model = b.model([image_input(["N", 3, 8, 8])], [logits()])
+    outcome, pruned = prune(model)
+    notes = {g.leading: g.note for g in outcome.groups}
+    assert notes["conv0_w"] == (
+        "Softmax node 'attention_over_channels': it normalises over the channels"
+    )
+    assert notes["conv1_w"] is None
+    assert tensors(pruned)["conv0_w"].shape == (8, 3, 3, 3)
+    assert any("conv0_w" in note and "Softmax" in note for note in outcome.notes)
+    assert all(len(note) <= 300 for note in outcome.notes)
+
+
+def test_conv_transpose_output_and_input_channels():
+    """Conv -> ConvTranspose (weight [C_in, C_out, k, k]) -> Relu -> head: the first group
+    cuts the transposed conv's weight rows, the second its columns and bias."""
+    b = Builder()
+    x = b.node("Relu", [b.conv("conv0", "X", 3, 8)], "r0")
+    weight, bias = b.rand("up_w", 8, 6, 2, 2), b.rand("up_b", 6)
+    x = b.node("Relu", [b.node("ConvTranspose", [x, weight, bias], "up", strides=[2, 2])], "r1")
+    b.head(x, 6)
+    model = b.model([image_input(["N", 3, 8, 8])], [logits()])
+    _, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    first = kept(before["conv0_b"], after["conv0_b"])
+    second = kept(before["up_b"], after["up_b"])
+    assert after["up_w"].shape == (4, 3, 2, 2)
+    reference = zero_at(model, [("up", 0, 1, first), ("Y", 0, 1, second)])
+    assert_exact(model, pruned, reference, images((2, 3, 8, 8)))

@@ -36,6 +36,7 @@ from onnx import (
 
 from workers.errors import one_line
 from workers.graph.walk import attribute, iter_graphs, node_subgraphs
+from workers.graph.weights import FLOAT_TYPES
 
 Shape = tuple[int | None, ...]  # None: a dim not known before run time (batch, sequence)
 
@@ -723,14 +724,11 @@ def _constants(graph: GraphProto) -> dict[str, TensorProto]:
     return found
 
 
-FLOATS = frozenset(
-    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-)
 SMALL = 1024  # elements: constants up to this size stay in the skeleton (shapes, scalars)
 
 
 def _large(tensor: TensorProto) -> bool:
-    return tensor.data_type in FLOATS and math.prod(tensor.dims) > SMALL
+    return tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) > SMALL
 
 
 def _skeleton(model: ModelProto) -> ModelProto:
@@ -931,8 +929,3 @@ class ChannelGraph:
         if len(shape) <= link.axis or shape[link.axis] < link.span.offset + link.span.size:
             raise Blocked(f"{node.op_type} node {node.name!r}: {name!r} has shape {list(shape)}")
         return Slice(name, link.axis, link.span)
-
-
-def find_groups(model: ModelProto) -> list[ChannelGroup]:
-    """The coupled channel groups of the model's main graph (see ChannelGraph)."""
-    return ChannelGraph(model).groups()
