@@ -102,7 +102,7 @@ def system_tmp(monkeypatch) -> Iterator[Path]:
 
 
 def test_an_upload_spools_in_the_data_directory_and_leaves_nothing(
-    make_server, system_tmp, digits_csv
+    system_tmp, make_server, digits_csv
 ):
     server: Server = make_server()
     spool = server.data_dir / "uploads"
