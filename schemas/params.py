@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from schemas.vocabulary import (
     ClipMode,
+    Criterion,
     EncodingChoice,
     Granularity,
     HiddenActivation,
@@ -113,6 +114,18 @@ class PruneParams(_Params):
     label: str | None = Field(
         None, description="Label column of a CSV eval/train file; default the last column."
     )
+    criterion: Criterion = Field(
+        "magnitude",
+        description="How weights are ranked: magnitude (|w|), or activation (Wanda: |w| times "
+        "the L2 norm of its input over the calibration inputs, compared within each output "
+        "row). activation needs eval_data, whose inputs are the calibration inputs.",
+    )
+    reconstruct: bool = Field(
+        False,
+        description="After the mask is chosen, update each layer's surviving weights to "
+        "minimise ||WX - W'X|| on the calibration inputs (eval_data), layer after layer on the "
+        "outputs of the layers already reconstructed (SparseGPT-style). Needs eval_data.",
+    )
     fine_tune: FineTuneParams | None = None
     sensitivity: bool = Field(
         False,
@@ -148,6 +161,7 @@ class PruneParams(_Params):
             )
         if self.encoding is None:
             self.encoding = "auto" if self.max_accuracy_drop is not None else "dense"
+        self._calibration_fits()
         gradual = self.fine_tune is not None and self.fine_tune.schedule == "gradual"
         if gradual and (self.granularity != "unstructured" or self.threshold is not None):
             raise ValueError(
@@ -155,6 +169,32 @@ class PruneParams(_Params):
                 "granularity unstructured with sparsity or max_accuracy_drop"
             )
         return self
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether pruning runs the model on calibration inputs (the eval_data)."""
+        return self.criterion != "magnitude" or self.reconstruct
+
+    def _calibration_fits(self) -> None:
+        # Structured pruning takes neither yet: its channel groups are being rewritten (issue
+        # 15); ranking groups by activation and least squares on the consumer layer (ThiNet)
+        # plug in there once they settle.
+        if self.calibrated and self.granularity != "unstructured":
+            raise ValueError(
+                "criterion activation and reconstruct work with granularity unstructured only "
+                "for now"
+            )
+        if self.criterion == "activation" and (self.threshold is not None or self.scope != "layer"):
+            raise ValueError(
+                "criterion activation compares |w| times its input's norm within each output "
+                "row: give sparsity (or max_accuracy_drop) with scope layer, not threshold or "
+                "scope global"
+            )
+        if self.reconstruct and self.fine_tune is not None and self.fine_tune.schedule == "gradual":
+            raise ValueError(
+                "reconstruct with fine_tune.schedule gradual: gradual pruning starts again from "
+                "the original weights, so the reconstruction would be thrown away; use one_shot"
+            )
 
 
 class ModelSpec(_Params):

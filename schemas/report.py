@@ -6,7 +6,7 @@ Every field is described here once; the descriptions reach the OpenAPI document
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.vocabulary import ClipMode, Encoding, JobKind, Metric
+from schemas.vocabulary import ClipMode, Criterion, Encoding, JobKind, Metric
 
 
 class _ReportPart(BaseModel):
@@ -178,6 +178,41 @@ class SensitivityPoint(_ReportPart):
     metric: float = Field(description="The model's metric with only that tensor pruned.")
 
 
+class CalibratedLayer(_ReportPart):
+    """One weight pruned with calibration inputs."""
+
+    name: str = Field(description="The weight's name in the model.")
+    op: str = Field(description="The op it feeds: MatMul, Gemm or Conv.")
+    method: str | None = Field(
+        description="How the surviving weights were updated: least_squares (exact, per output "
+        "row) or obs (SparseGPT's update, on layers where exact least squares costs too much); "
+        "null without reconstruct."
+    )
+    error_before: float = Field(
+        description="||WX - W'X|| / ||WX|| on the calibration inputs with the mask alone."
+    )
+    error_after: float = Field(
+        description="The same after reconstruction (equal to error_before without it); never "
+        "larger."
+    )
+
+
+class CalibrationReport(_ReportPart):
+    """Pruning with calibration inputs: the criterion, reconstruction, and what each cost."""
+
+    criterion: Criterion = Field(description="How weights were ranked.")
+    reconstructed: bool = Field(description="Whether surviving weights were reconstructed.")
+    runs: int = Field(description="Runs of the eval_data used as calibration inputs (all).")
+    samples: int = Field(description="Rows of the first input over those runs.")
+    seconds: float = Field(description="Wall time of calibration, masks and reconstruction.")
+    layers: list[CalibratedLayer] = Field(description="Each weight pruned with calibration.")
+    uncalibrated: list[str] = Field(
+        [],
+        description="Weights pruned by magnitude alone and not reconstructed (the notes say "
+        "why: in a subgraph, shared by several nodes, or an op layout not supported).",
+    )
+
+
 class OnnxReport(_ReportPart):
     """The compressed ONNX file."""
 
@@ -219,6 +254,11 @@ class Report(_ReportPart):
         None,
         description="With granularity structured: each channel group, its channels before and "
         "after, and why a group was left whole.",
+    )
+    calibration: CalibrationReport | None = Field(
+        None,
+        description="With criterion activation or reconstruct: per-layer reconstruction error "
+        "and the time it took.",
     )
     notes: list[str] = Field(
         [], description="What the job decided on the caller's behalf, in plain words."

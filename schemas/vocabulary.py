@@ -21,6 +21,9 @@ PruneSchedule = Literal["one_shot", "gradual"]
 # Pruning: workers/nn/masks.py and workers/compress
 Scope = Literal["layer", "global"]  # nn/masks.py SCOPES
 Granularity = Literal["unstructured", "structured"]  # compress/prune.py GRANULARITIES
+# How weights are ranked for pruning: compress/criteria.py CRITERIA. activation is Wanda's
+# |w| · ‖x‖₂ on calibration inputs (the eval_data).
+Criterion = Literal["magnitude", "activation"]
 
 # Output files: workers/graph/encoding.py ENCODERS. "auto" (PruneParams.encoding) tries those
 # that can shrink the model and keeps the smallest file that meets the bound.

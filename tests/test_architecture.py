@@ -15,6 +15,7 @@ import pytest
 from schemas import vocabulary
 from service import app as service_app
 from workers import jobs
+from workers.compress import criteria as compress_criteria
 from workers.compress import prune as compress_prune
 from workers.evaluate import data as evaluate_data
 from workers.evaluate import metrics
@@ -157,6 +158,7 @@ REGISTRIES = [
     (vocabulary.ModelType, jobs_train.ARCHITECTURES),
     (vocabulary.Scope, masks.SCOPES),
     (vocabulary.Granularity, compress_prune.GRANULARITIES),
+    (vocabulary.Criterion, compress_criteria.CRITERIA),
     (vocabulary.Encoding, encoding.ENCODERS),
     (vocabulary.Task, metrics.TASKS),
     (vocabulary.Task, evaluate_data.LABEL_TASKS),

@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 from onnx import ModelProto
 
 from schemas.params import PruneParams, revalidated
-from schemas.report import AccuracyReport, SensitivityPoint, SweepPoint, TrainingReport
+from schemas.report import (
+    AccuracyReport,
+    CalibrationReport,
+    SensitivityPoint,
+    SweepPoint,
+    TrainingReport,
+)
 from schemas.vocabulary import Encoding
+from workers.compress.calibrated import prune_calibrated
 from workers.compress.finetune import fine_tune
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
 from workers.errors import UnsupportedModelError, cut_list
@@ -56,6 +63,7 @@ class Candidate:
     chosen: Encoded
     tried: list[Encoded]
     training: TrainingReport | None = None
+    calibration: CalibrationReport | None = None
 
     @property
     def data(self) -> bytes:
@@ -106,15 +114,22 @@ class Compressor:
     ) -> Candidate:
         """Prune, fine-tune if asked, encode as asked (auto: every way, keeping the smallest
         file whose metric drops by at most `bound`, if given) and measure."""
-        outcome = prune_model(copy_model(self.model), params, only)
+        calibration = None
+        if params.calibrated:  # the eval inputs are the calibration inputs
+            assert self.evaluation is not None
+            outcome, calibration = prune_calibrated(
+                copy_model(self.model), params, self.evaluation.runs, only
+            )
+        else:
+            outcome = prune_model(copy_model(self.model), params, only)
         training = None
-        if params.fine_tune is not None:
+        if params.fine_tune is not None:  # after reconstruction: it starts from those weights
             assert self.train is not None
             training = fine_tune(self.model, outcome, params, self.train, self.evaluation, on_epoch)
         assert params.encoding is not None
         if params.encoding != "auto":
             encoded = self._encoded(outcome, params.encoding)
-            return Candidate(outcome, encoded, [encoded], training)
+            return Candidate(outcome, encoded, [encoded], training, calibration)
         tried = []
         for encoding in AUTO_ENCODINGS:
             try:
@@ -128,7 +143,7 @@ class Compressor:
             + ", ".join(f"{item.encoding} {len(item.data)} B" for item in tried)
             + f"; {chosen.encoding} kept"
         )
-        return Candidate(outcome, chosen, tried, training)
+        return Candidate(outcome, chosen, tried, training, calibration)
 
     def _encoded(self, outcome: PruneOutcome, encoding: Encoding) -> Encoded:
         data, notes = encode(outcome.model, encoding, outcome.pruned)

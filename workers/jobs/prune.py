@@ -27,6 +27,9 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     if not eval_path.exists() and (params.max_accuracy_drop is not None or params.sensitivity):
         what = "max_accuracy_drop" if params.max_accuracy_drop is not None else "sensitivity"
         raise InputError(f"{what} needs a metric measured on real inputs: send eval_data")
+    if not eval_path.exists() and params.calibrated:
+        what = "criterion activation" if params.criterion != "magnitude" else "reconstruct"
+        raise InputError(f"{what} needs calibration inputs: send eval_data")
     progress("loading", 0.0)
     original_bytes = (inputs / MODEL_IN).read_bytes()
     model = parse_model(original_bytes)
@@ -80,6 +83,12 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         sensitivity_points, sensitivity_notes = sensitivity(compressor, progress)
         notes += sensitivity_notes
 
+    if chosen.calibration is not None:
+        notes.append(
+            f"calibrated on every row of eval_data ({chosen.calibration.samples} rows in "
+            f"{chosen.calibration.runs} runs): the accuracy above is measured on the same "
+            "inputs, so hold out rows of your own to judge the model on unseen ones"
+        )
     progress("evaluating", 0.9)
     latency = None
     if validation is not None:
@@ -97,6 +106,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         training=chosen.training,
         sweep=sweep,
         sensitivity=sensitivity_points,
+        calibration=chosen.calibration,
         notes=notes + chosen.notes,
     )
     progress("writing", 0.95)

@@ -1,0 +1,174 @@
+"""Calibration inputs of each prunable layer: run the model in onnxruntime and accumulate
+H = XᵀX of the tensor each weight multiplies, never holding more than one run's activation.
+
+A layer's input is made a graph output of a copy of the model (its only output, so onnxruntime
+drops every node it does not need), the copy is run on each calibration run in turn, and each
+run's activation is folded into H (workers/nn/reconstruct.py) before the next run: memory is
+one run's activation of one layer plus H, whatever the number of runs or layers.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import ModelProto, NodeProto, ValueInfoProto
+
+from workers.compress.prune import copy_model
+from workers.errors import InvalidDataError
+from workers.evaluate.runtime import Feeds, session
+from workers.graph.load import serialize
+from workers.graph.walk import attribute
+from workers.graph.weights import WeightSlot
+from workers.nn.reconstruct import accumulate_gram, im2col
+
+IM2COL_BYTES = 1 << 26  # patches of one chunk of a Conv input: 64 MiB, however large the image
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """A weight seen as matrices W [out, in] acting on rows of its node's input, one matrix per
+    group (a grouped Conv's group g maps its channels to its own outputs)."""
+
+    slot: WeightSlot
+    node: NodeProto
+    position: int  # the node's index in the main graph: layers are calibrated in this order
+    input_name: str
+    transposed: bool  # the stored array is [in, out] (MatMul, Gemm without transB)
+    transposed_input: bool  # Gemm transA: the input is [in, n]
+    conv: ConvGeometry | None = None
+    groups: int = 1
+
+    def matrix(self, array: np.ndarray) -> np.ndarray:
+        """[out, in]: MatMul's [in, out] transposed, a Conv's [O, C/g, kh, kw] flattened."""
+        if self.conv is not None:
+            return array.reshape(array.shape[0], -1)
+        return array.T if self.transposed else array
+
+    def restore(self, matrix: np.ndarray) -> np.ndarray:
+        """The inverse of matrix(), in the slot's shape."""
+        if self.conv is not None:
+            return matrix.reshape(self.slot.shape)
+        return matrix.T if self.transposed else matrix
+
+    @property
+    def width(self) -> int:
+        """Columns of one group's matrix."""
+        shape = self.slot.shape
+        if self.conv is not None:
+            return int(np.prod(shape[1:]))
+        return shape[0] if self.transposed else shape[1]
+
+    def rows(self, activation: np.ndarray, group: int) -> Iterable[np.ndarray]:
+        """The input rows [n, in] of group `group`, in chunks: an im2col of a whole batch of
+        images can be kh·kw times the activation, so Conv patches are made a few images at a
+        time."""
+        if self.conv is None:
+            if self.transposed_input:
+                activation = activation.T
+            yield activation.reshape(-1, self.width)
+            return
+        channels = activation.shape[1] // self.groups
+        part = activation[:, group * channels : (group + 1) * channels]
+        geometry = self.conv
+        per_image = self.width * part.shape[2] * part.shape[3] * activation.itemsize
+        step = max(1, IM2COL_BYTES // max(per_image, 1))
+        for start in range(0, len(part), step):
+            yield im2col(
+                part[start : start + step],
+                geometry.kernel,
+                geometry.strides,
+                geometry.pads,
+                geometry.dilations,
+            )
+
+
+def _conv_geometry(node: NodeProto, slot: WeightSlot) -> tuple[ConvGeometry, int] | str:
+    """The Conv's geometry and groups, or why it cannot be calibrated."""
+    if len(slot.shape) != 4:
+        return "only 2-D convolutions are calibrated"
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"auto_pad {auto_pad} is not calibrated; explicit pads are"
+    kh, kw = (int(k) for k in slot.shape[2:])
+    sh, sw = (int(v) for v in attribute(node, "strides", (1, 1)))
+    top, left, bottom, right = (int(v) for v in attribute(node, "pads", (0, 0, 0, 0)))
+    dh, dw = (int(v) for v in attribute(node, "dilations", (1, 1)))
+    geometry = ConvGeometry((kh, kw), (sh, sw), (top, left, bottom, right), (dh, dw))
+    return geometry, int(attribute(node, "group", 1))
+
+
+def node_positions(model: ModelProto) -> dict[str, int]:
+    """First output name -> index of each main-graph node (protobuf wrappers have no stable
+    identity to key on; output names are unique in a valid graph)."""
+    return {node.output[0]: index for index, node in enumerate(model.graph.node) if node.output}
+
+
+def layer_view(slot: WeightSlot, model: ModelProto, positions: dict[str, int]) -> LayerView | str:
+    """How `slot` multiplies its input, or why it cannot be calibrated (then it is pruned by
+    magnitude alone). `positions`: node_positions(model)."""
+    if len(slot.uses) != 1:
+        return "used by several nodes (or none)"
+    node = slot.uses[0]
+    position = positions.get(node.output[0] if node.output else "")
+    if position is None or model.graph.node[position] != node:
+        return "inside a subgraph (If/Loop/Scan body)"
+    if node.op_type == "MatMul":
+        if len(slot.shape) != 2 or node.input[1] != slot.name:
+            return "a MatMul weight calibrates only as the right-hand [in, out] matrix"
+        return LayerView(slot, node, position, node.input[0], True, False)
+    if node.op_type == "Gemm":
+        if len(slot.shape) != 2 or node.input[1] != slot.name:
+            return "a Gemm weight calibrates only as its B input"
+        transposed = not attribute(node, "transB", 0)
+        transposed_input = bool(attribute(node, "transA", 0))
+        return LayerView(slot, node, position, node.input[0], transposed, transposed_input)
+    if node.op_type == "Conv":
+        found = _conv_geometry(node, slot)
+        if isinstance(found, str):
+            return found
+        geometry, groups = found
+        return LayerView(slot, node, position, node.input[0], False, False, geometry, groups)
+    return f"{node.op_type} weights are not calibrated"
+
+
+def exposing(model: ModelProto, name: str) -> bytes:
+    """A copy of `model` whose only output is tensor `name`: onnxruntime then runs only the
+    nodes that tensor needs."""
+    copy = copy_model(model)
+    del copy.graph.output[:]
+    copy.graph.output.append(ValueInfoProto(name=name))
+    return serialize(copy)
+
+
+def input_grams(model: ModelProto, views: list[LayerView], runs: list[Feeds]) -> np.ndarray:
+    """H [groups, in, in] (float64) of the input the views share, over every run."""
+    view = views[0]
+    grams = np.zeros((view.groups, view.width, view.width))
+    graph_inputs = {value.name for value in model.graph.input}
+    runner = None if view.input_name in graph_inputs else session(exposing(model, view.input_name))
+    for feeds in runs:
+        if runner is None:
+            activation = np.asarray(feeds[view.input_name])
+        else:
+            try:
+                activation = runner.run(None, feeds)[0]
+            except Exception as exc:  # onnxruntime's errors are untyped
+                raise InvalidDataError(
+                    f"onnxruntime could not run the model on the calibration data: {exc}"
+                ) from exc
+        if activation.dtype.kind != "f":
+            raise InvalidDataError(f"input {view.input_name!r} of a weight is not float")
+        for group in range(view.groups):
+            for rows in view.rows(activation, group):
+                accumulate_gram(grams[group], rows)
+        del activation  # before the next run's: one at a time
+    return grams
