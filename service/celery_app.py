@@ -24,7 +24,7 @@ from celery.worker.request import Request
 from service.artifacts import ArtifactStore
 from service.local_backend import death_problem
 from service.logs import configure_logging
-from service.runner import limit_memory, run_job
+from service.runner import prepare_worker, run_job
 from service.settings import Settings
 from service.store import JobStore
 
@@ -154,13 +154,12 @@ def run_worker(settings: Settings) -> None:
     """`clipprune worker`: a Celery worker with `settings.workers` processes."""
     configure_logging()
     app = make_celery(settings)
-    if settings.worker_memory_bytes is not None:
-        limit = settings.worker_memory_bytes
+    memory, threads = settings.worker_memory_bytes, settings.worker_threads
 
-        def limit_child_memory(**_: object) -> None:
-            limit_memory(limit)  # in each pool child, before it takes a job; not the parent
+    def prepare_child(**_: object) -> None:
+        prepare_worker(memory, threads)  # in each pool child, before it takes a job; not the parent
 
-        worker_process_init.connect(limit_child_memory, weak=False)
+    worker_process_init.connect(prepare_child, weak=False)
     app.worker_main(
         [
             "worker",

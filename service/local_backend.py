@@ -30,7 +30,7 @@ from multiprocessing.process import BaseProcess
 from service.artifacts import ArtifactStore
 from service.job_ends import JobEnds
 from service.logs import configure_logging
-from service.runner import limit_memory, out_of_memory_detail, problem, requeue_or_fail, run_job
+from service.runner import out_of_memory_detail, prepare_worker, problem, requeue_or_fail, run_job
 from service.settings import Settings
 from service.store import JobStore
 
@@ -58,8 +58,7 @@ def _exit_with(service_pid: int, parent_pid: int) -> None:
 
 def _worker_main(settings: Settings, jobs: Connection, service_pid: int) -> None:
     """A worker process: run each job id that arrives, answer with its final status."""
-    if settings.worker_memory_bytes is not None:
-        limit_memory(settings.worker_memory_bytes)  # before any job runs
+    prepare_worker(settings.worker_memory_bytes, settings.worker_threads)  # before any job
     watch = threading.Thread(target=_exit_with, args=(service_pid, os.getppid()), daemon=True)
     watch.start()
     configure_logging()

@@ -25,6 +25,15 @@ def machine_memory_bytes() -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's)."""
+    return len(os.sched_getaffinity(0))
+
+
+def default_worker_threads(workers: int) -> int:
+    return max(1, machine_cores() // workers)
+
+
 def default_worker_memory_bytes(workers: int) -> int:
     return max(MIN_WORKER_MEMORY_BYTES, int(machine_memory_bytes() * MEMORY_SHARE / workers))
 
@@ -51,6 +60,8 @@ class Settings(BaseSettings):
     worker_lease_s: float = Field(60, gt=0)  # a job not heard from for this long is requeued
     # Hard limit of one worker process's memory (RLIMIT_DATA); None: default_worker_memory_bytes
     worker_memory_bytes: int | None = Field(None, ge=256 * 2**20)
+    # BLAS/OpenMP threads per worker process; None: default_worker_threads (cores / workers)
+    worker_threads: int | None = Field(None, ge=1, le=1024)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
@@ -64,6 +75,8 @@ class Settings(BaseSettings):
     def _worker_memory_from_the_machine(self) -> "Settings":
         if self.worker_memory_bytes is None:
             self.worker_memory_bytes = default_worker_memory_bytes(self.workers)
+        if self.worker_threads is None:
+            self.worker_threads = default_worker_threads(self.workers)
         return self
 
     @property
