@@ -36,6 +36,7 @@ from workers.nn.masks import magnitude_masks
 ROUND_TO = 4
 ROUNDED_OPS = frozenset({"Conv", "ConvTranspose"})
 MAX_GROUP_NOTES = 12  # notes naming groups left whole; the report's groups list has them all
+CHUNK = 1 << 20  # elements squared at a time: float64 temporaries stay a few MB
 
 
 @dataclass
@@ -44,9 +45,6 @@ class StructuredOutcome:
 
     groups: list[GroupReport]
     notes: list[str]
-
-
-CHUNK = 1 << 20  # elements squared at a time: float64 temporaries stay a few MB
 
 
 def _squares_per_index(array: np.ndarray, piece: Slice) -> tuple[np.ndarray, int]:
