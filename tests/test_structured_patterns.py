@@ -467,3 +467,29 @@ def test_conv_transpose_output_and_input_channels():
     assert after["up_w"].shape == (4, 3, 2, 2)
     reference = zero_at(model, [("up", 0, 1, first), ("Y", 0, 1, second)])
     assert_exact(model, pruned, reference, images((2, 3, 8, 8)))
+
+
+def test_grouped_conv_loses_whole_groups_through_instance_norm_pad_and_pool():
+    """Conv -> InstanceNormalization -> Pad (spatial) -> MaxPool -> Conv(group 4, 2 channels
+    per group) -> Relu -> head: the unit is a whole conv group, its `group` count shrinks."""
+    b = Builder()
+    x = b.conv("conv0", "X", 3, 8)
+    x = b.node("InstanceNormalization", [x, b.rand("in_scale", 8), b.rand("in_bias", 8)], "norm")
+    pads = b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
+    x = b.node("MaxPool", [b.node("Pad", [x, pads], "padded")], "pooled", kernel_shape=[2, 2])
+    x = b.node("Relu", [b.conv("grouped", x, 8, 8, group=4)], "r1")
+    b.head(x, 8)
+    model = b.model([image_input(["N", 3, 8, 8])], [logits()])
+    outcome, pruned = prune(model)
+    before, after = tensors(model), tensors(pruned)
+    first = kept(before["conv0_b"], after["conv0_b"])
+    second = kept(before["grouped_b"], after["grouped_b"])
+    pairs = first.reshape(4, 2)
+    assert (pairs == pairs[:, :1]).all() and pairs.sum() == 4, "whole conv groups of 2"
+    np.testing.assert_array_equal(second, first)
+    np.testing.assert_array_equal(after["in_scale"], before["in_scale"][first == 1])
+    assert after["grouped_w"].shape == (4, 2, 3, 3)
+    assert attribute(node_named(pruned, "grouped"), "group", 1) == 2
+    assert outcome.groups[0].unit == 2
+    reference = zero_at(model, [("Y", 0, 1, second)])
+    assert_exact(model, pruned, reference, images((2, 3, 8, 8)))
