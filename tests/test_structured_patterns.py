@@ -18,6 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams
 from workers.compress.prune import copy_model, prune_model
+from workers.errors import UnsupportedModelError
+from workers.graph import channels
 from workers.graph.encoding import encode
 from workers.graph.load import parse_model
 from workers.graph.walk import attribute
@@ -493,3 +495,14 @@ def test_grouped_conv_loses_whole_groups_through_instance_norm_pad_and_pool():
     assert outcome.groups[0].unit == 2
     reference = zero_at(model, [("Y", 0, 1, second)])
     assert_exact(model, pruned, reference, images((2, 3, 8, 8)))
+
+
+def test_a_rewrite_that_leaves_the_graph_inconsistent_is_refused(monkeypatch):
+    # A rule that forgets the reader (the next conv's input slice) must not yield a model
+    # onnxruntime cannot load: strict shape inference after the rewrite catches it, a 422.
+    def forgetful(ctx, node, port, axis, span):
+        return [channels.Link(channels.IN0, axis, span)]
+
+    monkeypatch.setitem(channels.RULES, "Relu", forgetful)
+    with pytest.raises(UnsupportedModelError, match="left the graph inconsistent"):
+        prune(residual_block())

@@ -24,7 +24,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 from schemas.report import GroupReport
 from schemas.vocabulary import Scope
 from workers.errors import UnsupportedModelError, cut_list, one_line
-from workers.graph.channels import ChannelGraph, ChannelGroup, Slice
+from workers.graph.channels import ChannelGraph, ChannelGroup, Slice, shape_error
 from workers.graph.walk import iter_graphs
 from workers.graph.weights import FLOAT_TYPES, WeightSlot, find_weights
 from workers.nn.masks import magnitude_masks
@@ -249,8 +249,17 @@ def prune_channels(
         removed = np.flatnonzero(~keep)
         if removed.size:
             cuts.append((groups[index], removed))
+    consistent = shape_error(model) is None  # some exports fail strict inference as they are
     _cut_slices(cuts, constants)
     _shrink_counts(model, cuts, constants)
+    if consistent and (error := shape_error(model)):
+        # a rule got a pattern wrong: refuse rather than hand back a model that cannot run
+        raise UnsupportedModelError(
+            one_line(
+                f"structured pruning left the graph inconsistent ({error}); use "
+                "granularity=unstructured"
+            )
+        )
     _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
     reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
     share = _share_note([groups[index] for index in live], constants)

@@ -780,6 +780,16 @@ def _shapes(model: ModelProto, constants: dict[str, TensorProto]) -> dict[str, S
     return shapes
 
 
+def shape_error(model: ModelProto) -> str | None:
+    """What onnx's strict shape inference finds wrong with the model (None if nothing): a check
+    that a rewrite left every tensor consistent with the nodes that read it."""
+    try:
+        shape_inference.infer_shapes(_skeleton(model), strict_mode=True)
+    except Exception as exc:  # onnx raises InferenceError, or others for odd graphs
+        return one_line(str(exc), 160)
+    return None
+
+
 def _opset(model: ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
