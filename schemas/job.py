@@ -26,10 +26,11 @@ class Problem(BaseModel):
 
 
 class JobLinks(BaseModel):
+    # The result links are null once a job has failed or was canceled: it has no results.
     self: str
-    model: str
-    report: str
-    report_html: str
+    model: str | None = None
+    report: str | None = None
+    report_html: str | None = None
 
 
 class Job(BaseModel):

@@ -31,6 +31,7 @@ from service.context import ServiceContext, context
 from service.problems import MEDIA_TYPE, ProblemError, field_problems
 from service.store import JobRow, aware, new_job_id
 from workers import jobs
+from workers.errors import one_line
 from workers.jobs import report_html
 
 MAX_WAIT_S = 60
@@ -62,8 +63,20 @@ Owner = Annotated[str, Depends(owner)]
 Context = Annotated[ServiceContext, Depends(context)]
 
 
-def to_job(row: JobRow) -> Job:
+# Jobs that ended without results: asking for them again will never succeed.
+NO_RESULTS = frozenset({"failed", "canceled"})
+
+
+def _links(row: JobRow) -> JobLinks:
     base = f"/v1/jobs/{row.id}"
+    if row.status in NO_RESULTS:
+        return JobLinks(self=base)
+    return JobLinks(
+        self=base, model=f"{base}/model", report=f"{base}/report", report_html=f"{base}/report.html"
+    )
+
+
+def to_job(row: JobRow) -> Job:
     return Job(
         id=row.id,
         kind=row.kind,  # type: ignore[arg-type]
@@ -75,12 +88,7 @@ def to_job(row: JobRow) -> Job:
         finished_at=aware(row.finished_at),
         params=row.params,
         error=Problem.model_validate(row.error) if row.error else None,
-        links=JobLinks(
-            self=base,
-            model=f"{base}/model",
-            report=f"{base}/report",
-            report_html=f"{base}/report.html",
-        ),
+        links=_links(row),
     )
 
 
@@ -403,12 +411,24 @@ def _row(ctx: ServiceContext, who: str, job_id: str) -> JobRow:
 
 
 def _finished_row(ctx: ServiceContext, who: str, job_id: str) -> JobRow:
+    """The row of a job whose results exist; else 409 while it may still succeed, and 410
+    with its own error once it never will (asking again is no use)."""
     row = _row(ctx, who, job_id)
+    if row.status in NO_RESULTS:
+        raise ProblemError(410, _no_results(row))
     if row.status != "succeeded":
         raise ProblemError(
-            409, f"job {job_id} is {row.status}; results exist once it has succeeded"
+            409,
+            f"job {job_id} is {row.status}; results exist once it has succeeded: poll "
+            f"GET /v1/jobs/{job_id} or submit with ?wait=",
         )
     return row
+
+
+def _no_results(row: JobRow) -> str:
+    if row.status == "canceled" or not row.error:
+        return f"job {row.id} was {row.status} and has no results"
+    return one_line(f"the job failed: {row.error.get('detail', '')}")
 
 
 @router.get("/{job_id}", response_model=Job, responses={404: PROBLEM})
@@ -422,7 +442,7 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The ONNX file",
     },
     304: {"description": "Not modified (If-None-Match)"},
-    **{code: PROBLEM for code in (404, 409)},
+    **{code: PROBLEM for code in (404, 409, 410)},
 }
 # RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
 # (a comma is an etagc, so a list is parsed tag by tag, not split on commas).
@@ -521,7 +541,7 @@ def _gone_is_404(job_id: str) -> Iterator[None]:
 @router.get(
     "/{job_id}/report",
     response_model=Report,
-    responses={code: PROBLEM for code in (404, 409)},
+    responses={code: PROBLEM for code in (404, 409, 410)},
     summary="Size and accuracy report",
 )
 def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
@@ -533,7 +553,7 @@ def get_report(job_id: str, ctx: Context, who: Owner) -> Response:
 @router.get(
     "/{job_id}/report.html",
     response_class=HTMLResponse,
-    responses={code: PROBLEM for code in (404, 409)},
+    responses={code: PROBLEM for code in (404, 409, 410)},
     summary="The report as a page",
 )
 def get_report_html(job_id: str, ctx: Context, who: Owner) -> HTMLResponse:

@@ -222,4 +222,4 @@ def test_head_answers_the_gets_problems(
         assert anonymous.head(f"/v1/jobs/{'b' * 32}/model").status_code == 401
     failed = accepted_id(submit(keyed, "prune", {"model": b"not onnx"}, {"sparsity": 0.5}))
     assert wait_for(keyed, failed)["status"] == "failed"
-    assert keyed.head(f"/v1/jobs/{failed}/model").status_code == 409
+    assert keyed.head(f"/v1/jobs/{failed}/model").status_code == 410

@@ -80,9 +80,9 @@ def test_a_full_disk_fails_the_job_saying_so_and_serves_no_partial_model(
         assert job["status"] == "failed", job
         assert job["error"]["status"] == 507 and job["error"]["title"] == "Insufficient storage"
         assert "disk" in job["error"]["detail"] and "full" in job["error"]["detail"]
-        for link in ("model", "report", "report_html"):
-            refused = client.get(job["links"][link])
-            assert refused.status_code == 409, refused.text
+        for result in ("model", "report", "report.html"):
+            refused = client.get(f"/v1/jobs/{job['id']}/{result}")
+            assert refused.status_code == 410, refused.text
             assert refused.headers["content-type"] == "application/problem+json"
         # Nothing but the upload is left: no result under its name, no half-written one
         # holding on to the space a full disk needs back.

@@ -102,7 +102,7 @@ def client(server: Server) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def jobs(client: httpx.Client, _mlp_classifier: Any) -> dict[str, str]:
     """Real jobs for the job routes, which a fuzzed id only ever finds absent: a succeeded job
-    (200 with the model, the report, the page) and a failed one (409 for its results)."""
+    (200 with the model, the report, the page) and a failed one (410 for its results)."""
     ids = {}
     for status, model in (("succeeded", _mlp_classifier.SerializeToString()), ("failed", b"x")):
         job = accepted_id(submit(client, "prune", {"model": model}, {"sparsity": 0.5}))

@@ -152,8 +152,9 @@ def test_a_bad_model_fails_the_job_with_the_compute_layers_message(client):
     job = response.json()
     assert job["status"] == "failed"
     assert job["error"]["status"] == 422 and "not a readable ONNX model" in job["error"]["detail"]
-    assert client.get(job["links"]["model"]).status_code == 409
-    assert client.get(job["links"]["report"]).status_code == 409
+    assert job["links"]["model"] is None and job["links"]["report"] is None
+    assert client.get(f"/v1/jobs/{job['id']}/model").status_code == 410
+    assert client.get(f"/v1/jobs/{job['id']}/report").status_code == 410
 
 
 def test_delete_removes_the_job_and_its_files(client, server, digits_upload):
