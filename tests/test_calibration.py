@@ -16,7 +16,7 @@ from server import submit
 
 from schemas import PruneParams
 from workers.compress.calibrated import prune_calibrated
-from workers.compress.calibration import input_grams, layer_view, node_positions
+from workers.compress.calibration import input_statistics, layer_view, node_positions
 from workers.compress.prune import copy_model, prune_model
 from workers.errors import InputError
 from workers.graph.weights import find_weights
@@ -37,27 +37,37 @@ def views_of(model: onnx.ModelProto) -> list:
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
-def test_input_grams_are_xtx_of_each_layers_input(trans_b):
+def test_input_statistics_are_the_grams_of_each_layers_input(trans_b):
     model = gemm_mlp([5, 7, 3], trans_b=trans_b)
     rng = np.random.default_rng(0)
     runs = [{"X": rng.standard_normal((n, 5)).astype(np.float32)} for n in (11, 4)]
     first, second = views_of(model)
     x = np.concatenate([feeds["X"] for feeds in runs]).astype(np.float64)
-    np.testing.assert_allclose(input_grams(model, [first], runs)[0], x.T @ x, rtol=1e-6)
+    (inputs,) = input_statistics(model, model, [first], runs)
+    np.testing.assert_allclose(inputs.gram, x.T @ x, rtol=1e-6)
     w0, b0 = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
     hidden = np.tanh(x @ (w0.T if trans_b else w0) + b0)
-    np.testing.assert_allclose(
-        input_grams(model, [second], runs)[0], hidden.T @ hidden, rtol=1e-5, atol=1e-5
-    )
+    # the second layer's inputs in a model whose first layer was zeroed: tanh(b0) on every row
+    pruned = copy_model(model)
+    pruned.graph.initializer[0].CopyFrom(numpy_helper.from_array(0 * w0, "W0"))
+    (inputs,) = input_statistics(pruned, model, [second], runs)
+    now = np.tile(np.tanh(b0), (len(x), 1))
+    for got, expected in [
+        (inputs.gram, now.T @ now),
+        (inputs.cross, now.T @ hidden),
+        (inputs.dense, hidden.T @ hidden),
+    ]:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_input_grams_are_xtx_of_the_im2col_patches():
+def test_conv_input_statistics_are_the_grams_of_the_im2col_patches():
     model = conv_net()
     x = np.random.default_rng(1).standard_normal((3, 1, 8, 8)).astype(np.float32)
     conv, _ = views_of(model)
     patches = np.lib.stride_tricks.sliding_window_view(x[:, 0], (3, 3), axis=(1, 2))
     rows = patches.reshape(-1, 9).astype(np.float64)  # [3·6·6, 1·3·3]
-    np.testing.assert_allclose(input_grams(model, [conv], [{"X": x}])[0], rows.T @ rows, rtol=1e-6)
+    (inputs,) = input_statistics(model, model, [conv], [{"X": x}])
+    np.testing.assert_allclose(inputs.gram, rows.T @ rows, rtol=1e-6)
 
 
 def digits_job(job_dir, mlp_classifier, digits, params: dict, train: bool = False):

@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 
 from workers.nn.reconstruct import (
+    LayerInputs,
     accumulate_gram,
+    corrected_target,
     damped,
     im2col,
     least_squares,
     obs_update,
+    output_errors,
     reconstruct,
     row_masks,
-    squared_errors,
     wanda_scores,
 )
 
@@ -43,7 +45,8 @@ def test_least_squares_matches_a_direct_lstsq_solve():
     keep = np.random.default_rng(1).random(w.shape) > 0.5
     keep[2] = keep[0]  # rows with equal counts share a batched solve
     damp = 0.01 * np.diag(h).mean()
-    np.testing.assert_allclose(least_squares(w, h, keep), direct_lstsq(w, x, keep, damp), atol=1e-8)
+    solved = least_squares(w, h, keep, tolerance=1e-13)
+    np.testing.assert_allclose(solved, direct_lstsq(w, x, keep, damp), atol=1e-8)
 
 
 def test_obs_update_matches_lstsq_when_pruned_weights_come_first():
@@ -64,7 +67,8 @@ def test_obs_update_zeroes_the_pruned_weights_and_lowers_the_error():
     new = obs_update(w, h, keep, block=16)
     assert not new[~keep].any()
     masked = np.where(keep, w, 0.0)
-    assert squared_errors(w, new, h).sum() < squared_errors(w, masked, h).sum()
+    same = LayerInputs.unchanged(h)
+    assert output_errors(w, new, same).sum() < output_errors(w, masked, same).sum()
 
 
 def test_wanda_mask_against_a_hand_computed_one():
@@ -80,23 +84,51 @@ def test_wanda_mask_against_a_hand_computed_one():
     assert not np.array_equal(row_masks(np.abs(w), 0.5), expected)
 
 
+def shifted_inputs(seed: int, x: np.ndarray) -> LayerInputs:
+    """X and X̃ = X plus noise, as a layer's inputs drift once the layers before it are pruned."""
+    noisy = x + 0.3 * np.random.default_rng(seed).standard_normal(x.shape) * x.std(axis=0)
+    return LayerInputs(noisy.T @ noisy, noisy.T @ x, x.T @ x)
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("sparsity", [0.3, 0.6, 0.9])
 def test_reconstruction_never_raises_the_layer_error(seed, sparsity):
-    w, _, h = layer(seed, out=12, width=24, rows=30)  # rows ~ width: a poorly conditioned H
+    w, x, h = layer(seed, out=12, width=24, rows=30)  # rows ~ width: a poorly conditioned H
     rng = np.random.default_rng(seed + 100)
-    for keep in (row_masks(wanda_scores(w, h), sparsity), rng.random(w.shape) > sparsity):
-        done = reconstruct(w, h, keep)
-        assert done.lost_after <= done.lost_before + 1e-9 * done.base
-        masked = np.where(keep, w, 0.0)
-        assert (squared_errors(w, done.weight, h) <= squared_errors(w, masked, h) + 1e-9).all()
-        assert not done.weight[~keep].any()
+    for inputs in (LayerInputs.unchanged(h), shifted_inputs(seed, x)):
+        for keep in (row_masks(wanda_scores(w, h), sparsity), rng.random(w.shape) > sparsity):
+            done = reconstruct(w, inputs, keep)
+            assert done.lost_after <= done.lost_before
+            masked = np.where(keep, w, 0.0)
+            after, before = output_errors(w, done.weight, inputs), output_errors(w, masked, inputs)
+            assert (after <= before + 1e-9 * done.base).all()
+            assert not done.weight[~keep].any()
+
+
+def test_the_corrected_target_makes_up_for_drifted_inputs():
+    # With X̃ != X, the best dense weights on X̃ are not W: W* is, by a direct lstsq of X̃ W*ᵀ
+    # against X Wᵀ (plus the damping rows), and reconstructing toward it loses less than
+    # reconstructing toward W as SparseGPT's ‖W X̃ - Ŵ X̃‖ would.
+    w, x, _ = layer(7, out=5, width=8)
+    inputs = shifted_inputs(7, x)
+    noisy = x + 0.3 * np.random.default_rng(7).standard_normal(x.shape) * x.std(axis=0)
+    damp = 0.01 * np.diag(inputs.gram).mean()
+    a = np.vstack([noisy, np.sqrt(damp) * np.eye(8)])
+    b = np.vstack([x @ w.T, np.sqrt(damp) * w.T])
+    expected = np.linalg.lstsq(a, b, rcond=None)[0].T
+    np.testing.assert_allclose(corrected_target(w, inputs, 0.01), expected, atol=1e-8)
+    keep = row_masks(wanda_scores(w, inputs.gram), 0.5)
+    toward_w = least_squares(w, inputs.gram, keep)
+    done = reconstruct(w, inputs, keep)
+    assert done.lost_after < output_errors(w, toward_w, inputs).sum()
 
 
 def test_reconstruction_is_deterministic():
-    w, _, h = layer(4, out=16, width=32)
+    w, x, h = layer(4, out=16, width=32)
     keep = row_masks(wanda_scores(w, h), 0.5)
-    first, second = reconstruct(w, h, keep), reconstruct(w.copy(), h.copy(), keep.copy())
+    inputs = shifted_inputs(4, x)
+    first = reconstruct(w, inputs, keep)
+    second = reconstruct(w.copy(), shifted_inputs(4, x.copy()), keep.copy())
     np.testing.assert_array_equal(first.weight, second.weight)
     assert first.lost_after == second.lost_after
 

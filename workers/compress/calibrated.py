@@ -17,12 +17,13 @@ from onnx import ModelProto
 
 from schemas.params import PruneParams
 from schemas.report import CalibratedLayer, CalibrationReport
-from workers.compress.calibration import LayerView, input_grams, layer_view, node_positions
+from workers.compress.calibration import LayerView, input_statistics, layer_view, node_positions
 from workers.compress.criteria import CRITERIA, MaskRule
 from workers.compress.prune import (
     PruneOutcome,
     SlotValues,
     _check_finite,
+    copy_model,
     densify_sparse_initializers,
     float_param_count,
     layer_report,
@@ -30,7 +31,7 @@ from workers.compress.prune import (
 from workers.errors import UnsupportedModelError, cut_list
 from workers.evaluate.runtime import Feeds
 from workers.graph.weights import WeightSlot, find_weights
-from workers.nn.reconstruct import reconstruct, relative, squared_errors
+from workers.nn.reconstruct import LayerInputs, output_errors, reconstruct, relative
 
 
 def prune_calibrated(
@@ -52,6 +53,7 @@ def prune_calibrated(
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
     _check_finite(slots)
+    original = copy_model(model)  # each layer's target: its outputs in the original model
     rule = CRITERIA[params.criterion](SlotValues(slots), params)
     positions = node_positions(model)
     views: dict[int, LayerView] = {}
@@ -68,9 +70,9 @@ def prune_calibrated(
 
     layers: dict[int, CalibratedLayer] = {}
     for group in _shared_inputs(views):
-        grams = input_grams(model, [views[index] for index in group], runs)
+        inputs = input_statistics(model, original, [views[index] for index in group], runs)
         for index in group:
-            layers[index] = _prune_layer(index, views[index], grams, rule, params, outcome)
+            layers[index] = _prune_layer(index, views[index], inputs, rule, params, outcome)
 
     for slot, shape in zip(slots, shapes, strict=True):
         outcome.layers.append(layer_report(slot.name, shape, slot.read()))
@@ -102,7 +104,7 @@ def _shared_inputs(views: dict[int, LayerView]) -> list[list[int]]:
 def _prune_layer(
     index: int,
     view: LayerView,
-    grams: np.ndarray,
+    inputs: list[LayerInputs],
     rule: MaskRule,
     params: PruneParams,
     outcome: PruneOutcome,
@@ -110,7 +112,7 @@ def _prune_layer(
     """Mask one layer, reconstruct it if asked, write it back; its errors on the calibration
     inputs, summed over a grouped Conv's groups."""
     weight = view.slot.read()
-    keep = view.matrix(rule(index, weight, view, grams))  # [out, in]
+    keep = view.matrix(rule(index, weight, view, inputs))  # [out, in]
     matrix = view.matrix(weight).astype(np.float64)
     new = np.where(keep, matrix, 0.0)
     per_group = len(matrix) // view.groups
@@ -119,7 +121,7 @@ def _prune_layer(
     for g in range(view.groups):
         rows = slice(g * per_group, (g + 1) * per_group)
         if params.reconstruct:
-            done = reconstruct(matrix[rows], grams[g], keep[rows])
+            done = reconstruct(matrix[rows], inputs[g], keep[rows])
             new[rows] = done.weight
             methods.add(done.method)
             base += done.base
@@ -127,8 +129,8 @@ def _prune_layer(
             lost_after += done.lost_after
         else:
             zero = np.zeros_like(matrix[rows])
-            base += float(squared_errors(matrix[rows], zero, grams[g]).sum())
-            lost_before += float(squared_errors(matrix[rows], new[rows], grams[g]).sum())
+            base += float(output_errors(matrix[rows], zero, inputs[g]).sum())
+            lost_before += float(output_errors(matrix[rows], new[rows], inputs[g]).sum())
             lost_after = lost_before
     _write(view.slot, view.restore(new), outcome)
     return CalibratedLayer(

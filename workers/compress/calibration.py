@@ -12,14 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from onnx import ModelProto, NodeProto, ValueInfoProto
+from onnxruntime import InferenceSession
 
 from workers.compress.prune import copy_model
-from workers.errors import InvalidDataError
+from workers.errors import InvalidDataError, first_line
 from workers.evaluate.runtime import Feeds, session
 from workers.graph.load import serialize
 from workers.graph.walk import attribute
 from workers.graph.weights import WeightSlot
-from workers.nn.reconstruct import accumulate_gram, im2col
+from workers.nn.reconstruct import LayerInputs, accumulate_gram, im2col
 
 IM2COL_BYTES = 1 << 26  # patches of one chunk of a Conv input: 64 MiB, however large the image
 
@@ -149,26 +150,41 @@ def exposing(model: ModelProto, name: str) -> bytes:
     return serialize(copy)
 
 
-def input_grams(model: ModelProto, views: list[LayerView], runs: list[Feeds]) -> np.ndarray:
-    """H [groups, in, in] (float64) of the input the views share, over every run."""
+def _activations(runner: InferenceSession, feeds: Feeds) -> np.ndarray:
+    try:
+        return runner.run(None, feeds)[0]
+    except Exception as exc:  # onnxruntime's errors are untyped
+        raise InvalidDataError(
+            f"onnxruntime could not run the model on the calibration data: {first_line(exc)}"
+        ) from exc
+
+
+def input_statistics(
+    model: ModelProto, original: ModelProto, views: list[LayerView], runs: list[Feeds]
+) -> list[LayerInputs]:
+    """Per group, the Gram matrices of the input the views share over every run: X̃ from
+    `model` (pruned so far), X from `original`, on the same rows."""
     view = views[0]
-    grams = np.zeros((view.groups, view.width, view.width))
-    graph_inputs = {value.name for value in model.graph.input}
-    runner = None if view.input_name in graph_inputs else session(exposing(model, view.input_name))
+    size = (view.groups, view.width, view.width)
+    gram = np.zeros(size)
+    if view.input_name in {value.name for value in model.graph.input}:
+        for feeds in runs:
+            for group in range(view.groups):
+                for rows in view.rows(np.asarray(feeds[view.input_name]), group):
+                    accumulate_gram(gram[group], rows)
+        return [LayerInputs.unchanged(part) for part in gram]
+    cross, dense = np.zeros(size), np.zeros(size)
+    pruned = session(exposing(model, view.input_name))
+    before = session(exposing(original, view.input_name))
     for feeds in runs:
-        if runner is None:
-            activation = np.asarray(feeds[view.input_name])
-        else:
-            try:
-                activation = runner.run(None, feeds)[0]
-            except Exception as exc:  # onnxruntime's errors are untyped
-                raise InvalidDataError(
-                    f"onnxruntime could not run the model on the calibration data: {exc}"
-                ) from exc
-        if activation.dtype.kind != "f":
+        now, then = _activations(pruned, feeds), _activations(before, feeds)
+        if now.dtype.kind != "f":
             raise InvalidDataError(f"input {view.input_name!r} of a weight is not float")
         for group in range(view.groups):
-            for rows in view.rows(activation, group):
-                accumulate_gram(grams[group], rows)
-        del activation  # before the next run's: one at a time
-    return grams
+            pairs = zip(view.rows(now, group), view.rows(then, group), strict=True)
+            for rows, original_rows in pairs:
+                accumulate_gram(gram[group], rows)
+                accumulate_gram(cross[group], rows, original_rows)
+                accumulate_gram(dense[group], original_rows)
+        del now, then  # before the next run's: one run at a time
+    return [LayerInputs(*parts) for parts in zip(gram, cross, dense, strict=True)]

@@ -25,7 +25,9 @@ from workers.nn.masks import count_to_prune
 ROWS_PER_CHUNK = 4096  # rows of X cast to float64 at a time: 4096 x in x 8 bytes
 DAMP_FRACTION = 0.01  # SparseGPT's default percdamp
 OBS_BLOCK = 128  # SparseGPT's column block (lazy batch updates)
-LSTSQ_TOLERANCE = 1e-10  # relative residual of each row's normal equations
+# Relative residual of each row's normal equations where conjugate gradients stop: the error
+# ‖(w - ŵ) X‖ is then within about its square (1e-12) of the exact minimum.
+LSTSQ_TOLERANCE = 1e-6
 # Least squares by conjugate gradients costs about LSTSQ_ITERATIONS · 2·out·in² flops,
 # SparseGPT's OBS about in³ + out·in²; above LSTSQ_MAX_FLOPS exact least squares is traded for
 # OBS (a minute of one core).
@@ -33,12 +35,13 @@ LSTSQ_ITERATIONS = 100
 LSTSQ_MAX_FLOPS = 1e12
 
 
-def accumulate_gram(gram: np.ndarray, rows: np.ndarray) -> None:
-    """gram [in, in] += rowsᵀ rows for rows [n, in], in float64, ROWS_PER_CHUNK rows at a time:
-    the float64 copy of a large activation never exists whole."""
-    for start in range(0, len(rows), ROWS_PER_CHUNK):
-        chunk = rows[start : start + ROWS_PER_CHUNK].astype(np.float64)
-        gram += chunk.T @ chunk
+def accumulate_gram(gram: np.ndarray, left: np.ndarray, right: np.ndarray | None = None) -> None:
+    """gram [in, in] += leftᵀ right (right defaults to left) for rows [n, in], in float64,
+    ROWS_PER_CHUNK rows at a time: the float64 copy of a large activation never exists whole."""
+    for start in range(0, len(left), ROWS_PER_CHUNK):
+        chunk = left[start : start + ROWS_PER_CHUNK].astype(np.float64)
+        other = chunk if right is None else right[start : start + ROWS_PER_CHUNK].astype(np.float64)
+        gram += chunk.T @ other
 
 
 def im2col(
@@ -68,12 +71,15 @@ def im2col(
     return cols.reshape(n * oh * ow, c * kh * kw)
 
 
-def damped(gram: np.ndarray, fraction: float = DAMP_FRACTION) -> np.ndarray:
-    """H + λI with λ = fraction · mean(diag H): keeps the solves well posed when inputs are
-    collinear or rarely active (SparseGPT's percdamp)."""
+def damping(gram: np.ndarray, fraction: float = DAMP_FRACTION) -> float:
+    """λ = fraction · mean(diag H), SparseGPT's percdamp (positive even for an all-zero H)."""
     diagonal = np.diag(gram)
-    damping = fraction * float(diagonal.mean()) if diagonal.size else 0.0
-    return gram + np.eye(len(gram)) * max(damping, np.finfo(np.float64).tiny)
+    return max(fraction * float(diagonal.mean()) if diagonal.size else 0.0, 1e-300)
+
+
+def damped(gram: np.ndarray, fraction: float = DAMP_FRACTION) -> np.ndarray:
+    """H + λI: keeps the solves well posed when inputs are collinear or rarely active."""
+    return gram + np.eye(len(gram)) * damping(gram, fraction)
 
 
 def wanda_scores(weight: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -95,12 +101,6 @@ def row_masks(scores: np.ndarray, sparsity: float) -> np.ndarray:
         lowest = np.argsort(scores, axis=1, kind="stable")[:, :k]
         np.put_along_axis(keep, lowest, False, axis=1)
     return keep
-
-
-def squared_errors(weight: np.ndarray, new: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """‖(w_r - ŵ_r) X‖² per row r [out], from H alone."""
-    delta = weight.astype(np.float64) - new
-    return np.einsum("ri,ij,rj->r", delta, gram, delta)
 
 
 def relative(lost: float, base: float) -> float:
@@ -188,7 +188,7 @@ def _lstsq_flops(keep: np.ndarray) -> float:
     return LSTSQ_ITERATIONS * 2.0 * out * width * width
 
 
-Reconstructor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Reconstructor = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
 
 
 def choose_reconstructor(keep: np.ndarray) -> tuple[str, Reconstructor]:
@@ -199,30 +199,72 @@ def choose_reconstructor(keep: np.ndarray) -> tuple[str, Reconstructor]:
 
 
 @dataclass(frozen=True)
+class LayerInputs:
+    """A layer's calibration inputs as Gram matrices [in, in] (float64): X̃ its inputs in the
+    model as pruned so far, X its inputs in the original model, on the same rows."""
+
+    gram: np.ndarray  # X̃ᵀX̃
+    cross: np.ndarray  # X̃ᵀX
+    dense: np.ndarray  # XᵀX
+
+    @classmethod
+    def unchanged(cls, gram: np.ndarray) -> "LayerInputs":
+        """Inputs nothing before the layer has changed (X̃ = X): the graph's own inputs."""
+        return cls(gram, gram, gram)
+
+
+def output_errors(weight: np.ndarray, new: np.ndarray, inputs: LayerInputs) -> np.ndarray:
+    """‖W X - Ŵ X̃‖² per row [out]: what the layer's outputs in the pruned model lose against
+    the original's, = w H wᵀ - 2 ŵ C wᵀ + ŵ H̃ ŵᵀ."""
+    w = weight.astype(np.float64)
+    original = ((w @ inputs.dense) * w).sum(axis=1)
+    crossed = ((new @ inputs.cross) * w).sum(axis=1)
+    return original - 2 * crossed + ((new @ inputs.gram) * new).sum(axis=1)
+
+
+def corrected_target(weight: np.ndarray, inputs: LayerInputs, fraction: float) -> np.ndarray:
+    """W* [out, in], the dense weights whose outputs on X̃ come closest to W's on X: row by row
+    the minimiser of ‖X w - X̃ w*‖² + λ‖w - w*‖², w* = (w Cᵀ + λ w)(H̃ + λI)⁻¹. Then that
+    objective for a masked ŵ is (w* - ŵ)(H̃ + λI)(w* - ŵ)ᵀ plus a constant, so the solvers
+    above, given W*, minimise it: each layer also makes up for what the layers before it
+    lost, where SparseGPT's ‖W X̃ - Ŵ X̃‖ leaves that error in place."""
+    w = weight.astype(np.float64)
+    right = w @ inputs.cross.T + damping(inputs.gram, fraction) * w  # [out, in]
+    return np.linalg.solve(damped(inputs.gram, fraction), right.T).T
+
+
+@dataclass(frozen=True)
 class Reconstruction:
     """Squared norms rather than ratios, so the groups of a grouped Conv add up."""
 
     weight: np.ndarray  # Ŵ [out, in] float64, zero off the mask
     method: str  # "least_squares" or "obs"
     base: float  # ‖WX‖²
-    lost_before: float  # ‖WX - (W⊙M)X‖²: the mask alone
-    lost_after: float  # ‖WX - ŴX‖²
+    lost_before: float  # ‖WX - (W⊙M)X̃‖²: the mask alone
+    lost_after: float  # ‖WX - ŴX̃‖²
 
 
-def reconstruct(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray) -> Reconstruction:
-    """The surviving weights of one layer updated to minimise ‖W X - Ŵ X‖ on the calibration
-    inputs. The dampened solve minimises a slightly different objective, so a row whose error
-    it would raise keeps its masked weights: the layer error never goes up."""
+def reconstruct(
+    weight: np.ndarray, inputs: LayerInputs, keep: np.ndarray, fraction: float = DAMP_FRACTION
+) -> Reconstruction:
+    """The surviving weights of one layer updated to minimise ‖W X - Ŵ X̃‖: its outputs in the
+    pruned model against the original's. The dampened solve minimises a slightly different
+    objective, so a row whose error it would raise keeps its masked weights: the layer error
+    never goes up."""
     method, solver = choose_reconstructor(keep)
     masked = np.where(keep, weight.astype(np.float64), 0.0)
-    solved = solver(weight, gram, keep)
-    worse = squared_errors(weight, solved, gram) > squared_errors(weight, masked, gram)
+    target = weight
+    if inputs.cross is not inputs.gram:
+        target = corrected_target(weight, inputs, fraction)
+    solved = solver(target, inputs.gram, keep, fraction)
+    before, after = output_errors(weight, masked, inputs), output_errors(weight, solved, inputs)
+    worse = after > before
     solved[worse] = masked[worse]
     zero = np.zeros_like(masked)
     return Reconstruction(
         weight=solved,
         method=method,
-        base=float(squared_errors(weight, zero, gram).sum()),
-        lost_before=float(squared_errors(weight, masked, gram).sum()),
-        lost_after=float(squared_errors(weight, solved, gram).sum()),
+        base=float(output_errors(weight, zero, inputs).sum()),
+        lost_before=float(before.sum()),
+        lost_after=float(np.minimum(before, after).sum()),
     )
