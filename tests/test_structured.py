@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from graphs import conv_net, gemm_mlp, make_model
+from graphs import control_flow, conv_net, gemm_mlp, make_model
 from helpers import initializers, run
 from onnx import TensorProto, helper, numpy_helper
 
@@ -218,3 +218,9 @@ def test_prelu_slopes_are_cut_with_their_neurons():
     np.testing.assert_allclose(
         run(pruned, {"X": features})[0], run(zeroed, {"X": features})[0], rtol=1e-5, atol=1e-6
     )
+
+
+def test_weights_only_inside_subgraphs_are_refused_with_the_reason():
+    with pytest.raises(UnsupportedModelError, match="If/Loop/Scan bodies") as caught:
+        structured(control_flow(), sparsity=0.3)
+    assert len(str(caught.value)) <= 300

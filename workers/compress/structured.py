@@ -200,7 +200,12 @@ def _report(group: ChannelGroup, kept_units: int | None, note: str | None) -> Gr
 
 def _refusal(groups: list[ChannelGroup], notes: dict[int, str]) -> UnsupportedModelError:
     first = next(iter(notes.items()), None)
-    why = f" ({groups[first[0]].leading}: {one_line(first[1], 140)})" if first else ""
+    why = (
+        f" ({groups[first[0]].leading}: {one_line(first[1], 140)})"
+        if first
+        else " (no Conv, Gemm or MatMul in the main graph has a constant weight and 2 or more "
+        "output channels; weights inside If/Loop/Scan bodies are not pruned by channel)"
+    )
     return UnsupportedModelError(
         one_line(
             "structured pruning found no channel group it can remove channels from safely"
