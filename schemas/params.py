@@ -122,9 +122,11 @@ class PruneParams(_Params):
     )
     reconstruct: bool = Field(
         False,
-        description="After the mask is chosen, update each layer's surviving weights to "
-        "minimise ||WX - W'X|| on the calibration inputs (eval_data), layer after layer on the "
-        "outputs of the layers already reconstructed (SparseGPT-style). Needs eval_data.",
+        description="After the mask is chosen, update each layer's surviving weights so its "
+        "outputs come as close as they can to the original's on the calibration inputs "
+        "(eval_data): layer after layer in graph order, each fed the outputs of the layers "
+        "already reconstructed (SparseGPT-style, least squares per output row). Needs "
+        "eval_data.",
     )
     fine_tune: FineTuneParams | None = None
     sensitivity: bool = Field(

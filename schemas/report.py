@@ -189,7 +189,9 @@ class CalibratedLayer(_ReportPart):
         "null without reconstruct."
     )
     error_before: float = Field(
-        description="||WX - W'X|| / ||WX|| on the calibration inputs with the mask alone."
+        description="||WX - W'X'|| / ||WX|| on the calibration inputs with the mask alone: the "
+        "layer's output in the pruned model (weights W', inputs X' as the layers before it "
+        "left them) against the original's (W on X)."
     )
     error_after: float = Field(
         description="The same after reconstruction (equal to error_before without it); never "

@@ -1,9 +1,11 @@
 """Unstructured pruning with calibration inputs (issue 16): masks by a criterion that may look at
 each layer's inputs (Wanda), and layer-wise reconstruction of the surviving weights.
 
-Layers go in graph order, as SparseGPT does: each layer's inputs come from running the model as
-pruned (and reconstructed) so far, so a layer corrects for what the layers before it lost.
-Layers that read one input tensor (an attention block's Q, K and V) share one calibration run.
+Layers go in graph order, as SparseGPT does: each layer's inputs X̃ come from running the model
+as pruned (and reconstructed) so far. Its target is its output in the original model, W X, not
+SparseGPT's W X̃, so a layer also corrects for what the layers before it lost (held-out accuracy
+of the digits MLP at 80%: 96.5% against 94.6%; bench/frontier.py). Layers that read one input
+tensor (an attention block's Q, K and V) share one calibration run.
 
 Structured pruning does not come through here yet: ranking channel groups by activation and
 least squares on the consumer of removed channels (ThiNet) plug in once its channel groups
