@@ -817,6 +817,51 @@ def _read_counts(graph: GraphProto) -> dict[str, int]:
     return counts
 
 
+def _broadcast_shape(shapes: list[Shape]) -> Shape:
+    """numpy broadcasting of known-rank shapes; a dim is None where no input fixes it."""
+    rank = max(len(shape) for shape in shapes)
+    padded = [(1,) * (rank - len(shape)) + tuple(shape) for shape in shapes]
+    result: list[int | None] = []
+    for sizes in zip(*padded, strict=True):
+        fixed = {size for size in sizes if size is not None and size != 1}
+        if len(fixed) > 1:
+            raise Blocked(f"sizes {sorted(fixed)} do not broadcast")
+        known = fixed or ({1} if all(size == 1 for size in sizes) else set())
+        result.append(next(iter(known)) if known else None)
+    return tuple(result)
+
+
+def _inferred(ctx: RuleContext, node: NodeProto) -> Shape | None:
+    """The output shape of a node onnx's inference left unknown, from its inputs' shapes and
+    constant pieces (tf2onnx and Paddle build Reshape targets from Shape at run time)."""
+    inputs = [ctx.shapes.get(name) for name in node.input if name]
+    if node.op_type in UNARY and inputs and inputs[0] is not None:
+        return inputs[0]
+    if node.op_type in BROADCAST and inputs and all(shape is not None for shape in inputs):
+        return _broadcast_shape(inputs)  # type: ignore[arg-type]
+    if node.op_type == "Reshape" and inputs and inputs[0] is not None:
+        copies = not attribute(node, "allowzero", 0)
+        elements = [e.value for e in _target(ctx, node)]
+        return tuple(
+            inputs[0][i] if value == 0 and copies else (value if value and value > 0 else None)
+            for i, value in enumerate(elements)
+        )
+    return None
+
+
+def _fill_shapes(ctx: RuleContext) -> None:
+    """Shapes onnx's inference could not tell, in graph order, where the node tells them."""
+    for node in ctx.graph.node:
+        if not node.output or not node.output[0] or node.output[0] in ctx.shapes:
+            continue
+        try:
+            shape = _inferred(ctx, node)
+        except (Blocked, IndexError):
+            continue
+        if shape is not None:
+            ctx.shapes[node.output[0]] = shape
+
+
 class ChannelGraph:
     """The main graph's channel dependencies. Subgraphs (If/Loop/Scan bodies) are not pruned:
     a group whose channels reach into one is left whole."""
@@ -834,6 +879,7 @@ class ChannelGraph:
             producers={name: node for node in graph.node for name in node.output if name},
             readers=readers,
         )
+        _fill_shapes(self.ctx)
         self.outputs = {value.name for value in graph.output}
         self.inputs = {value.name for value in graph.input}
         self.reads = _read_counts(graph)  # a constant read twice cannot be cut for one reader
