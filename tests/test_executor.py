@@ -18,7 +18,7 @@ Loss = Callable[[np.ndarray], tuple[float, np.ndarray]]  # output -> (loss, d lo
 
 def model_of(
     nodes: list[NodeProto],
-    x_shape: list[int],
+    x_shape: list[int | str],
     initializers: dict[str, np.ndarray],
     output: str = "y",
 ) -> ModelProto:
@@ -57,7 +57,7 @@ def conv_net(rng: np.random.Generator) -> ModelProto:
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1),
     ]
-    return model_of(nodes, [2, 2, 6, 6], {k: v.astype(np.float32) for k, v in weights.items()})
+    return model_of(nodes, ["N", 2, 6, 6], {k: v.astype(np.float32) for k, v in weights.items()})
 
 
 D, HEADS, HIDDEN, SEQ = 8, 2, 16, 4
@@ -138,7 +138,7 @@ def transformer_layer(rng: np.random.Generator) -> ModelProto:
         helper.make_node("Add", ["h", "ff.out"], ["residual2"]),
         helper.make_node("LayerNormalization", ["residual2", "ln2.scale", "ln2.bias"], ["y"]),
     ]
-    return model_of(nodes, [2, SEQ, D], initializers)
+    return model_of(nodes, ["N", SEQ, D], initializers)
 
 
 def cross_entropy(labels: np.ndarray) -> Loss:

@@ -67,6 +67,11 @@ def as_float(array: np.ndarray, float_dtype: np.dtype | None) -> np.ndarray:
     return array.astype(float_dtype)
 
 
+def writable(array: np.ndarray) -> np.ndarray:
+    # numpy_helper.to_array may return a read-only view of the tensor's bytes
+    return array if array.flags.writeable else array.copy()
+
+
 def step_attrs(node: NodeProto, opset: int, float_dtype: np.dtype | None) -> Attrs:
     attrs = {attr.name: attribute_value(attr, float_dtype) for attr in node.attribute}
     if float_dtype is not None and node.op_type == "Cast" and attrs["to"] in FLOAT_ONNX_TYPES:
@@ -130,8 +135,9 @@ class Executor:
         refuse_unknown(nodes)
         initial = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         # float initializers are the parameters; integer ones are shapes, axes and indices
+        # training updates these in place: each must own writable memory
         self.parameters = {
-            name: as_float(array, self.float_dtype)
+            name: writable(as_float(array, self.float_dtype))
             for name, array in initial.items()
             if np.issubdtype(array.dtype, np.floating)
         }
