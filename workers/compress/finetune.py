@@ -1,17 +1,32 @@
 """Fine-tuning a pruned model's surviving weights with clipped gradients, masks holding pruned
 weights at zero."""
 
-import numpy as np
-from onnx import ModelProto
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from schemas.params import PruneParams
+import numpy as np
+from onnx import ModelProto, helper, numpy_helper
+
+from schemas.params import FineTuneParams, PruneParams
 from schemas.report import TrainingReport
 from workers.compress.prune import PruneOutcome, refresh_layers
 from workers.errors import InputError, InvalidDataError
 from workers.evaluate.data import EvalData
+from workers.evaluate.metrics import METRICS
+from workers.graph.executor import Executor
 from workers.graph.mlp import read_mlp
-from workers.nn.fit import EpochProgress, FitSettings, PruneTarget, fit, training_report
-from workers.nn.network import DTYPE, HEADS
+from workers.nn.clipping import clip_gradients
+from workers.nn.fit import (
+    EpochProgress,
+    FitSettings,
+    History,
+    PruneTarget,
+    TrainingDivergedError,
+    fit,
+    training_report,
+)
+from workers.nn.network import DTYPE, HEADS, log_softmax
+from workers.nn.optimizers import OPTIMIZERS
 
 
 def fine_tune(
@@ -72,3 +87,234 @@ def fine_tune(
     mlp.write_back()
     refresh_layers(outcome)
     return training_report(HEADS[network.head].metric, settings.clip, history)
+
+
+# ---- any graph the NumPy executor runs: distillation from the original -------------------------
+
+DISTILLATION_TEMPERATURE = 2.0  # Hinton et al. 2015 use 2-20; soft targets carry the dark knowledge
+EARLY_STOP_PATIENCE = 3  # epochs without a better validation cosine before fine-tuning stops
+# Inputs whose float initializers are settings, not weights: running statistics of an inference
+# BatchNormalization, Clip bounds, a Pad fill value, Resize's roi and scales.
+FROZEN_INPUTS: dict[str, tuple[int, ...]] = {
+    "BatchNormalization": (3, 4),
+    "Clip": (1, 2),
+    "Pad": (2,),
+    "Resize": (1, 2),
+}
+Distillation = Callable[[np.ndarray, np.ndarray, float], tuple[float, np.ndarray]]
+
+
+def mse_distillation(
+    student: np.ndarray, teacher: np.ndarray, _: float
+) -> tuple[float, np.ndarray]:
+    """Mean squared error to the teacher's output: embeddings, feature maps, regressions."""
+    diff = student - teacher
+    return float(np.mean(diff * diff)), diff * (2 / diff.size)
+
+
+def kl_distillation(
+    student: np.ndarray, teacher: np.ndarray, temperature: float
+) -> tuple[float, np.ndarray]:
+    """KL(teacher || student) of the class scores [N, C] softened by `temperature`, times T²
+    so the gradient's scale does not depend on T (Hinton et al. 2015)."""
+    log_q = log_softmax(student / temperature)  # [N, C]
+    log_p = log_softmax(teacher / temperature)
+    p = np.exp(log_p)
+    loss = float(np.sum(p * (log_p - log_q)) / len(student)) * temperature**2
+    grad = (np.exp(log_q) - p) * (temperature / len(student))
+    return loss, grad.astype(student.dtype, copy=False)
+
+
+DISTILLATIONS: dict[str, Distillation] = {"mse": mse_distillation, "kl": kl_distillation}
+
+
+def distillation_kind(teacher: np.ndarray) -> str:
+    """KL for class logits ([N, C] rows that are not already probabilities), MSE otherwise."""
+    if teacher.ndim != 2 or teacher.shape[1] < 2:
+        return "mse"
+    probabilities = np.all(teacher >= 0) and np.allclose(teacher.sum(axis=1), 1, atol=1e-3)
+    return "mse" if probabilities else "kl"
+
+
+def trainable_parameters(model: ModelProto, parameters: dict[str, np.ndarray]) -> list[str]:
+    """The float initializers fine-tuning changes: weights, biases, norm scales. Scalars are
+    exporters' constants (0.5 and √2 in GELU, 1/√d in attention), and non-finite tensors
+    additive masks: both stay, as do the FROZEN_INPUTS."""
+    frozen = {
+        node.input[index]
+        for node in model.graph.node
+        for index in FROZEN_INPUTS.get(node.op_type, ())
+        if index < len(node.input)
+    }
+    return [
+        name
+        for name, value in parameters.items()
+        if value.size > 1 and name not in frozen and np.all(np.isfinite(value))
+    ]
+
+
+def graph_inputs(model: ModelProto) -> list[str]:
+    initialised = {tensor.name for tensor in model.graph.initializer}
+    return [value.name for value in model.graph.input if value.name not in initialised]
+
+
+def batched_forward(
+    executor: Executor, inputs: dict[str, np.ndarray], batch_size: int
+) -> dict[str, np.ndarray]:
+    """The graph's float outputs on every sample, a batch at a time, nothing kept for backward."""
+    rows = len(next(iter(inputs.values())))
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, rows, batch_size):
+        feeds = {name: x[start : start + batch_size] for name, x in inputs.items()}
+        for name, y in executor.forward(feeds, record=False).items():
+            if np.issubdtype(y.dtype, np.floating):
+                parts.setdefault(name, []).append(y)
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def distillation_loss(
+    outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray], temperature: float
+) -> tuple[float, dict[str, np.ndarray]]:
+    """The sum over the teacher's float outputs of each one's distillation loss, and the
+    gradients at the student's outputs."""
+    total, grads = 0.0, {}
+    for name, target in targets.items():
+        loss, grads[name] = DISTILLATIONS[distillation_kind(target)](
+            outputs[name], target, temperature
+        )
+        total += loss
+    return total, grads
+
+
+def mean_cosine(outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> float:
+    return float(np.mean([METRICS["cosine"].score(outputs[n], t) for n, t in targets.items()]))
+
+
+@dataclass
+class Distiller:
+    """A student graph in the executor, its trainable weights and masks, and the teacher's
+    outputs on the data it trains and validates on."""
+
+    executor: Executor
+    names: list[str]  # the trainable parameters, in the order of grads, masks, optimizer state
+    masks: list[np.ndarray | None]  # 1 keep / 0 pruned, None for weights pruning left dense
+    temperature: float
+
+    @property
+    def params(self) -> list[np.ndarray]:
+        return [self.executor.parameters[name] for name in self.names]
+
+    def loss_and_grads(
+        self, feeds: dict[str, np.ndarray], targets: dict[str, np.ndarray]
+    ) -> tuple[float, list[np.ndarray]]:
+        outputs = self.executor.forward(feeds)
+        loss, output_grads = distillation_loss(outputs, targets, self.temperature)
+        grads = self.executor.backward(output_grads)
+        return loss, [grads[name] for name in self.names]
+
+    def apply_masks(self, arrays: list[np.ndarray]) -> None:
+        for array, mask in zip(arrays, self.masks, strict=True):
+            if mask is not None:
+                array *= mask
+
+
+def distiller(outcome: PruneOutcome, temperature: float) -> Distiller:
+    executor = Executor(outcome.model)
+    names = trainable_parameters(outcome.model, executor.parameters)
+    chosen = {layer.name for layer in outcome.layers}
+    masks = [
+        (executor.parameters[name] != 0).astype(executor.parameters[name].dtype)
+        if name in chosen
+        else None
+        for name in names
+    ]
+    return Distiller(executor, names, masks, temperature)
+
+
+def stacked_inputs(data: EvalData, names: list[str]) -> dict[str, np.ndarray]:
+    return {name: data.stacked(name) for name in names}
+
+
+# Overflow is detected in the loop and reported with its step; NumPy's warnings add only noise.
+@np.errstate(over="ignore", invalid="ignore")
+def fine_tune_graph(
+    original: ModelProto,
+    outcome: PruneOutcome,
+    settings: FineTuneParams,
+    train: EvalData,
+    validation: EvalData | None,
+    on_epoch: EpochProgress | None = None,
+    temperature: float = DISTILLATION_TEMPERATURE,
+) -> TrainingReport:
+    """Fine-tune the pruned graph in place to reproduce the original's outputs on the training
+    inputs (no labels needed), with clipped gradients; pruned weights stay zero. Training stops
+    when the cosine to the original on the validation inputs has not improved for
+    EARLY_STOP_PATIENCE epochs, and the best weights are kept."""
+    if settings.schedule != "one_shot":
+        raise InputError(
+            "fine_tune.schedule gradual ramps the sparsity of MLP layers only; use one_shot here"
+        )
+    student = distiller(outcome, temperature)
+    input_names = graph_inputs(outcome.model)
+    x_train = stacked_inputs(train, input_names)
+    x_val = stacked_inputs(validation if validation is not None else train, input_names)
+    teacher = Executor(original)
+    y_train = batched_forward(teacher, x_train, settings.batch_size)
+    y_val = batched_forward(teacher, x_val, settings.batch_size)
+    history = History()
+    params = student.params
+    step = OPTIMIZERS[settings.optimizer](params, settings.learning_rate)
+    # the pruned weights before fine-tuning are the first candidate: never worse than one-shot
+    start_cosine = mean_cosine(batched_forward(student.executor, x_val, settings.batch_size), y_val)
+    best, since_best = (start_cosine, [p.copy() for p in params]), 0
+    rows = len(next(iter(y_train.values())))
+    rng = np.random.default_rng(0)
+    for epoch in range(settings.epochs):
+        order = rng.permutation(rows)
+        losses = []
+        for start in range(0, rows, settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            loss, grads = student.loss_and_grads(
+                {n: x[batch] for n, x in x_train.items()}, {n: y[batch] for n, y in y_train.items()}
+            )
+            student.apply_masks(grads)
+            clipped, norm = clip_gradients(
+                grads, settings.clip.mode, settings.clip.threshold, params
+            )
+            if not (np.isfinite(loss) and np.isfinite(norm)):
+                raise TrainingDivergedError(
+                    f"fine-tuning diverged at step {len(history.grad_norms) + 1} (epoch"
+                    f" {epoch + 1}): loss {loss}, gradient norm {norm}; lower learning_rate or"
+                    " clip gradients (clip.mode global_norm)"
+                )
+            history.grad_norms.append(norm)
+            history.clipped.append(any(c is not g for c, g in zip(clipped, grads, strict=True)))
+            step(params, clipped)
+            student.apply_masks(params)
+            losses.append(loss)
+        history.loss.append(float(np.mean(losses)))
+        history.validation.append(
+            mean_cosine(batched_forward(student.executor, x_val, settings.batch_size), y_val)
+        )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, settings.epochs)
+        if history.validation[-1] > best[0]:
+            best, since_best = (history.validation[-1], [p.copy() for p in params]), 0
+        else:
+            since_best += 1
+            if since_best >= EARLY_STOP_PATIENCE:
+                history.stopped_early = True
+                break
+    for p, saved in zip(params, best[1], strict=True):
+        p[...] = saved
+    write_parameters(outcome.model, {n: student.executor.parameters[n] for n in student.names})
+    refresh_layers(outcome)
+    return training_report("cosine", settings.clip, history)
+
+
+def write_parameters(model: ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Trained values back into the graph's initializers, each in its stored dtype."""
+    for tensor in model.graph.initializer:
+        if tensor.name in values:
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            tensor.CopyFrom(numpy_helper.from_array(values[tensor.name].astype(dtype), tensor.name))

@@ -1,0 +1,147 @@
+"""Fine-tuning graphs beyond MLPs through the NumPy executor: distillation from the original on
+unlabelled inputs brings a pruned conv net and transformer layer back towards the original,
+pruned weights stay exactly zero, shapes stay, and onnxruntime runs the result."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import ModelProto, numpy_helper
+from test_executor import SEQ, D, conv_net, transformer_layer
+
+from schemas.params import FineTuneParams, PruneParams
+from workers.compress.finetune import (
+    DISTILLATIONS,
+    distillation_kind,
+    fine_tune_graph,
+    mean_cosine,
+)
+from workers.compress.prune import copy_model, prune_model
+from workers.errors import InputError
+from workers.evaluate.data import EvalData
+
+
+def ort_output(model: ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def initializers(model: ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def distil(model: ModelProto, x: np.ndarray, prune: PruneParams, **settings) -> ModelProto:
+    """Prune a copy of `model`, fine-tune it on the first 3/4 of x, and check on the rest that
+    it moved towards the original while keeping its zeros and shapes."""
+    train, held_out = x[: len(x) * 3 // 4], x[len(x) * 3 // 4 :]
+    outcome = prune_model(copy_model(model), prune)
+    before = initializers(outcome.model)
+    one_shot = ort_output(outcome.model, held_out)
+    report = fine_tune_graph(
+        model,
+        outcome,
+        FineTuneParams(**settings),
+        EvalData([{"x": train}], None),
+        EvalData([{"x": held_out}], None),
+    )
+    after = initializers(outcome.model)
+    assert {n: a.shape for n, a in after.items()} == {n: a.shape for n, a in before.items()}
+    for layer in outcome.layers:
+        assert np.all(after[layer.name][before[layer.name] == 0] == 0), layer.name
+    teacher = {"y": ort_output(model, held_out)}
+    tuned = mean_cosine({"y": ort_output(outcome.model, held_out)}, teacher)
+    assert tuned > mean_cosine({"y": one_shot}, teacher) + 0.01
+    assert report.metric == "cosine" and max(report.validation) == pytest.approx(tuned, abs=1e-4)
+    return outcome.model
+
+
+def test_a_pruned_conv_net_is_distilled_back_towards_the_original() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 2, 6, 6)).astype(np.float32)
+    distil(
+        conv_net(rng),
+        x,
+        PruneParams(sparsity=0.8),
+        epochs=15,
+        learning_rate=0.01,
+        batch_size=32,
+        clip={"mode": "global_norm", "threshold": 5.0},
+    )
+
+
+def test_a_structurally_pruned_conv_net_keeps_its_cut_shapes() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((256, 2, 6, 6)).astype(np.float32)
+    model = conv_net(rng)
+    tuned = distil(
+        model,
+        x,
+        PruneParams(sparsity=0.5, granularity="structured"),
+        epochs=15,
+        learning_rate=0.01,
+        batch_size=32,
+    )
+    assert initializers(tuned)["conv.w"].shape[0] < initializers(model)["conv.w"].shape[0]
+
+
+def test_a_pruned_transformer_layer_is_distilled_back_towards_the_original() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((256, SEQ, D)).astype(np.float32)
+    distil(
+        transformer_layer(rng),
+        x,
+        PruneParams(sparsity=0.5),
+        epochs=15,
+        learning_rate=0.01,
+        batch_size=32,
+        optimizer="momentum",
+    )
+
+
+def test_every_step_is_clipped_below_a_tiny_threshold() -> None:
+    rng = np.random.default_rng(3)
+    model = conv_net(rng)
+    x = rng.standard_normal((64, 2, 6, 6)).astype(np.float32)
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.8))
+    report = fine_tune_graph(
+        model,
+        outcome,
+        FineTuneParams(
+            epochs=2, batch_size=16, optimizer="sgd", clip={"mode": "value", "threshold": 1e-6}
+        ),
+        EvalData([{"x": x}], None),
+        None,
+    )
+    assert report.clip.clipped_fraction == 1.0 and len(report.grad_norm) == 8
+
+
+def test_the_gradual_schedule_is_refused_outside_mlps() -> None:
+    rng = np.random.default_rng(4)
+    model = conv_net(rng)
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5))
+    x = EvalData([{"x": rng.standard_normal((8, 2, 6, 6)).astype(np.float32)}], None)
+    with pytest.raises(InputError, match="one_shot"):
+        fine_tune_graph(model, outcome, FineTuneParams(schedule="gradual"), x, None)
+
+
+def test_logits_are_distilled_by_kl_and_everything_else_by_mse() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((4, 3))
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert distillation_kind(logits) == "kl"
+    assert distillation_kind(probabilities) == "mse"
+    assert distillation_kind(rng.standard_normal((4, 3, 2))) == "mse"
+
+
+@pytest.mark.parametrize("kind", sorted(DISTILLATIONS))
+def test_distillation_gradients_match_finite_differences(kind: str) -> None:
+    rng = np.random.default_rng(6)
+    student, teacher = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    _, grad = DISTILLATIONS[kind](student, teacher, 2.0)
+    numeric = np.zeros_like(student)
+    for index in np.ndindex(student.shape):
+        step = np.zeros_like(student)
+        step[index] = 1e-6
+        up, _ = DISTILLATIONS[kind](student + step, teacher, 2.0)
+        down, _ = DISTILLATIONS[kind](student - step, teacher, 2.0)
+        numeric[index] = (up - down) / 2e-6
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
