@@ -82,11 +82,12 @@ def _prune_params(args: argparse.Namespace) -> PruneParams:
 
 
 def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "params"
-        parts.append(f"{where}: {item['msg']}")
-    return "invalid parameters: " + "; ".join(parts)
+    """The service's wording of the same problems, suggestions for misspelled keys included."""
+    from service.problems import field_problems  # FastAPI's import time, on errors only
+
+    model = PruneParams if error.title == PruneParams.__name__ else TrainParams
+    problems = field_problems(list(error.errors()), prefix="params", model=model)
+    return "invalid parameters: " + "; ".join(f"{p.field}: {p.message}" for p in problems)
 
 
 @contextmanager

@@ -1,12 +1,14 @@
 """RFC 9457 problem details for every error the service answers with."""
 
+import difflib
 import json
 import logging
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,6 +18,8 @@ from service.artifacts import DISK_FULL
 log = logging.getLogger("clipprune.http")
 
 MEDIA_TYPE = "application/problem+json"
+# What pydantic puts before a validator's own message: the message alone says what to fix.
+LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")
 TITLES = {
     400: "Bad request",
     401: "Unauthorized",
@@ -59,13 +63,54 @@ def problem_response(problem: Problem, headers: dict[str, str] | None = None) ->
     )
 
 
-def field_problems(errors: list[Any], prefix: str = "") -> list[FieldProblem]:
+def field_problems(
+    errors: list[Any], prefix: str = "", model: type[BaseModel] | None = None
+) -> list[FieldProblem]:
+    """pydantic's errors as problems a person can act on: an unknown key of `model` names
+    the closest known one, and pydantic's own prefixes ("Value error, ") are dropped."""
     problems = []
     for error in errors:
         location = [str(part) for part in error.get("loc", ()) if part != "body"]
         field = ".".join([prefix, *location] if prefix else location) or prefix or "request"
-        problems.append(FieldProblem(field=field, message=error.get("msg", "invalid")))
+        message = _without_library_prefix(error.get("msg", "invalid"))
+        if error.get("type") == "extra_forbidden" and model is not None and location:
+            message = _unknown_key(model, location)
+        problems.append(FieldProblem(field=field, message=message))
     return problems
+
+
+def _without_library_prefix(message: str) -> str:
+    for library_prefix in LIBRARY_PREFIXES:
+        message = message.removeprefix(library_prefix)
+    return message
+
+
+def _unknown_key(model: type[BaseModel], location: list[str]) -> str:
+    *parents, key = location
+    known = _keys_at(model, parents)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+    return f"unknown key {key!r}; {hint}"
+
+
+def _keys_at(model: type[BaseModel], parents: list[str]) -> list[str]:
+    """The keys the object at `parents` (a path of field names) takes; [] when the path leads
+    to no model (a list, a dict, or a type pydantic reports by name)."""
+    for name in parents:
+        field = model.model_fields.get(name)
+        nested = _model_in(field.annotation) if field is not None else None
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, also when it is optional (`FineTuneParams | None`)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def too_large(limit: int) -> Problem:

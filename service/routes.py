@@ -150,7 +150,7 @@ def _params(kind: str, text: str | None) -> BaseModel:
     try:
         return PARAMS[kind].model_validate(data)
     except ValidationError as exc:
-        errors = field_problems(list(exc.errors()), prefix="params")
+        errors = field_problems(list(exc.errors()), prefix="params", model=PARAMS[kind])
         detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
         raise ProblemError(422, detail, title="Invalid parameters", errors=errors) from exc
 
@@ -404,6 +404,12 @@ def list_jobs(
 
 
 def _row(ctx: ServiceContext, who: str, job_id: str) -> JobRow:
+    if job_id in PARAMS:  # GET /v1/jobs/prune: a submit path taken for a job id
+        raise ProblemError(
+            404,
+            f"{job_id} is a submit path, not a job: POST /v1/jobs/{job_id} submits one; read "
+            "a job at /v1/jobs/{id} with the id the submit answered",
+        )
     row = ctx.store.get(job_id, owner=who) if JOB_ID.fullmatch(job_id) else None
     if row is None:  # someone else's job is as absent as a job that never was
         raise ProblemError(404, f"no job {job_id}")

@@ -695,7 +695,7 @@ REFUSED = [
     pytest.param(
         _prune_with({"sparsty": 0.5}),
         422,
-        "params.sparsty: Extra inputs are not permitted",
+        "params.sparsty: unknown key 'sparsty'; did you mean 'sparsity'?",
         id="params-unknown-key",
     ),
     pytest.param(

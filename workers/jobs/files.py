@@ -4,7 +4,11 @@ Every backend (command line, process pool, Celery) lays a job out this way.
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from workers.errors import InputError
 
 INPUT_DIR = "input"
 MODEL_IN = "model.onnx"
@@ -12,6 +16,16 @@ EVAL_DATA = "eval_data"
 TRAIN_DATA = "train_data"
 MODEL_OUT = "model.onnx"
 REPORT_OUT = "report.json"
+
+
+@contextmanager
+def upload_field(field: str) -> Iterator[None]:
+    """Input errors raised inside name the upload `field` ("eval_data: not a readable ..."):
+    one reader serves every field, so only the job knows which one it was reading."""
+    try:
+        yield
+    except InputError as exc:
+        raise type(exc)(f"{field}: {exc}") from exc
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -11,7 +11,7 @@ from workers.evaluate.data import EvalData, InputSpec, load_eval_data
 from workers.evaluate.runtime import NotMeasurable, generated_feeds, model_inputs
 from workers.graph.load import parse_model, serialize
 from workers.graph.walk import drop_unused_initializers
-from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA
+from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA, upload_field
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
 
@@ -32,7 +32,8 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         raise InputError(f"{what} needs calibration inputs: send eval_data")
     progress("loading", 0.0)
     original_bytes = (inputs / MODEL_IN).read_bytes()
-    model = parse_model(original_bytes)
+    with upload_field("model"):
+        model = parse_model(original_bytes)
     specs = model_inputs(model)
     notes: list[str] = []
     # `reference`: the original as onnxruntime runs it, for its outputs and latency; the size
@@ -43,10 +44,12 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         notes.append(f"removed {unused} initializers that no node reads")
     validation = None
     if eval_path.exists():
-        validation = load_eval_data(eval_path, specs, params.label)
+        with upload_field("eval_data"):
+            validation = load_eval_data(eval_path, specs, params.label)
     train = None
     if params.fine_tune is not None:
-        train = load_eval_data(train_path, specs, params.label)
+        with upload_field("train_data"):
+            train = load_eval_data(train_path, specs, params.label)
         if validation is None:
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():

@@ -16,7 +16,7 @@ from workers.evaluate.data import EvalData, Table, is_classification, load_eval_
 from workers.evaluate.runtime import model_inputs
 from workers.graph.export import to_onnx
 from workers.graph.load import parse_model
-from workers.jobs.files import EVAL_DATA, INPUT_DIR, TRAIN_DATA
+from workers.jobs.files import EVAL_DATA, INPUT_DIR, TRAIN_DATA, upload_field
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
 from workers.nn.fit import (
@@ -207,7 +207,8 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
     """Train on input/train_data; evaluate on input/eval_data, else on the held-out split."""
     inputs = job_dir / INPUT_DIR
     progress("loading", 0.0)
-    table = read_table(inputs / TRAIN_DATA, params.label)
+    with upload_field("train_data"):
+        table = read_table(inputs / TRAIN_DATA, params.label)
     progress("training", 0.05)
     outcome = train_model(table, params, epoch_progress(progress, 0.05, 0.85))
 
@@ -216,7 +217,8 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
     eval_path = inputs / EVAL_DATA
     dense = parse_model(outcome.dense_onnx)
     if eval_path.exists():
-        evaluation = load_eval_data(eval_path, model_inputs(dense), params.label)
+        with upload_field("eval_data"):
+            evaluation = load_eval_data(eval_path, model_inputs(dense), params.label)
     else:
         split = outcome.split
         labels = outcome.classes[split.y_val] if outcome.classes is not None else split.y_val[:, 0]
