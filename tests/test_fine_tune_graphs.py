@@ -11,6 +11,7 @@ from test_executor import SEQ, D, conv_net, transformer_layer
 from schemas.params import FineTuneParams, PruneParams
 from workers.compress.finetune import (
     DISTILLATIONS,
+    Distiller,
     distillation_kind,
     fine_tune_graph,
     mean_cosine,
@@ -97,6 +98,21 @@ def test_a_pruned_transformer_layer_is_distilled_back_towards_the_original() -> 
     )
 
 
+@pytest.mark.parametrize(
+    ("labels", "used"),
+    [(np.arange(64) % 4, True), (np.arange(64) % 4 + 0.5, False), (np.arange(64) % 7, False)],
+    ids=["class-indices", "floats", "out-of-range"],
+)
+def test_class_labels_add_cross_entropy_and_other_labels_are_noted(labels, used) -> None:
+    rng = np.random.default_rng(7)
+    model = conv_net(rng)
+    x = EvalData([{"x": rng.standard_normal((64, 2, 6, 6)).astype(np.float32)}], labels)
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5))
+    report = fine_tune_graph(model, outcome, FineTuneParams(epochs=2, batch_size=16), x, None)
+    assert len(report.loss) == 2 and np.isfinite(report.loss).all()
+    assert bool(outcome.notes) is not used
+
+
 def test_every_step_is_clipped_below_a_tiny_threshold() -> None:
     rng = np.random.default_rng(3)
     model = conv_net(rng)
@@ -145,3 +161,25 @@ def test_distillation_gradients_match_finite_differences(kind: str) -> None:
         down, _ = DISTILLATIONS[kind](student - step, teacher, 2.0)
         numeric[index] = (up - down) / 2e-6
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_the_task_loss_is_weighed_by_alpha_and_its_gradient_is_exact() -> None:
+    rng = np.random.default_rng(8)
+    student, teacher = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
+    labels = np.array([0, 2, 1, 1, 0])
+    scorer = Distiller(None, [], [], {"y": "kl"}, 2.0, class_output="y", alpha=0.3)  # type: ignore[arg-type]
+
+    def loss(y: np.ndarray) -> float:
+        return scorer.loss({"y": y}, {"y": teacher}, labels)[0]
+
+    distilled, _ = DISTILLATIONS["kl"](student, teacher, 2.0)
+    log_p = student - np.log(np.exp(student).sum(axis=1, keepdims=True))
+    cross_entropy = -log_p[np.arange(5), labels].mean()
+    assert loss(student) == pytest.approx(0.7 * distilled + 0.3 * cross_entropy)
+    _, grads = scorer.loss({"y": student}, {"y": teacher}, labels)
+    numeric = np.zeros_like(student)
+    for index in np.ndindex(student.shape):
+        step = np.zeros_like(student)
+        step[index] = 1e-6
+        numeric[index] = (loss(student + step) - loss(student - step)) / 2e-6
+    np.testing.assert_allclose(grads["y"], numeric, rtol=1e-5, atol=1e-9)

@@ -25,7 +25,7 @@ from workers.nn.fit import (
     fit,
     training_report,
 )
-from workers.nn.network import DTYPE, HEADS, log_softmax
+from workers.nn.network import DTYPE, HEADS, log_softmax, softmax_loss
 from workers.nn.optimizers import OPTIMIZERS
 
 
@@ -92,6 +92,7 @@ def fine_tune(
 # ---- any graph the NumPy executor runs: distillation from the original -------------------------
 
 DISTILLATION_TEMPERATURE = 2.0  # Hinton et al. 2015 use 2-20; soft targets carry the dark knowledge
+TASK_WEIGHT = 0.5  # alpha: the cross-entropy's share of the loss when train_data has class labels
 EARLY_STOP_PATIENCE = 3  # epochs without a better validation cosine before fine-tuning stops
 # Inputs whose float initializers are settings, not weights: running statistics of an inference
 # BatchNormalization, Clip bounds, a Pad fill value, Resize's roi and scales.
@@ -172,18 +173,15 @@ def batched_forward(
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
 
-def distillation_loss(
-    outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray], temperature: float
-) -> tuple[float, dict[str, np.ndarray]]:
-    """The sum over the teacher's float outputs of each one's distillation loss, and the
-    gradients at the student's outputs."""
-    total, grads = 0.0, {}
-    for name, target in targets.items():
-        loss, grads[name] = DISTILLATIONS[distillation_kind(target)](
-            outputs[name], target, temperature
-        )
-        total += loss
-    return total, grads
+def class_output(
+    kinds: dict[str, str], teacher_outputs: dict[str, np.ndarray], labels: np.ndarray | None
+) -> str | None:
+    """The output labels can score: class indices in range of the model's one logits output."""
+    logits = [name for name, kind in kinds.items() if kind == "kl"]
+    if labels is None or len(logits) != 1 or not np.issubdtype(labels.dtype, np.integer):
+        return None
+    classes = teacher_outputs[logits[0]].shape[1]
+    return logits[0] if labels.min() >= 0 and labels.max() < classes else None
 
 
 def mean_cosine(outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> float:
@@ -192,23 +190,47 @@ def mean_cosine(outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) 
 
 @dataclass
 class Distiller:
-    """A student graph in the executor, its trainable weights and masks, and the teacher's
-    outputs on the data it trains and validates on."""
+    """A student graph in the executor, its trainable weights and masks, and how its outputs
+    are scored: each float output against the teacher's by its distillation kind, and the class
+    output (if labels are used) against the labels too, weighted by `alpha`."""
 
     executor: Executor
     names: list[str]  # the trainable parameters, in the order of grads, masks, optimizer state
     masks: list[np.ndarray | None]  # 1 keep / 0 pruned, None for weights pruning left dense
+    kinds: dict[str, str]  # float output -> DISTILLATIONS key
     temperature: float
+    class_output: str | None = None
+    alpha: float = 0.0
 
     @property
     def params(self) -> list[np.ndarray]:
         return [self.executor.parameters[name] for name in self.names]
 
+    def loss(
+        self,
+        outputs: dict[str, np.ndarray],
+        targets: dict[str, np.ndarray],
+        labels: np.ndarray | None,
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """The loss on a batch and its gradients at the student's outputs."""
+        total, grads = 0.0, {}
+        for name, kind in self.kinds.items():
+            loss, grad = DISTILLATIONS[kind](outputs[name], targets[name], self.temperature)
+            total, grads[name] = total + loss, grad
+        if self.class_output is not None and labels is not None:
+            task, d_logits = softmax_loss(outputs[self.class_output], labels)
+            total = (1 - self.alpha) * total + self.alpha * task
+            grads = {name: (1 - self.alpha) * g for name, g in grads.items()}
+            grads[self.class_output] = grads[self.class_output] + self.alpha * d_logits
+        return total, grads
+
     def loss_and_grads(
-        self, feeds: dict[str, np.ndarray], targets: dict[str, np.ndarray]
+        self,
+        feeds: dict[str, np.ndarray],
+        targets: dict[str, np.ndarray],
+        labels: np.ndarray | None,
     ) -> tuple[float, list[np.ndarray]]:
-        outputs = self.executor.forward(feeds)
-        loss, output_grads = distillation_loss(outputs, targets, self.temperature)
+        loss, output_grads = self.loss(self.executor.forward(feeds), targets, labels)
         grads = self.executor.backward(output_grads)
         return loss, [grads[name] for name in self.names]
 
@@ -218,7 +240,13 @@ class Distiller:
                 array *= mask
 
 
-def distiller(outcome: PruneOutcome, temperature: float) -> Distiller:
+def distiller(
+    outcome: PruneOutcome,
+    teacher_outputs: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    temperature: float,
+    alpha: float,
+) -> Distiller:
     executor = Executor(outcome.model)
     names = trainable_parameters(outcome.model, executor.parameters)
     chosen = {layer.name for layer in outcome.layers}
@@ -228,7 +256,15 @@ def distiller(outcome: PruneOutcome, temperature: float) -> Distiller:
         else None
         for name in names
     ]
-    return Distiller(executor, names, masks, temperature)
+    # decided once on all the teacher's outputs, so a batch's rows cannot change the loss
+    kinds = {name: distillation_kind(y) for name, y in teacher_outputs.items()}
+    scored = class_output(kinds, teacher_outputs, labels)
+    if labels is not None and scored is None:
+        outcome.notes.append(
+            "fine-tuning distilled from the original only: the labels are not class indices"
+            " for one class-score output"
+        )
+    return Distiller(executor, names, masks, kinds, temperature, scored, alpha)
 
 
 def stacked_inputs(data: EvalData, names: list[str]) -> dict[str, np.ndarray]:
@@ -245,22 +281,24 @@ def fine_tune_graph(
     validation: EvalData | None,
     on_epoch: EpochProgress | None = None,
     temperature: float = DISTILLATION_TEMPERATURE,
+    alpha: float = TASK_WEIGHT,
 ) -> TrainingReport:
     """Fine-tune the pruned graph in place to reproduce the original's outputs on the training
-    inputs (no labels needed), with clipped gradients; pruned weights stay zero. Training stops
-    when the cosine to the original on the validation inputs has not improved for
-    EARLY_STOP_PATIENCE epochs, and the best weights are kept."""
+    inputs (no labels needed), with clipped gradients; pruned weights stay zero. With class
+    labels, the loss is (1 - alpha) distillation + alpha cross-entropy. Training stops when the
+    cosine to the original on the validation inputs has not improved for EARLY_STOP_PATIENCE
+    epochs, and the best weights are kept."""
     if settings.schedule != "one_shot":
         raise InputError(
             "fine_tune.schedule gradual ramps the sparsity of MLP layers only; use one_shot here"
         )
-    student = distiller(outcome, temperature)
     input_names = graph_inputs(outcome.model)
     x_train = stacked_inputs(train, input_names)
     x_val = stacked_inputs(validation if validation is not None else train, input_names)
     teacher = Executor(original)
     y_train = batched_forward(teacher, x_train, settings.batch_size)
     y_val = batched_forward(teacher, x_val, settings.batch_size)
+    student = distiller(outcome, y_train, train.labels, temperature, alpha)
     history = History()
     params = student.params
     step = OPTIMIZERS[settings.optimizer](params, settings.learning_rate)
@@ -275,7 +313,9 @@ def fine_tune_graph(
         for start in range(0, rows, settings.batch_size):
             batch = order[start : start + settings.batch_size]
             loss, grads = student.loss_and_grads(
-                {n: x[batch] for n, x in x_train.items()}, {n: y[batch] for n, y in y_train.items()}
+                {n: x[batch] for n, x in x_train.items()},
+                {n: y[batch] for n, y in y_train.items()},
+                None if train.labels is None else train.labels[batch],
             )
             student.apply_masks(grads)
             clipped, norm = clip_gradients(
