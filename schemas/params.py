@@ -89,8 +89,16 @@ class PruneParams(_Params):
         description="Largest allowed metric drop (absolute, 0..1 scale); the largest sparsity "
         "that keeps it is searched for.",
     )
-    scope: Scope = "layer"
-    granularity: Granularity = "unstructured"
+    scope: Scope = Field(
+        "layer",
+        description="layer: each tensor pruned to the sparsity on its own; global: one "
+        "threshold across all prunable tensors.",
+    )
+    granularity: Granularity = Field(
+        "unstructured",
+        description="unstructured: single weights; structured: whole neurons, channels or "
+        "heads removed with every coupled slice, so the file itself shrinks.",
+    )
     encoding: EncodingChoice | None = Field(
         None,
         description="dense, sparse, int8, or auto: the smallest file among those that meet the "
@@ -110,7 +118,11 @@ class PruneParams(_Params):
     exclude: list[str] = Field(
         default_factory=list, description="Regexes over initializer names never to prune."
     )
-    task: Task = "auto"
+    task: Task = Field(
+        "auto",
+        description="How labels are scored: classification, regression, or auto (names, or "
+        "integers with at most 20 distinct values, are classes).",
+    )
     label: str | None = Field(
         None, description="Label column of a CSV eval/train file; default the last column."
     )
@@ -128,7 +140,11 @@ class PruneParams(_Params):
         "already reconstructed (SparseGPT-style, least squares per output row). Needs "
         "eval_data.",
     )
-    fine_tune: FineTuneParams | None = None
+    fine_tune: FineTuneParams | None = Field(
+        None,
+        description="Fine-tune the surviving weights on train_data after pruning (epochs, "
+        "learning_rate, batch_size, optimizer, clip, schedule); pruned weights stay zero.",
+    )
     sensitivity: bool = Field(
         False,
         description="Also prune each tensor alone at several sparsities and report the metric, "
@@ -253,16 +269,34 @@ class TrainParams(_Params):
         },
     )
 
-    model: ModelSpec = ModelSpec()
-    task: Task = "auto"
+    model: ModelSpec = Field(
+        ModelSpec(),
+        description="The model to train: type (linear, logistic, softmax, mlp), hidden widths "
+        "and activation.",
+    )
+    task: Task = Field(
+        "auto",
+        description="classification, regression, or auto: classes when the labels are "
+        "names, or integers with at most 20 distinct values; else regression.",
+    )
     label: str | None = Field(None, description="Label column of a CSV file; default the last.")
-    epochs: int = Field(20, ge=1, le=10000)
-    batch_size: int = Field(64, ge=1, le=65536)
-    learning_rate: float = Field(1e-3, gt=0, le=10)
-    optimizer: Optimizer = "adam"
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    clip: ClipParams = ClipParams()
-    prune: TrainPruneParams | None = None
+    epochs: int = Field(20, ge=1, le=10000, description="Passes over the training rows.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Rows per gradient step.")
+    learning_rate: float = Field(1e-3, gt=0, le=10, description="The optimizer's step size.")
+    optimizer: Optimizer = Field("adam", description="sgd, momentum or adam.")
+    weight_decay: float = Field(
+        0.0, ge=0, le=1, description="L2 penalty: weight_decay * w joins each weight's gradient."
+    )
+    clip: ClipParams = Field(
+        ClipParams(),
+        description="Gradient clipping: mode (none, value, norm, global_norm, adaptive) and "
+        "threshold.",
+    )
+    prune: TrainPruneParams | None = Field(
+        None,
+        description="Prune while training: sparsity or threshold, scope, and schedule "
+        "(one_shot at the end, or gradual).",
+    )
     validation_split: float = Field(
         0.2, gt=0, lt=1, description="Share of rows held out for validation (and the report)."
     )
@@ -273,7 +307,9 @@ class TrainParams(_Params):
         description="Early stopping: stop after this many epochs without a better validation "
         "metric and keep the best weights. None trains every epoch.",
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seeds the split, the initial weights and the order."
+    )
 
     @model_validator(mode="after")
     def _batch_activations_fit(self) -> "TrainParams":

@@ -8,15 +8,22 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
-from schemas.vocabulary import EncodingChoice, Granularity, MetricChoice, Scope
 from workers import jobs
 from workers.errors import InputError
+
+P = TypeVar("P", bound=BaseModel)
+PARAM_FLAG = "param:"  # the dest prefix of the flags that set a params key
+# tqdm's set_description puts ": " after the stage itself; one in the format doubled it.
+BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
 
 
 class UsageError(Exception):
@@ -32,24 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="prune an ONNX model")
     prune.add_argument("model", type=Path, help="the ONNX model to prune")
     prune.add_argument("-o", "--output", type=Path, required=True, help="where to write it")
-    prune.add_argument("--params", default="{}", help="PruneParams as a JSON object")
-    target = prune.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1)")
-    target.add_argument("--threshold", type=float, help="zero every weight with |w| <= this")
-    prune.add_argument("--scope", choices=get_args(Scope))
-    prune.add_argument("--granularity", choices=get_args(Granularity))
-    prune.add_argument("--encoding", choices=get_args(EncodingChoice))
-    prune.add_argument("--metric", choices=get_args(MetricChoice))
     prune.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
     prune.add_argument("--train-data", type=Path, help="CSV or NPZ to fine-tune on")
-    prune.add_argument("--report", type=Path, help="write the report here, not to stdout")
+    _add_output_flags(prune)
+    _add_params_flags(prune, PruneParams)
 
     train = commands.add_parser("train", help="train a model on a data set, with clipped gradients")
-    train.add_argument("data", type=Path, help="CSV (label column last, or --params label) or NPZ")
+    train.add_argument("data", type=Path, help="CSV (label column last, or --label) or NPZ")
     train.add_argument("-o", "--output", type=Path, required=True, help="where to write the ONNX")
-    train.add_argument("--params", default="{}", help="TrainParams as a JSON object")
     train.add_argument("--eval-data", type=Path, help="CSV or NPZ to measure accuracy on")
-    train.add_argument("--report", type=Path, help="write the report here, not to stdout")
+    _add_output_flags(train)
+    _add_params_flags(train, TrainParams)
 
     serve = commands.add_parser("serve", help="run the REST service (settings: CLIPPRUNE_*)")
     serve.add_argument("--host", help="bind address (CLIPPRUNE_HOST, default 127.0.0.1)")
@@ -63,6 +63,64 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_output_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--report", type=Path, help="write the report JSON to this file")
+    command.add_argument("--json", action="store_true", help="print the report JSON to stdout")
+
+
+def _add_params_flags(command: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """A flag for each key of `model` that holds one value, with the schema's description as
+    its help; keys holding an object are set through --params."""
+    nested = [name for name, field in model.model_fields.items() if _flag_type(field) is None]
+    group = command.add_argument_group(
+        f"{model.__name__} (each flag overrides the same key of --params)"
+    )
+    group.add_argument(
+        "--params",
+        default="{}",
+        help=f"{model.__name__} as a JSON object: every key, and the only way to set "
+        + ", ".join(nested),
+    )
+    for name, field in model.model_fields.items():
+        kind = _flag_type(field)
+        if kind is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        options: dict[str, Any] = {"dest": PARAM_FLAG + name, "help": _flag_help(field)}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            options.update(action="append", metavar="REGEX")
+            options["help"] += " Repeat the flag for more."
+        elif isinstance(kind, tuple):
+            options["choices"] = kind
+        else:
+            options.update(type=kind, metavar=name.upper())
+        group.add_argument(flag, **options)
+
+
+def _flag_type(field: FieldInfo) -> type | tuple[str, ...] | None:
+    """What a flag for `field` parses: bool, list (repeated), a Literal's choices, int, float
+    or str; None for an object, which only --params can give."""
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, UnionType):  # `X | None`: None is the flag not given
+        arms = [arm for arm in get_args(annotation) if arm is not type(None)]
+        if len(arms) != 1:
+            return None
+        annotation = arms[0]
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) is list and get_args(annotation) == (str,):
+        return list
+    return annotation if annotation in (bool, int, float, str) else None
+
+
+def _flag_help(field: FieldInfo) -> str:
+    default = field.default
+    shown = "" if default is None or default is PydanticUndefined else f" (default {default})"
+    return (field.description or "").replace("%", "%%") + shown
+
+
 def _json_params(text: str) -> dict[str, Any]:
     try:
         params = json.loads(text)
@@ -73,12 +131,13 @@ def _json_params(text: str) -> dict[str, Any]:
     return params
 
 
-def _prune_params(args: argparse.Namespace) -> PruneParams:
+def _params(args: argparse.Namespace, model: type[P]) -> P:
+    """--params with each flag given put over its key, validated as the service does."""
     params = _json_params(args.params)
-    for flag in ("sparsity", "threshold", "scope", "granularity", "encoding", "metric"):
-        if getattr(args, flag) is not None:
-            params[flag] = getattr(args, flag)
-    return PruneParams.model_validate(params)
+    for name, value in vars(args).items():
+        if name.startswith(PARAM_FLAG) and value is not None:
+            params[name.removeprefix(PARAM_FLAG)] = value
+    return model.model_validate(params)
 
 
 def _describe(error: ValidationError) -> str:
@@ -97,8 +156,7 @@ def _progress_bar() -> Iterator[jobs.Progress]:
         return
     from tqdm import tqdm
 
-    bar_format = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
-    with tqdm(total=100, file=sys.stderr, leave=False, bar_format=bar_format) as bar:
+    with tqdm(total=100, file=sys.stderr, leave=False, bar_format=BAR_FORMAT) as bar:
 
         def update(stage: str, fraction: float) -> None:
             bar.set_description(stage)
@@ -119,7 +177,10 @@ def _stage_inputs(job_dir: Path, files: dict[str, Path | None]) -> None:
 
 
 def _run(
-    args: argparse.Namespace, files: dict[str, Path | None], job: Callable[..., Report]
+    args: argparse.Namespace,
+    source: Path,
+    files: dict[str, Path | None],
+    job: Callable[..., Report],
 ) -> None:
     """Run a job entry point in a temporary job directory, as the service would."""
     with tempfile.TemporaryDirectory(prefix="clipprune-") as tmp:
@@ -131,24 +192,45 @@ def _run(
     text = report.model_dump_json(indent=2)
     if args.report:
         args.report.write_text(text + "\n")
-    else:
+    if args.json:
         print(text)
+    print(summary(source.name, report), file=sys.stderr)
+
+
+def summary(name: str, report: Report) -> str:
+    """One line a person reads after a run: bytes before and after, and the metric."""
+    size = report.size
+    line = f"{name} {size.original_bytes:,} → {size.compressed_bytes:,} bytes ({size.ratio:.1f}x), "
+    accuracy = report.accuracy
+    if accuracy is None:
+        return line + "accuracy not measured"
+    return line + f"{accuracy.metric} {accuracy.original:.4f} → {accuracy.compressed:.4f}"
 
 
 def _prune(args: argparse.Namespace) -> None:
-    params = _prune_params(args)
+    params = _params(args, PruneParams)
     files = {
         jobs.MODEL_IN: args.model,
         jobs.EVAL_DATA: args.eval_data,
         jobs.TRAIN_DATA: args.train_data,
     }
-    _run(args, files, lambda job_dir, progress: jobs.run_prune_job(job_dir, params, progress))
+    _run(
+        args,
+        args.model,
+        files,
+        lambda job_dir, progress: jobs.run_prune_job(job_dir, params, progress),
+    )
 
 
 def _train(args: argparse.Namespace) -> None:
-    params = TrainParams.model_validate(_json_params(args.params))
+    params = _params(args, TrainParams)
     files = {jobs.TRAIN_DATA: args.data, jobs.EVAL_DATA: args.eval_data}
-    _run(args, files, lambda job_dir, progress: jobs.run_train_job(job_dir, params, progress))
+    _run(
+        args,
+        args.output,
+        files,
+        lambda job_dir, progress: jobs.run_train_job(job_dir, params, progress),
+    )
 
 
 def _serve(args: argparse.Namespace) -> None:

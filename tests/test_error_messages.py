@@ -80,9 +80,10 @@ def test_a_submit_path_is_not_taken_for_a_job_id(client, path):
 def test_the_cli_suggests_the_closest_key_too(tmp_path, digits_upload):
     model = tmp_path / "m.onnx"
     model.write_bytes(digits_upload["model"])
+    params = '{"sparsity": 0.5, "scpoe": "global"}'
+    out = str(tmp_path / "o.onnx")
     run = subprocess.run(
-        [sys.executable, "-m", "service.cli", "prune", str(model), "-o", str(tmp_path / "o.onnx")]
-        + ["--params", '{"sparsity": 0.5, "scpoe": "global"}'],
+        [sys.executable, "-m", "service.cli", "prune", str(model), "-o", out, "--params", params],
         capture_output=True,
         text=True,
     )

@@ -136,7 +136,7 @@ def test_cli_prunes_with_flags_and_prints_the_report(tmp_path, digits_files):
     out = tmp_path / "pruned.onnx"
     result = clipprune(
         "prune", str(model), "-o", str(out), "--sparsity", "0.9", "--encoding", "sparse",
-        "--eval-data", str(eval_csv),
+        "--eval-data", str(eval_csv), "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

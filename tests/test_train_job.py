@@ -84,7 +84,9 @@ def test_cli_train_is_repeatable_to_the_byte(tmp_path, digits_csv):
     params = json.dumps({"model": {"type": "softmax"}, "epochs": 3, "seed": 1})
     outputs = []
     for name in ("a.onnx", "b.onnx"):
-        result = clipprune("train", str(digits_csv), "-o", str(tmp_path / name), "--params", params)
+        result = clipprune(
+            "train", str(digits_csv), "-o", str(tmp_path / name), "--params", params, "--json"
+        )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["training"]["metric"] == "accuracy"
         outputs.append((tmp_path / name).read_bytes())
