@@ -145,6 +145,36 @@ def hard_sigmoid_gate(x: Array, alpha: float, beta: float) -> Array:
     return (z > 0) & (z < 1)
 
 
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+GELU_CUBIC = 0.044715
+
+
+def gelu_tanh_inner(x: Array) -> Array:
+    return np.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x))
+
+
+# opset 20 Gelu's `approximate` -> (forward, derivative)
+GELU_FORMS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
+    "none": (
+        lambda x: 0.5 * x * (1 + erf(x / math.sqrt(2))),
+        lambda x: (
+            0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        ),
+    ),
+    "tanh": (
+        lambda x: 0.5 * x * (1 + gelu_tanh_inner(x)),
+        lambda x: (
+            0.5 * (1 + gelu_tanh_inner(x))
+            + 0.5
+            * x
+            * (1 - gelu_tanh_inner(x) ** 2)
+            * SQRT_2_OVER_PI
+            * (1 + 3 * GELU_CUBIC * x * x)
+        ),
+    ),
+}
+
+
 def pow_exponent_grad(a: Array, b: Array, y: Array) -> Array:
     # d a^b / db = a^b log a, defined for a > 0 (zero elsewhere, as PyTorch does)
     positive = a > 0
@@ -182,6 +212,11 @@ ELEMENTWISE: dict[str, Operator] = {
     ),
     "Tanh": unary(lambda x, _: np.tanh(x), lambda x, y, _: 1 - y * y),
     "Erf": unary(lambda x, _: erf(x), lambda x, y, _: TWO_OVER_SQRT_PI * np.exp(-x * x)),
+    "Softplus": unary(lambda x, _: np.logaddexp(0, x), lambda x, y, _: sigmoid(x)),
+    "Gelu": unary(
+        lambda x, a: GELU_FORMS[a.get("approximate", "none")][0](x),
+        lambda x, y, a: GELU_FORMS[a.get("approximate", "none")][1](x),
+    ),
 }
 
 
@@ -940,6 +975,103 @@ SHAPES: dict[str, Operator] = {
 }
 
 
+# ---- variadic, comparisons and masks: what attention masks and position ids are built from ---
+
+
+def variadic(weight: Callable[[Array, Array], Array], ufunc: np.ufunc) -> Operator:
+    """Max, Min, Sum over any number of broadcasting inputs; each input's gradient is the
+    output's times weight(input, output), summed back to the input's shape."""
+
+    def forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+        present = [x for x in inputs if x is not None]
+        y = ufunc.reduce(np.broadcast_arrays(*present)).astype(present[0].dtype, copy=False)
+        return [y], (present, y)
+
+    def vjp(context: tuple[list[Array], Array], grads: list[Array]) -> Grads:
+        present, y = context
+        return [unbroadcast(grads[0] * weight(x, y), x.shape).astype(x.dtype) for x in present]
+
+    return Operator(forward, vjp)
+
+
+def compare(function: Callable[..., Array]) -> Operator:
+    """A boolean result: no gradient flows through it."""
+
+    def forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+        return [np.asarray(function(*inputs))], None
+
+    return Operator(forward)
+
+
+def range_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    start, limit, delta = inputs
+    assert start is not None and limit is not None and delta is not None
+    return [np.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)], None
+
+
+def tile_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x, repeats = inputs[0], ints(inputs[1])
+    assert x is not None and repeats is not None
+    return [np.tile(x, repeats)], (x.shape, repeats)
+
+
+def tile_vjp(context: tuple[tuple[int, ...], list[int]], grads: list[Array]) -> Grads:
+    shape, repeats = context
+    # [r0 * s0, r1 * s1, ...] -> [r0, s0, r1, s1, ...], summed over the repeat axes
+    interleaved = [n for pair in zip(repeats, shape, strict=True) for n in pair]
+    summed = grads[0].reshape(interleaved).sum(axis=tuple(range(0, 2 * len(shape), 2)))
+    return [summed, None]
+
+
+def trilu_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x, k = inputs[0], optional(inputs, 1)
+    assert x is not None
+    diagonal = 0 if k is None else int(k)
+    keep = np.triu if attrs.get("upper", 1) else np.tril
+    return [keep(x, diagonal)], (keep, diagonal, len(inputs))
+
+
+def trilu_vjp(context: tuple[Callable[[Array, int], Array], int, int], grads: list[Array]) -> Grads:
+    keep, diagonal, count = context
+    return [keep(grads[0], diagonal), *[None] * (count - 1)]
+
+
+def reduce_max_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x = inputs[0]
+    assert x is not None
+    axes = reduce_axes(x, inputs, attrs)
+    kept = x.max(axis=axes, keepdims=True)
+    # tied maxima share the gradient equally
+    winners = x == kept
+    share = winners / winners.sum(axis=axes, keepdims=True)
+    y = kept if attrs.get("keepdims", 1) else np.squeeze(kept, axis=axes)
+    return [y], (share.astype(x.dtype), axes, len(inputs))
+
+
+def reduce_max_vjp(context: tuple[Array, tuple[int, ...], int], grads: list[Array]) -> Grads:
+    share, axes, count = context
+    g = np.expand_dims(grads[0], axes) if grads[0].ndim < share.ndim else grads[0]
+    return [g * share, *[None] * (count - 1)]
+
+
+MASKS: dict[str, Operator] = {
+    # ties (probability zero on real data) pass the gradient to every input holding the extreme
+    "Max": variadic(lambda x, y: x == y, np.maximum),
+    "Min": variadic(lambda x, y: x == y, np.minimum),
+    "Sum": variadic(lambda x, y: 1, np.add),
+    "ReduceMax": Operator(reduce_max_forward, reduce_max_vjp),
+    "Equal": compare(np.equal),
+    "Less": compare(np.less),
+    "Greater": compare(np.greater),
+    "Not": compare(np.logical_not),
+    "And": compare(np.logical_and),
+    "Or": compare(np.logical_or),
+    "Range": Operator(range_forward),
+    "Tile": Operator(tile_forward, tile_vjp),
+    "Trilu": Operator(trilu_forward, trilu_vjp),
+}
+
+
 # ---- values without gradients, and the pass-throughs -------------------------------------------
 
 
@@ -1004,5 +1136,6 @@ OPERATORS: dict[str, Operator] = {
     **NORMALISATION,
     **REDUCTIONS,
     **SHAPES,
+    **MASKS,
     **VALUES,
 }
