@@ -476,6 +476,75 @@ def conv_vjp(context: tuple[Array, Array, Window, tuple, tuple, int], grads: lis
     return result
 
 
+def transposed_window(spatial: tuple[int, ...], kernel: tuple[int, ...], attrs: Attrs) -> Window:
+    """ConvTranspose as the adjoint of a Conv: the Conv whose input is the full (uncropped)
+    output and whose output positions are the ConvTranspose's input positions."""
+    if attrs.get("output_shape") or attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        raise UnsupportedModelError("ConvTranspose with output_shape or auto_pad is not supported")
+    rank = len(spatial)
+    return Window(
+        kernel,
+        tuple(attrs.get("strides") or [1] * rank),
+        tuple(attrs.get("dilations") or [1] * rank),
+        (0,) * rank,
+        (0,) * rank,
+        (0,) * rank,
+        spatial,
+    )
+
+
+def transposed_crop(attrs: Attrs, full: tuple[int, ...]) -> tuple[slice, ...]:
+    """The part of the full output a ConvTranspose returns: pads cut from both ends."""
+    rank = len(full)
+    pads = attrs.get("pads") or [0] * (2 * rank)
+    return tuple(slice(b, n - e) for b, e, n in zip(pads[:rank], pads[rank:], full, strict=True))
+
+
+def conv_transpose_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x, w, b = inputs[0], inputs[1], optional(inputs, 2)  # [N, C, *S], [C, M/g, *kernel], [M]
+    assert x is not None and w is not None
+    groups = attrs.get("group", 1)
+    geometry = transposed_window(x.shape[2:], w.shape[2:], attrs)
+    extra = attrs.get("output_padding") or [0] * len(geometry.out)
+    full = tuple(
+        s * (n - 1) + d * (k - 1) + 1 + p
+        for s, n, d, k, p in zip(
+            geometry.strides, geometry.out, geometry.dilations, geometry.kernel, extra, strict=True
+        )
+    )
+    batch, channels = x.shape[:2]
+    rows = x.reshape(batch, groups, channels // groups, -1)  # [N, g, C/g, L]
+    kernels = w.reshape(1, groups, channels // groups, -1)  # [1, g, C/g, M/g * K]
+    columns = np.matmul(swap(kernels), rows)  # [N, g, M/g * K, L]
+    outputs = w.shape[1] * groups
+    columns = columns.reshape(batch, outputs, -1, *geometry.out)  # [N, M, K, *S]
+    crop = transposed_crop(attrs, full)
+    y = scatter_windows(columns, geometry, (batch, outputs, *full))[(..., *crop)]
+    if b is not None:
+        y = y + b.reshape(-1, *[1] * len(full))
+    return [y], (rows, w, geometry, (batch, outputs, *full), crop, len(inputs))
+
+
+def conv_transpose_vjp(
+    context: tuple[Array, Array, Window, tuple, tuple, int], grads: list[Array]
+) -> Grads:
+    rows, w, geometry, full_shape, crop, count = context
+    batch, groups, per_group, length = rows.shape
+    g_full = np.zeros(full_shape, grads[0].dtype)
+    g_full[(..., *crop)] = grads[0]
+    g_columns = gather_windows(g_full, geometry).reshape(batch, groups, -1, length)
+    kernels = w.reshape(1, groups, per_group, -1)  # [1, g, C/g, M/g * K]
+    dx = np.matmul(kernels, g_columns).reshape(batch, groups * per_group, *geometry.out)
+    # dW: every sample and position in one matmul per group
+    x_rows = rows.transpose(1, 2, 0, 3).reshape(groups, per_group, batch * length)
+    g_rows = g_columns.transpose(1, 2, 0, 3).reshape(groups, -1, batch * length)
+    dw = np.matmul(x_rows, swap(g_rows)).reshape(w.shape)
+    result: Grads = [dx, dw]
+    if count > 2:
+        result.append(grads[0].sum(axis=(0, *range(2, grads[0].ndim))))
+    return result
+
+
 def max_pool_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
     x = inputs[0]  # [N, C, *S]
     assert x is not None
@@ -540,6 +609,7 @@ def global_average_pool_vjp(shape: tuple[int, ...], grads: list[Array]) -> Grads
 
 WINDOWED: dict[str, Operator] = {
     "Conv": Operator(conv_forward, conv_vjp),
+    "ConvTranspose": Operator(conv_transpose_forward, conv_transpose_vjp),
     "MaxPool": Operator(max_pool_forward, max_pool_vjp),
     "AveragePool": Operator(average_pool_forward, average_pool_vjp),
     "GlobalAveragePool": Operator(global_average_pool_forward, global_average_pool_vjp),
