@@ -322,6 +322,18 @@ CASES = [
     case("Trilu", normal(2, 4, 4), opset=14),
     case("Trilu", normal(4, 5), i64(-1), opset=14, upper=0, label="lower-k"),
     case("Softplus", 3 * normal(3, 4)),
+    case("Sin", 3 * normal(3, 4)),
+    case("Cos", 3 * normal(3, 4)),
+    case("ArgMax", normal(3, 4), axis=1),
+    case(
+        "ArgMax",
+        i64([[1, 3, 3], [2, 2, 0]]),
+        axis=-1,
+        keepdims=0,
+        select_last_index=1,
+        label="last-tie",
+    ),
+    case("InstanceNormalization", normal(2, 3, 4, 5), positive(3), normal(3), epsilon=1e-3),
     case("Gelu", 2 * normal(3, 4), opset=20),
     case("Gelu", 2 * normal(3, 4), opset=20, approximate="tanh", label="tanh"),
     # values and pass-throughs

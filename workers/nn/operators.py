@@ -212,6 +212,8 @@ ELEMENTWISE: dict[str, Operator] = {
     ),
     "Tanh": unary(lambda x, _: np.tanh(x), lambda x, y, _: 1 - y * y),
     "Erf": unary(lambda x, _: erf(x), lambda x, y, _: TWO_OVER_SQRT_PI * np.exp(-x * x)),
+    "Sin": unary(lambda x, _: np.sin(x), lambda x, y, _: np.cos(x)),
+    "Cos": unary(lambda x, _: np.cos(x), lambda x, y, _: -np.sin(x)),
     "Softplus": unary(lambda x, _: np.logaddexp(0, x), lambda x, y, _: sigmoid(x)),
     "Gelu": unary(
         lambda x, a: GELU_FORMS[a.get("approximate", "none")][0](x),
@@ -660,15 +662,31 @@ def log_softmax_vjp(context: tuple[Array, tuple[int, ...]], grads: list[Array]) 
     return [g - np.exp(y) * g.sum(axis=axes, keepdims=True)]
 
 
+def normalise(x: Array, axes: tuple[int, ...], epsilon: float) -> tuple[Array, Array]:
+    """(x - mean) / sqrt(var + eps) over `axes`, and the inverse deviation [.., 1 on axes]."""
+    centred = x - x.mean(axis=axes, keepdims=True)
+    inverse = 1 / np.sqrt((centred * centred).mean(axis=axes, keepdims=True) + epsilon)
+    return centred * inverse, inverse
+
+
+def normalised_input_grad(
+    d_normal: Array, normal: Array, inverse: Array, axes: tuple[int, ...]
+) -> Array:
+    """d x from d normal: inv/D * (D dn - sum dn - n sum(dn n)), since the mean and the
+    variance both depend on x."""
+    size = math.prod(normal.shape[a] for a in axes)
+    return (inverse / size) * (
+        size * d_normal
+        - d_normal.sum(axis=axes, keepdims=True)
+        - normal * (d_normal * normal).sum(axis=axes, keepdims=True)
+    )
+
+
 def layer_norm_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
     x, scale, bias = inputs[0], inputs[1], optional(inputs, 2)  # [..., *D], [*D], [*D]
     assert x is not None and scale is not None
     axes = tuple(range(attrs.get("axis", -1) % x.ndim, x.ndim))
-    centred = x - x.mean(axis=axes, keepdims=True)
-    inverse = 1 / np.sqrt(
-        (centred * centred).mean(axis=axes, keepdims=True) + attrs.get("epsilon", 1e-5)
-    )
-    normal = centred * inverse
+    normal, inverse = normalise(x, axes, attrs.get("epsilon", 1e-5))
     y = normal * scale + (0 if bias is None else bias)
     return [y.astype(x.dtype, copy=False)], (normal, inverse, scale, axes, bias is not None)
 
@@ -676,14 +694,7 @@ def layer_norm_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
 def layer_norm_vjp(context: tuple[Array, Array, Array, tuple, bool], grads: list[Array]) -> Grads:
     normal, inverse, scale, axes, has_bias = context
     g = grads[0]
-    d_normal = g * scale
-    size = math.prod(normal.shape[a] for a in axes)
-    # d x = inv/D * (D dn - sum dn - n sum(dn n)): the mean and variance both depend on x
-    dx = (inverse / size) * (
-        size * d_normal
-        - d_normal.sum(axis=axes, keepdims=True)
-        - normal * (d_normal * normal).sum(axis=axes, keepdims=True)
-    )
+    dx = normalised_input_grad(g * scale, normal, inverse, axes)
     result: Grads = [dx, unbroadcast(g * normal, scale.shape)]
     if has_bias:
         result.append(unbroadcast(g, scale.shape))
@@ -693,6 +704,23 @@ def layer_norm_vjp(context: tuple[Array, Array, Array, tuple, bool], grads: list
 def channel_view(v: Array, ndim: int) -> Array:
     """[C] -> [1, C, 1, ...] to broadcast against [N, C, *S]."""
     return v.reshape(1, -1, *[1] * (ndim - 2))
+
+
+def instance_norm_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x, scale, bias = inputs  # [N, C, *S], [C], [C]
+    assert x is not None and scale is not None and bias is not None
+    axes = tuple(range(2, x.ndim))  # each sample's channel on its own
+    normal, inverse = normalise(x, axes, attrs.get("epsilon", 1e-5))
+    y = normal * channel_view(scale, x.ndim) + channel_view(bias, x.ndim)
+    return [y.astype(x.dtype, copy=False)], (normal, inverse, scale, axes)
+
+
+def instance_norm_vjp(context: tuple[Array, Array, Array, tuple], grads: list[Array]) -> Grads:
+    normal, inverse, scale, axes = context
+    g = grads[0]
+    others = (0, *axes)
+    dx = normalised_input_grad(g * channel_view(scale, g.ndim), normal, inverse, axes)
+    return [dx, (g * normal).sum(axis=others), g.sum(axis=others)]
 
 
 def batch_norm_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
@@ -729,6 +757,7 @@ NORMALISATION: dict[str, Operator] = {
     "LogSoftmax": Operator(log_softmax_forward, log_softmax_vjp),
     "LayerNormalization": Operator(layer_norm_forward, layer_norm_vjp),
     "BatchNormalization": Operator(batch_norm_forward, batch_norm_vjp),
+    "InstanceNormalization": Operator(instance_norm_forward, instance_norm_vjp),
 }
 
 
@@ -1073,6 +1102,18 @@ def compare(function: Callable[..., Array]) -> Operator:
     return Operator(forward)
 
 
+def argmax_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x = inputs[0]
+    assert x is not None
+    axis = attrs.get("axis", 0) % x.ndim
+    # select_last_index: the last of tied maxima, found as the first in the reversed axis
+    flipped = np.flip(x, axis) if attrs.get("select_last_index", 0) else x
+    index = np.argmax(flipped, axis=axis, keepdims=bool(attrs.get("keepdims", 1)))
+    if attrs.get("select_last_index", 0):
+        index = x.shape[axis] - 1 - index
+    return [index.astype(np.int64)], None
+
+
 def range_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
     start, limit, delta = inputs
     assert start is not None and limit is not None and delta is not None
@@ -1137,6 +1178,7 @@ MASKS: dict[str, Operator] = {
     "And": compare(np.logical_and),
     "Or": compare(np.logical_or),
     "Range": Operator(range_forward),
+    "ArgMax": Operator(argmax_forward),
     "Tile": Operator(tile_forward, tile_vjp),
     "Trilu": Operator(trilu_forward, trilu_vjp),
 }
