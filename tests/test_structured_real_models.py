@@ -185,5 +185,7 @@ def test_the_service_prunes_a_conv_net_structured_with_int8(client):
     assert report["latency_ms"]["original"] > 0 and report["latency_ms"]["compressed"] > 0
     assert report["onnx"]["checker"] == "passed"
     assert any(note.startswith("structured: ") for note in report["notes"])
+    cut = [group for group in report["groups"] if group["kept"] < group["channels"]]
+    assert cut and all(group["kept"] >= 1 for group in cut), report["groups"]
     model = client.get(f"/v1/jobs/{job['id']}/model").content
     check_runs_with_original_shapes("ppocr_cls", model)

@@ -103,6 +103,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         kind="prune",
         size=size_report(original_bytes, data, chosen.outcome.params_before, nonzero_after),
         layers=chosen.outcome.layers,
+        groups=chosen.outcome.groups,
         accuracy=accuracy,
         latency_ms=latency,
         onnx=onnx_report(data),
