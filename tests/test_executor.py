@@ -209,6 +209,17 @@ def test_transformer_layer_gradients_match_finite_differences() -> None:
     assert_gradients_match_finite_differences(model, x, loss)
 
 
+def test_nodes_stored_out_of_order_run_in_topological_order() -> None:
+    rng = np.random.default_rng(6)
+    model = conv_net(rng)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    expected = Executor(model).forward({"x": x}, record=False)["y"]
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    np.testing.assert_array_equal(Executor(model).forward({"x": x}, record=False)["y"], expected)
+
+
 def test_a_forward_without_record_keeps_nothing_for_backward() -> None:
     rng = np.random.default_rng(4)
     executor = Executor(conv_net(rng))

@@ -347,6 +347,15 @@ CASES = [
     case("Identity", normal(2, 3)),
     case("Dropout", normal(2, 3), opset=13),
     case("Dropout", normal(2, 3), opset=13, outputs=2, label="mask"),
+    case(
+        "Dropout",
+        normal(2, 3),
+        f64(0.3),
+        np.array(False),
+        opset=13,
+        fixed=(1,),
+        label="inputs-not-training",
+    ),
 ]
 
 
@@ -474,6 +483,19 @@ def refusal(node: Any) -> str:
 def test_an_operator_outside_the_registry_is_refused_by_name() -> None:
     message = refusal(helper.make_node("Celu", ["x"], ["y"], name="celu_7"))
     assert "Celu" in message and "celu_7" in message
+
+
+def test_dropout_in_training_mode_is_refused() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Dropout", ["x", "", "training"], ["y"], name="drop_3")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array(True), "training")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(UnsupportedModelError, match=r"Dropout node 'drop_3'.*training"):
+        Executor(model).forward({"x": np.ones(2, np.float32)})
 
 
 def test_an_unsupported_attribute_value_is_refused_with_the_node() -> None:

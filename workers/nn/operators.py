@@ -1221,7 +1221,11 @@ def constant_of_shape_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array]
 def identity_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
     x = inputs[0]
     assert x is not None
-    # Dropout in inference passes x through; its optional mask output keeps every element
+    # Dropout in inference passes x through; its optional mask output keeps every element.
+    # Training mode (an attribute before opset 12, an input since) would drop at random.
+    training = optional(inputs, 2)
+    if attrs.get("is_test", 1) == 0 or (training is not None and bool(training)):
+        raise UnsupportedModelError("Dropout in training mode is not supported (inference only)")
     masks = [np.ones(x.shape, bool)] * (attrs["num_outputs"] - 1)
     return [x, *masks], len(inputs)
 
