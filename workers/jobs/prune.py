@@ -11,6 +11,7 @@ from workers.evaluate.data import EvalData, InputSpec, load_eval_data
 from workers.evaluate.runtime import NotMeasurable, generated_feeds, model_inputs
 from workers.graph.load import parse_model, serialize
 from workers.graph.walk import drop_unused_initializers
+from workers.jobs.advice import Facts
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA, upload_field
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
@@ -114,7 +115,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         notes=notes + chosen.notes,
     )
     progress("writing", 0.95)
-    return finish(job_dir, chosen.data, report, progress)
+    return finish(job_dir, chosen.data, report, progress, Facts(params))
 
 
 def generated_check(original: bytes, compressed: bytes, specs: list[InputSpec]) -> str:

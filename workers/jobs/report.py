@@ -13,6 +13,7 @@ from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import plan_scoring, score_outputs
 from workers.evaluate.runtime import Feeds, latency, run, session
 from workers.graph.load import opsets, sha256
+from workers.jobs.advice import Facts, advise
 from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
 from workers.jobs.progress import Progress
 
@@ -63,8 +64,10 @@ def score_pair(
     return score_outputs(scoring, reference, run(session(compressed), evaluation.runs))
 
 
-def finish(job_dir: Path, model: bytes, report: Report, progress: Progress) -> Report:
-    """Write the model and its report where the backend picks them up."""
+def finish(job_dir: Path, model: bytes, report: Report, progress: Progress, facts: Facts) -> Report:
+    """Write the model and its report, advice added to its notes, where the backend picks
+    them up."""
+    report = report.model_copy(update={"notes": [*report.notes, *advise(report, facts)]})
     write_atomically(job_dir / MODEL_OUT, model)
     write_atomically(job_dir / REPORT_OUT, report.model_dump_json(indent=2).encode())
     progress("done", 1.0)

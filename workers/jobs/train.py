@@ -1,5 +1,6 @@
 """Training a model from a data table: task, split, standardisation, fit, pruning, export."""
 
+import csv
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,13 +10,22 @@ import numpy as np
 
 from schemas.params import ModelSpec, TrainParams
 from schemas.report import Report
-from schemas.vocabulary import Activation, Head, ModelType
+from schemas.vocabulary import Activation, Head, ModelType, Task
 from workers.compress.prune import float_param_count, float_params, layer_report
 from workers.errors import InvalidDataError
-from workers.evaluate.data import EvalData, Table, is_classification, load_eval_data, read_table
+from workers.evaluate.data import (
+    MAX_CLASSES_AUTO,
+    EvalData,
+    Table,
+    is_classification,
+    is_npz,
+    load_eval_data,
+    read_table,
+)
 from workers.evaluate.runtime import model_inputs
 from workers.graph.export import to_onnx
 from workers.graph.load import parse_model
+from workers.jobs.advice import Facts
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, TRAIN_DATA, upload_field
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
@@ -254,4 +264,41 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
         notes=notes,
     )
     progress("writing", 0.95)
-    return finish(job_dir, outcome.onnx, report, progress)
+    return finish(job_dir, outcome.onnx, report, progress, _facts(inputs, params, table, outcome))
+
+
+def _facts(inputs: Path, params: TrainParams, table: Table, outcome: TrainOutcome) -> Facts:
+    """What the advice needs to know of the data: the label column, the task and why."""
+    label, label_reason = _label_column(inputs / TRAIN_DATA, params.label)
+    classes = 0 if outcome.classes is None else len(outcome.classes)
+    assert table.labels is not None  # train_model refused a table without
+    return Facts(
+        params,
+        label=label,
+        label_reason=label_reason,
+        task_reason=_task_reason(table.labels, params.task),
+        rows=table.rows,
+        classes=classes,
+    )
+
+
+def _label_column(path: Path, label: str | None) -> tuple[str, str]:
+    if label is not None:
+        return label, "asked"
+    if is_npz(path):
+        return "y", "the NPZ's labels"
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
+        header = next(csv.reader(file))  # read_table has read it: it is there
+    return header[-1], "the last column; set label to choose another"
+
+
+def _task_reason(labels: np.ndarray, task: Task) -> str:
+    if task != "auto":
+        return "asked"
+    if labels.dtype.kind in "US":
+        return "task auto: the labels are names"
+    distinct = len(np.unique(labels))
+    if np.any(labels.astype(np.float64) % 1 != 0):
+        return "task auto: the labels have fractions"
+    bound = "more than" if distinct > MAX_CLASSES_AUTO else "at most"
+    return f"task auto: {distinct} distinct integer labels, {bound} {MAX_CLASSES_AUTO}"
