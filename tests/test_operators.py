@@ -112,6 +112,17 @@ CASES = [
     ),
     case("Gemm", normal(3, 4), normal(5, 4), transB=1, label="transB-no-C"),
     case("Gemm", normal(4, 3), normal(5, 4), normal(3, 5), transA=1, transB=1, label="both"),
+    case("Einsum", normal(2, 3, 4), normal(2, 4, 5), opset=12, equation="bij,bjk->bik"),
+    case(
+        "Einsum",
+        normal(2, 2, 3, 4),
+        normal(2, 2, 5, 4),
+        opset=12,
+        equation="bhqd,bhkd->bhqk",
+        label="attention",
+    ),
+    case("Einsum", normal(3, 4), opset=12, equation="ij->j", label="summed-away"),
+    case("Einsum", normal(3, 4), normal(4, 2), opset=12, equation="ij, jk", label="implicit"),
     # windows
     case("Conv", normal(2, 3, 5, 5), normal(4, 3, 3, 3), normal(4)),
     case(
@@ -502,3 +513,9 @@ def test_an_unsupported_attribute_value_is_refused_with_the_node() -> None:
     node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up_1", mode="linear")
     message = refusal(node)
     assert "Resize" in message and "up_1" in message and "linear" in message
+
+
+def test_an_einsum_with_an_ellipsis_is_refused_with_the_node() -> None:
+    node = helper.make_node("Einsum", ["x"], ["y"], name="swap_2", equation="...ij->...ji")
+    message = refusal(node)
+    assert "Einsum" in message and "swap_2" in message and "ellipsis" in message

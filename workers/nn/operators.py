@@ -357,6 +357,41 @@ def gemm_vjp(context: tuple[Array, Array, Array | None, Attrs, int], grads: list
     return [r if r is None else r.astype(a2.dtype, copy=False) for r in result]
 
 
+def einsum_terms(equation: str) -> tuple[list[str], str]:
+    """The operands' subscripts and the output's; implicit output: the letters used once,
+    sorted. Ellipses and repeated letters in one operand (diagonals) are not supported."""
+    equation = equation.replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "." in equation or any(len(set(term)) != len(term) for term in terms):
+        raise UnsupportedModelError(f"Einsum {equation!r} with an ellipsis or a diagonal")
+    if "->" not in equation:
+        letters = "".join(terms)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return terms, output
+
+
+def einsum_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    terms, output = einsum_terms(attrs["equation"])
+    operands = [x for x in inputs if x is not None]
+    y = np.einsum(f"{','.join(terms)}->{output}", *operands)
+    return [np.asarray(y, operands[0].dtype)], (operands, terms, output)
+
+
+def einsum_vjp(context: tuple[list[Array], list[str], str], grads: list[Array]) -> Grads:
+    operands, terms, output = context
+    result: Grads = []
+    for index, (x, term) in enumerate(zip(operands, terms, strict=True)):
+        others = [t for i, t in enumerate(terms) if i != index]
+        # letters only this operand has were summed away: their gradient is broadcast back
+        reachable = "".join(c for c in term if c in output or any(c in t for t in others))
+        spec = ",".join([output, *others]) + "->" + reachable
+        partial = np.einsum(spec, grads[0], *[o for i, o in enumerate(operands) if i != index])
+        shape = [x.shape[i] if c in reachable else 1 for i, c in enumerate(term)]
+        result.append(np.broadcast_to(partial.reshape(shape), x.shape).astype(x.dtype))
+    return result
+
+
 # ---- windows: Conv and pooling -----------------------------------------------------------------
 
 
@@ -1248,6 +1283,7 @@ OPERATORS: dict[str, Operator] = {
     **SELECTION,
     "MatMul": Operator(matmul_forward, matmul_vjp),
     "Gemm": Operator(gemm_forward, gemm_vjp),
+    "Einsum": Operator(einsum_forward, einsum_vjp),
     **WINDOWED,
     **NORMALISATION,
     **REDUCTIONS,
