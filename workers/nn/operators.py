@@ -145,6 +145,8 @@ def hard_sigmoid_gate(x: Array, alpha: float, beta: float) -> Array:
     return (z > 0) & (z < 1)
 
 
+SELU_ALPHA = 1.67326319217681884765625  # the ONNX defaults, as float32 rounds them
+SELU_GAMMA = 1.05070102214050292968750
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 GELU_CUBIC = 0.044715
 
@@ -214,6 +216,25 @@ ELEMENTWISE: dict[str, Operator] = {
     "Erf": unary(lambda x, _: erf(x), lambda x, y, _: TWO_OVER_SQRT_PI * np.exp(-x * x)),
     "Sin": unary(lambda x, _: np.sin(x), lambda x, y, _: np.cos(x)),
     "Cos": unary(lambda x, _: np.cos(x), lambda x, y, _: -np.sin(x)),
+    "Elu": unary(
+        lambda x, a: np.where(x > 0, x, a.get("alpha", 1.0) * np.expm1(np.minimum(x, 0))),
+        lambda x, y, a: np.where(x > 0, 1, y + a.get("alpha", 1.0)),
+    ),
+    "Selu": unary(
+        lambda x, a: (
+            a.get("gamma", SELU_GAMMA)
+            * np.where(x > 0, x, a.get("alpha", SELU_ALPHA) * np.expm1(np.minimum(x, 0)))
+        ),
+        lambda x, y, a: (
+            a.get("gamma", SELU_GAMMA)
+            * np.where(x > 0, 1, a.get("alpha", SELU_ALPHA) * np.exp(np.minimum(x, 0)))
+        ),
+    ),
+    "PRelu": binary(
+        lambda x, slope: np.where(x > 0, x, slope * x),
+        lambda x, slope, y: np.where(x > 0, 1, slope),
+        lambda x, slope, y: np.where(x > 0, 0, x),
+    ),
     "Softplus": unary(lambda x, _: np.logaddexp(0, x), lambda x, y, _: sigmoid(x)),
     "Gelu": unary(
         lambda x, a: GELU_FORMS[a.get("approximate", "none")][0](x),
@@ -829,7 +850,25 @@ def reduction(mean: bool) -> Operator:
     return Operator(forward, vjp)
 
 
+def reduce_l2_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x = inputs[0]
+    assert x is not None
+    axes = reduce_axes(x, inputs, attrs)
+    norm = np.sqrt((x * x).sum(axis=axes, keepdims=True))
+    y = norm if attrs.get("keepdims", 1) else np.squeeze(norm, axis=axes)
+    return [y], (x, norm, axes, len(inputs))
+
+
+def reduce_l2_vjp(context: tuple[Array, Array, tuple[int, ...], int], grads: list[Array]) -> Grads:
+    x, norm, axes, count = context
+    g = np.expand_dims(grads[0], axes) if grads[0].ndim < x.ndim else grads[0]
+    # d ||x|| / dx = x / ||x||; a zero norm has no direction, its subgradient 0 is taken
+    direction = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+    return [g * direction, *[None] * (count - 1)]
+
+
 REDUCTIONS: dict[str, Operator] = {
+    "ReduceL2": Operator(reduce_l2_forward, reduce_l2_vjp),
     "ReduceMean": reduction(mean=True),
     "ReduceSum": reduction(mean=False),
 }
@@ -1129,7 +1168,7 @@ def variadic(weight: Callable[[Array, Array], Array], ufunc: np.ufunc) -> Operat
 
 
 def compare(function: Callable[..., Array]) -> Operator:
-    """A boolean result: no gradient flows through it."""
+    """A result no gradient flows through: booleans, and piecewise-constant values."""
 
     def forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
         return [np.asarray(function(*inputs))], None
@@ -1212,6 +1251,11 @@ MASKS: dict[str, Operator] = {
     "Not": compare(np.logical_not),
     "And": compare(np.logical_and),
     "Or": compare(np.logical_or),
+    # piecewise constant: their gradient is zero wherever it exists, so none flows
+    "Sign": compare(np.sign),
+    "Floor": compare(np.floor),
+    "Ceil": compare(np.ceil),
+    "Round": compare(np.round),  # half to even, as ONNX
     "Range": Operator(range_forward),
     "ArgMax": Operator(argmax_forward),
     "Tile": Operator(tile_forward, tile_vjp),
