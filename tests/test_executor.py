@@ -220,6 +220,35 @@ def test_nodes_stored_out_of_order_run_in_topological_order() -> None:
     np.testing.assert_array_equal(Executor(model).forward({"x": x}, record=False)["y"], expected)
 
 
+def as_constant_nodes(model: ModelProto) -> ModelProto:
+    """The model with its initializers moved into Constant nodes, as Paddle exports weights."""
+    moved = ModelProto()
+    moved.CopyFrom(model)
+    constants = [
+        helper.make_node("Constant", [], [t.name], value=t) for t in moved.graph.initializer
+    ]
+    nodes = [*constants, *moved.graph.node]
+    del moved.graph.initializer[:], moved.graph.node[:]
+    moved.graph.node.extend(nodes)
+    return moved
+
+
+def test_weights_in_constant_nodes_are_parameters_like_initializers() -> None:
+    rng = np.random.default_rng(7)
+    model = conv_net(rng)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    results = []
+    for variant in (model, as_constant_nodes(model)):
+        executor = Executor(variant)
+        y = executor.forward({"x": x})["y"]
+        results.append((y, executor.backward({"y": np.ones_like(y)})))
+    (y, grads), (y_constants, grads_constants) = results
+    np.testing.assert_array_equal(y_constants, y)
+    assert grads_constants.keys() == grads.keys()
+    for name, g in grads.items():
+        np.testing.assert_array_equal(grads_constants[name], g)
+
+
 def test_a_forward_without_record_keeps_nothing_for_backward() -> None:
     rng = np.random.default_rng(4)
     executor = Executor(conv_net(rng))

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import ModelProto, numpy_helper
-from test_executor import SEQ, D, conv_net, transformer_layer
+from test_executor import SEQ, D, as_constant_nodes, conv_net, transformer_layer
 
 from schemas.params import FineTuneParams, PruneParams
 from workers.compress.finetune import (
@@ -27,7 +27,12 @@ def ort_output(model: ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def initializers(model: ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    """Every stored float tensor by name, in initializers or in Constant nodes."""
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            stored[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return stored
 
 
 def distil(model: ModelProto, x: np.ndarray, prune: PruneParams, **settings) -> ModelProto:
@@ -67,6 +72,17 @@ def test_a_pruned_conv_net_is_distilled_back_towards_the_original() -> None:
         batch_size=32,
         clip={"mode": "global_norm", "threshold": 5.0},
     )
+
+
+def test_weights_in_constant_nodes_are_fine_tuned_where_they_are() -> None:
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((256, 2, 6, 6)).astype(np.float32)
+    model = as_constant_nodes(conv_net(rng))
+    tuned = distil(
+        model, x, PruneParams(sparsity=0.8), epochs=10, learning_rate=0.01, batch_size=32
+    )
+    assert not tuned.graph.initializer
+    assert not np.array_equal(initializers(tuned)["fc.b"], initializers(model)["fc.b"])
 
 
 def test_a_structurally_pruned_conv_net_keeps_its_cut_shapes() -> None:

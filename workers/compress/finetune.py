@@ -5,7 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto
 
 from schemas.params import FineTuneParams, PruneParams
 from schemas.report import TrainingReport
@@ -15,6 +15,7 @@ from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import METRICS
 from workers.graph.executor import Executor
 from workers.graph.mlp import read_mlp
+from workers.graph.weights import all_float_constants
 from workers.nn.clipping import clip_gradients
 from workers.nn.fit import (
     EpochProgress,
@@ -353,8 +354,8 @@ def fine_tune_graph(
 
 
 def write_parameters(model: ModelProto, values: dict[str, np.ndarray]) -> None:
-    """Trained values back into the graph's initializers, each in its stored dtype."""
-    for tensor in model.graph.initializer:
-        if tensor.name in values:
-            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            tensor.CopyFrom(numpy_helper.from_array(values[tensor.name].astype(dtype), tensor.name))
+    """Trained values back where the graph stores them (initializers or Constant nodes), each
+    in its stored dtype."""
+    for slot in all_float_constants(model):
+        if slot.graph is model.graph and slot.name in values:
+            slot.write(values[slot.name])

@@ -1,9 +1,10 @@
 """Running an ONNX graph in NumPy, forward and backward, with the operators of workers.nn.
 
-The graph's float initializers are its parameters, held by name in `parameters` (replace or
-update the arrays there to train). forward(feeds) runs the nodes in topological order and keeps
-each node's context; backward(output_grads) walks the same nodes in reverse, accumulating
-vector-Jacobian products, and returns d loss / d parameter for every parameter.
+The graph's float initializers and float Constant nodes are its parameters, held by name in
+`parameters` (update the arrays there in place to train). forward(feeds) runs the nodes in
+topological order and keeps each node's context; backward(output_grads) walks the same nodes in
+reverse, accumulating vector-Jacobian products, and returns d loss / d parameter for every
+parameter.
 """
 
 from collections import defaultdict, deque
@@ -103,6 +104,17 @@ def topological(nodes: list[NodeProto], available: set[str]) -> list[int]:
     return order
 
 
+def float_constant(node: NodeProto) -> bool:
+    """A Constant node whose one attribute is a float tensor `value`: a weight by another name."""
+    return (
+        node.op_type == "Constant"
+        and node.domain in DEFAULT_DOMAINS
+        and len(node.attribute) == 1
+        and node.attribute[0].name == "value"
+        and node.attribute[0].t.data_type in FLOAT_ONNX_TYPES
+    )
+
+
 def default_opset(model: ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
 
@@ -131,11 +143,16 @@ class Executor:
         if graph.sparse_initializer:
             raise UnsupportedModelError("the graph has sparse initializers: densify it first")
         self.float_dtype = None if float_dtype is None else np.dtype(float_dtype)
-        nodes = list(graph.node)
-        refuse_unknown(nodes)
-        initial = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        # float initializers are the parameters; integer ones are shapes, axes and indices
-        # training updates these in place: each must own writable memory
+        refuse_unknown(list(graph.node))
+        # Paddle and some TF exports keep their weights in Constant nodes, not initializers
+        weights = {node.output[0]: node for node in graph.node if float_constant(node)}
+        nodes = [node for node in graph.node if not float_constant(node)]
+        initial = {
+            **{t.name: numpy_helper.to_array(t) for t in graph.initializer},
+            **{name: numpy_helper.to_array(node.attribute[0].t) for name, node in weights.items()},
+        }
+        # float tensors are the parameters; integer ones are shapes, axes and indices.
+        # Training updates these in place: each must own writable memory.
         self.parameters = {
             name: writable(as_float(array, self.float_dtype))
             for name, array in initial.items()
