@@ -867,8 +867,47 @@ def reduce_l2_vjp(context: tuple[Array, Array, tuple[int, ...], int], grads: lis
     return [g * direction, *[None] * (count - 1)]
 
 
+def reduce_sum_square_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x = inputs[0]
+    assert x is not None
+    axes = reduce_axes(x, inputs, attrs)
+    y = (x * x).sum(axis=axes, keepdims=bool(attrs.get("keepdims", 1)))
+    return [np.asarray(y, x.dtype)], (x, axes, len(inputs))
+
+
+def reduce_sum_square_vjp(context: tuple[Array, tuple[int, ...], int], grads: list[Array]) -> Grads:
+    x, axes, count = context
+    g = np.expand_dims(grads[0], axes) if grads[0].ndim < x.ndim else grads[0]
+    return [2 * g * x, *[None] * (count - 1)]
+
+
+def reduce_prod_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    x = inputs[0]
+    assert x is not None
+    axes = reduce_axes(x, inputs, attrs)
+    y = x.prod(axis=axes, keepdims=bool(attrs.get("keepdims", 1)))
+    return [np.asarray(y, x.dtype)], (x, axes, len(inputs))
+
+
+def reduce_prod_vjp(context: tuple[Array, tuple[int, ...], int], grads: list[Array]) -> Grads:
+    x, axes, count = context
+    g = np.expand_dims(grads[0], axes) if grads[0].ndim < x.ndim else grads[0]
+    # the product of every other element, from exclusive prefix and suffix products (y / x
+    # would divide by zero)
+    kept = [a for a in range(x.ndim) if a not in axes]
+    moved = np.moveaxis(x, axes, range(len(kept), x.ndim))  # [*kept, *reduced]
+    rows = moved.reshape(*moved.shape[: len(kept)], -1)  # [*kept, R]
+    ones = np.ones_like(rows[..., :1])
+    prefix = np.cumprod(np.concatenate([ones, rows[..., :-1]], axis=-1), axis=-1)
+    suffix = np.cumprod(np.concatenate([ones, rows[..., :0:-1]], axis=-1), axis=-1)[..., ::-1]
+    others = np.moveaxis((prefix * suffix).reshape(moved.shape), range(len(kept), x.ndim), axes)
+    return [g * others, *[None] * (count - 1)]
+
+
 REDUCTIONS: dict[str, Operator] = {
     "ReduceL2": Operator(reduce_l2_forward, reduce_l2_vjp),
+    "ReduceSumSquare": Operator(reduce_sum_square_forward, reduce_sum_square_vjp),
+    "ReduceProd": Operator(reduce_prod_forward, reduce_prod_vjp),
     "ReduceMean": reduction(mean=True),
     "ReduceSum": reduction(mean=False),
 }
@@ -1188,6 +1227,16 @@ def argmax_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
     return [index.astype(np.int64)], None
 
 
+def one_hot_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
+    indices, depth, values = inputs  # [*I], scalar, [off, on]
+    assert indices is not None and depth is not None and values is not None
+    size = int(depth.item())
+    wrapped = np.where(indices < 0, indices + size, indices).astype(np.int64)
+    hot = np.expand_dims(wrapped, -1) == np.arange(size)  # [*I, depth]
+    hot = np.moveaxis(hot, -1, attrs.get("axis", -1) % hot.ndim)
+    return [np.where(hot, values[1], values[0]).astype(values.dtype)], None
+
+
 def range_forward(inputs: Inputs, attrs: Attrs) -> tuple[list[Array], Any]:
     start, limit, delta = inputs
     assert start is not None and limit is not None and delta is not None
@@ -1257,6 +1306,7 @@ MASKS: dict[str, Operator] = {
     "Ceil": compare(np.ceil),
     "Round": compare(np.round),  # half to even, as ONNX
     "Range": Operator(range_forward),
+    "OneHot": Operator(one_hot_forward),
     "ArgMax": Operator(argmax_forward),
     "Tile": Operator(tile_forward, tile_vjp),
     "Trilu": Operator(trilu_forward, trilu_vjp),
