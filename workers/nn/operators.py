@@ -126,17 +126,20 @@ ERFC_COEFFICIENTS = (
 def erf(x: Array) -> Array:
     """erf without SciPy, in x's dtype over the whole array (no masked copies): a few dozen
     elementwise passes, where a per-element math.erf would cost a Python call each."""
-    squared = x * x
+    # the series is only taken below the threshold: clipping keeps its powers finite elsewhere
+    near = np.clip(x, -ERF_SERIES_BELOW, ERF_SERIES_BELOW)
+    near_squared = near * near
     series = np.zeros_like(x)
     for coefficient in reversed(ERF_SERIES):
-        series = series * squared + coefficient
+        series = series * near_squared + coefficient
+    squared = x * x
     magnitude = np.abs(x)
     t = 1 / (1 + 0.5 * magnitude)
     poly = np.zeros_like(x)
     for coefficient in reversed(ERFC_COEFFICIENTS):
         poly = poly * t + coefficient
     tail = np.sign(x) * (1 - t * np.exp(-squared + poly))
-    return np.where(magnitude < ERF_SERIES_BELOW, TWO_OVER_SQRT_PI * x * series, tail)
+    return np.where(magnitude < ERF_SERIES_BELOW, TWO_OVER_SQRT_PI * near * series, tail)
 
 
 def hard_sigmoid_gate(x: Array, alpha: float, beta: float) -> Array:
