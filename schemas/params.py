@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from schemas.vocabulary import (
     ClipMode,
     Criterion,
+    Encoding,
     EncodingChoice,
     Granularity,
     HiddenActivation,
@@ -243,6 +244,11 @@ class TrainPruneParams(_Params):
     threshold: float | None = Field(None, ge=0)
     scope: Scope = "layer"
     schedule: PruneSchedule = "one_shot"
+    encoding: Encoding = Field(
+        "dense",
+        description="How the pruned model is stored: dense (zeros kept; gzips well), sparse "
+        "(sparse_initializer), int8 (dynamic quantization) or float16.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_target(self) -> "TrainPruneParams":

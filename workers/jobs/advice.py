@@ -46,17 +46,25 @@ def accuracy_drop_without_fine_tuning(report: Report, facts: Facts) -> str | Non
 
 
 def dense_file_did_not_shrink(report: Report, facts: Facts) -> str | None:
-    params, size = facts.params, report.size
-    if not isinstance(params, PruneParams) or params.encoding != "dense":
+    size, key = report.size, _encoding_key(facts.params)
+    if key is None or size.ratio >= NO_SMALLER or size.sparsity == 0:
         return None
-    if params.granularity == "structured" or size.ratio >= NO_SMALLER or size.sparsity == 0:
-        return None
+    structured = ", or granularity structured," if key == "encoding" else ""
     gzip_ratio = size.original_gzip_bytes / size.compressed_gzip_bytes
     return (
-        f"encoding dense keeps the zeros, so the file is as large as before ({size.ratio:.2f}x"
-        f"; gzip {gzip_ratio:.1f}x): set encoding sparse or int8, or granularity structured, "
-        "for a smaller file"
+        f"{key} dense keeps the zeros, so the file is as large as before ({size.ratio:.2f}x; "
+        f"gzip {gzip_ratio:.1f}x): set {key} sparse or int8{structured} for a smaller file"
     )
+
+
+def _encoding_key(params: PruneParams | TrainParams) -> str | None:
+    """The key that chose dense for a pruned file, when another choice would shrink it."""
+    if isinstance(params, PruneParams):
+        dense = params.encoding == "dense" and params.granularity != "structured"
+        return "encoding" if dense else None
+    if params.prune is not None and params.prune.encoding == "dense":
+        return "prune.encoding"
+    return None
 
 
 def clipping_always_or_never(report: Report, facts: Facts) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.params import ModelSpec, TrainParams
+from schemas.params import ModelSpec, TrainParams, TrainPruneParams
 from schemas.report import Report
 from schemas.vocabulary import Activation, Head, ModelType, Task
 from workers.compress.prune import float_param_count, float_params, layer_report
@@ -23,6 +23,7 @@ from workers.evaluate.data import (
     read_table,
 )
 from workers.evaluate.runtime import model_inputs
+from workers.graph.encoding import encode
 from workers.graph.export import to_onnx
 from workers.graph.load import parse_model
 from workers.jobs.advice import Facts
@@ -244,27 +245,37 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
             "gradual pruning: the model was pruned while it trained, so no dense model exists; "
             "original and compressed are the same pruned model"
         )
+    compressed, encoding_notes = _encoded(outcome, params.prune)
+    notes += encoding_notes
     task = "classification" if outcome.classes is not None else "regression"
-    accuracy = score_pair(outcome.dense_onnx, outcome.onnx, evaluation, "auto", task)
-    latency = latency_pair(outcome.dense_onnx, outcome.onnx, evaluation.runs[0])
+    accuracy = score_pair(outcome.dense_onnx, compressed, evaluation, "auto", task)
+    latency = latency_pair(outcome.dense_onnx, compressed, evaluation.runs[0])
     layers = [
         layer_report(f"W{index}", tuple(w.shape), w)
         for index, w in enumerate(outcome.network.weights)
     ]
     params_before = float_param_count(dense)
-    _, nonzero_after = float_params(parse_model(outcome.onnx))
+    _, nonzero_after = float_params(parse_model(outcome.onnx))  # before int8 hides the floats
     report = Report(
         kind="train",
-        size=size_report(outcome.dense_onnx, outcome.onnx, params_before, nonzero_after),
+        size=size_report(outcome.dense_onnx, compressed, params_before, nonzero_after),
         layers=layers,
         accuracy=accuracy,
         latency_ms=latency,
-        onnx=onnx_report(outcome.onnx),
+        onnx=onnx_report(compressed),
         training=training_report(HEADS[outcome.network.head].metric, params.clip, outcome.history),
         notes=notes,
     )
     progress("writing", 0.95)
-    return finish(job_dir, outcome.onnx, report, progress, _facts(inputs, params, table, outcome))
+    return finish(job_dir, compressed, report, progress, _facts(inputs, params, table, outcome))
+
+
+def _encoded(outcome: TrainOutcome, prune: TrainPruneParams | None) -> tuple[bytes, list[str]]:
+    """The trained model stored as prune.encoding asks, and the encoder's notes."""
+    if prune is None or prune.encoding == "dense":
+        return outcome.onnx, []
+    pruned = {f"W{index}" for index in range(len(outcome.network.weights))}  # to_onnx's names
+    return encode(parse_model(outcome.onnx), prune.encoding, pruned)
 
 
 def _facts(inputs: Path, params: TrainParams, table: Table, outcome: TrainOutcome) -> Facts:
