@@ -300,8 +300,8 @@ class TrainParams(_Params):
     )
     prune: TrainPruneParams | None = Field(
         None,
-        description="Prune while training: sparsity or threshold, scope, and schedule "
-        "(one_shot at the end, or gradual).",
+        description="Prune while training: sparsity or threshold, scope, schedule "
+        "(one_shot at the end, or gradual) and encoding.",
     )
     validation_split: float = Field(
         0.2, gt=0, lt=1, description="Share of rows held out for validation (and the report)."

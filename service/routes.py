@@ -17,6 +17,7 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -92,6 +93,22 @@ def to_job(row: JobRow) -> Job:
     )
 
 
+def _params_keys(model: type[BaseModel]) -> str:
+    """The params field's description: the model's own, then each key with its default and
+    meaning, so Swagger UI shows them beside the field (JSON in a form field is a string)."""
+    summary = " ".join((model.__doc__ or "").split())
+    lines = [f"{model.__name__} as a JSON object. {summary}", ""]
+    for name, field in model.model_fields.items():
+        lines.append(f"- `{name}` (default `{_default(field)}`): {field.description or ''}")
+    lines += ["", f"The full schema is {model.__name__} under Schemas below."]
+    return "\n".join(lines)
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.get_default(call_default_factory=True)
+    return json.dumps(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
+
+
 def _multipart_body(kind: str) -> dict[str, Any]:
     files = {
         name: {"type": "string", "format": "binary", "description": description}
@@ -105,7 +122,7 @@ def _multipart_body(kind: str) -> dict[str, Any]:
     example = PARAMS[kind].model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
     params = {
         "type": "string",
-        "description": f"{PARAMS[kind].__name__} as a JSON object (schema in components)",
+        "description": _params_keys(PARAMS[kind]),
         "example": json.dumps(example),
     }
     return {
