@@ -10,15 +10,18 @@ from test_executor import SEQ, D, as_constant_nodes, conv_net, transformer_layer
 
 from schemas.params import FineTuneParams, PruneParams
 from workers.compress.finetune import (
+    DISTILLATION_TEMPERATURE,
     DISTILLATIONS,
     Distiller,
     distillation_kind,
+    distiller,
     fine_tune_graph,
     mean_cosine,
 )
-from workers.compress.prune import copy_model, prune_model
+from workers.compress.prune import PruneOutcome, copy_model, prune_model
 from workers.errors import InputError
 from workers.evaluate.data import EvalData
+from workers.graph.executor import Executor
 
 
 def ort_output(model: ModelProto, x: np.ndarray) -> np.ndarray:
@@ -33,6 +36,10 @@ def initializers(model: ModelProto) -> dict[str, np.ndarray]:
         if node.op_type == "Constant":
             stored[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return stored
+
+
+def copy_outcome(outcome: PruneOutcome) -> PruneOutcome:
+    return PruneOutcome(copy_model(outcome.model), list(outcome.layers), outcome.params_before)
 
 
 def distil(model: ModelProto, x: np.ndarray, prune: PruneParams, **settings) -> ModelProto:
@@ -199,3 +206,46 @@ def test_the_task_loss_is_weighed_by_alpha_and_its_gradient_is_exact() -> None:
         step[index] = 1e-6
         numeric[index] = (loss(student + step) - loss(student - step)) / 2e-6
     np.testing.assert_allclose(grads["y"], numeric, rtol=1e-5, atol=1e-9)
+
+
+def clipped_by_definition(grads: list[np.ndarray], mode: str, eps: float) -> list[np.ndarray]:
+    """README's clipping definitions, written out independently of workers.nn.clipping."""
+    if mode == "value":
+        return [np.clip(g, -eps, eps) for g in grads]
+    if mode == "norm":
+        return [g * min(1.0, eps / float(np.linalg.norm(g))) for g in grads]
+    total = float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads)))
+    return [g * min(1.0, eps / (total + 1e-6)) for g in grads]
+
+
+@pytest.mark.parametrize(("mode", "eps"), [("value", 1e-3), ("norm", 1e-2), ("global_norm", 1e-2)])
+def test_one_sgd_step_moves_the_weights_by_the_clipped_masked_gradient(mode, eps) -> None:
+    rng = np.random.default_rng(10)
+    model = conv_net(rng)
+    x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5))
+    # the gradient at the pruned weights, on the whole batch (one step per epoch below)
+    teacher = {"y": Executor(model).forward({"x": x}, record=False)["y"]}
+    reference = distiller(copy_outcome(outcome), teacher, None, DISTILLATION_TEMPERATURE, 0.0)
+    _, grads = reference.loss_and_grads({"x": x}, teacher, None)
+    reference.apply_masks(grads)
+    expected = clipped_by_definition(grads, mode, eps)
+    before = [p.copy() for p in reference.params]
+    fine_tune_graph(
+        model,
+        outcome,
+        FineTuneParams(
+            epochs=1,
+            batch_size=32,
+            learning_rate=0.1,
+            optimizer="sgd",
+            clip={"mode": mode, "threshold": eps},
+        ),
+        EvalData([{"x": x}], None),
+        None,
+    )
+    after = initializers(outcome.model)
+    moved = [after[name] - w for name, w in zip(reference.names, before, strict=True)]
+    assert any(np.any(m) for m in moved), "the step was undone: the test needs a better step"
+    for name, m, g in zip(reference.names, moved, expected, strict=True):
+        np.testing.assert_allclose(m, -0.1 * g, rtol=1e-4, atol=1e-7, err_msg=name)
