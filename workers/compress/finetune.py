@@ -10,7 +10,7 @@ from onnx import ModelProto
 from schemas.params import FineTuneParams, PruneParams
 from schemas.report import TrainingReport
 from workers.compress.prune import PruneOutcome, refresh_layers
-from workers.errors import InputError, InvalidDataError
+from workers.errors import InputError, InvalidDataError, UnsupportedModelError
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import METRICS
 from workers.graph.executor import Executor
@@ -38,14 +38,18 @@ def fine_tune(
     validation: EvalData | None,
     on_epoch: EpochProgress | None = None,
 ) -> TrainingReport:
-    """Train the surviving weights of the pruned model in place, with clipped gradients.
+    """Train the surviving weights of the pruned model in place, with clipped gradients: MLP
+    chains on the fast path below, any other graph the NumPy executor runs by fine_tune_graph.
 
     one_shot: the masks of the pruning step stay fixed. gradual: start again from the original
     weights and ramp sparsity up over the epochs (Zhu & Gupta), so the network adapts as it goes.
     """
     settings = params.fine_tune
     assert settings is not None
-    mlp = read_mlp(outcome.model)
+    try:
+        mlp = read_mlp(outcome.model)
+    except UnsupportedModelError:  # not an MLP chain: the general executor, by distillation
+        return fine_tune_graph(original, outcome, settings, train, validation, on_epoch)
     network = mlp.network
     if train.labels is None:
         raise InvalidDataError("train_data needs labels to fine-tune on")
