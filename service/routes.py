@@ -585,7 +585,9 @@ def get_report_html(job_id: str, ctx: Context, who: Owner) -> HTMLResponse:
     with _gone_is_404(job_id):
         if not page.exists():  # drawn on first request, then served from the job's directory
             report = Report.model_validate_json(ctx.artifacts.report(job_id).read_bytes())
-            jobs.write_atomically(page, report_html.render(row.id, row.kind, report).encode())
+            max_drop = row.params.get("max_accuracy_drop")
+            html = report_html.render(row.id, row.kind, report, max_drop)
+            jobs.write_atomically(page, html.encode())
         return HTMLResponse(page.read_text())
 
 

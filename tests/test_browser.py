@@ -122,3 +122,37 @@ def test_names_holding_markup_render_as_text(browser, server, client):
     assert browser.execute_script("return document.getElementsByTagName('script').length") == 0
     assert f"W{hostile}" in browser.find_element("tag name", "body").text
     assert errors_in_console(browser) == []
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return not (
+        a["right"] <= b["left"]
+        or b["right"] <= a["left"]
+        or a["bottom"] <= b["top"]
+        or b["bottom"] <= a["top"]
+    )
+
+
+def test_the_report_page_is_readable_and_links_its_downloads(
+    browser, server, client, digits_upload, tmp_path
+):
+    job = finished(client, "prune", digits_upload, {"max_accuracy_drop": 0.02})
+    browser.get(server.url + job["links"]["report_html"])
+    browser.set_window_size(1200, 2400)
+    assert browser.save_screenshot(str(tmp_path / "report.png"))
+    rect = "return arguments[0].getBoundingClientRect().toJSON()"
+    legend = browser.execute_script(rect, browser.find_element("id", "size-legend"))
+    bars = browser.find_elements("css selector", "[id^='size-bar-']")
+    assert len(bars) == 4
+    for bar in bars:
+        assert not _overlap(legend, browser.execute_script(rect, bar)), "the legend covers a bar"
+    size_svg = browser.find_elements("css selector", "figure svg")[0].get_attribute("innerHTML")
+    assert " kB" in size_svg  # ticks in kB, not 100000125000...
+    page = browser.find_element("tag name", "body").text
+    assert "bound (max_accuracy_drop 0.02)" in browser.page_source
+    assert "Accuracy" in page
+    model = client.get(browser.find_element("id", "download-model").get_attribute("href"))
+    assert model.status_code == 200 and model.content == client.get(job["links"]["model"]).content
+    report = client.get(browser.find_element("id", "download-report").get_attribute("href"))
+    assert report.status_code == 200 and report.json()["sweep"]
+    assert errors_in_console(browser) == []

@@ -8,8 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from schemas.report import Report
+from workers.evaluate.metrics import METRICS
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 62rem; color: #222; }
@@ -36,6 +38,14 @@ def _figure(width: float = 6.4, height: float = 2.8) -> tuple[plt.Figure, plt.Ax
     return figure, axes
 
 
+def _bytes(value: float, _position: int = 0) -> str:
+    """An axis tick in B, kB or MB: raw byte counts ran together (100000125000...)."""
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:g} {unit}"
+    return f"{value:g} B"
+
+
 def _size_plot(report: Report) -> str:
     size = report.size
     figure, axes = _figure(5.5, 2.4)
@@ -43,11 +53,18 @@ def _size_plot(report: Report) -> str:
     before = [size.original_bytes, size.original_gzip_bytes]
     after = [size.compressed_bytes, size.compressed_gzip_bytes]
     positions = range(len(labels))
-    axes.barh([p + 0.2 for p in positions], before, 0.4, color=ORIGINAL, label="original")
-    axes.barh([p - 0.2 for p in positions], after, 0.4, color=COMPRESSED, label="compressed")
+    bars = [
+        axes.barh([p + 0.2 for p in positions], before, 0.4, color=ORIGINAL, label="original"),
+        axes.barh([p - 0.2 for p in positions], after, 0.4, color=COMPRESSED, label="compressed"),
+    ]
+    for index, bar in enumerate(patch for group in bars for patch in group):
+        bar.set_gid(f"size-bar-{index}")  # ids the browser test finds the bars by
     axes.set_yticks(list(positions), labels)
-    axes.set_xlabel("bytes")
-    axes.legend(frameon=False)
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    axes.xaxis.set_major_formatter(FuncFormatter(_bytes))
+    # Beside the bars, not over them: the longest bar (the original) reaches the right edge.
+    legend = axes.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1))
+    legend.set_gid("size-legend")
     return _svg(figure)
 
 
@@ -62,11 +79,19 @@ def _layer_plot(report: Report) -> str:
     return _svg(figure)
 
 
-def _sweep_plot(report: Report) -> str:
+def _sweep_plot(report: Report, max_drop: float | None) -> str:
     assert report.sweep is not None
     figure, axes = _figure()
     assert report.accuracy is not None  # a search needs eval data
     points = report.sweep
+    if max_drop is not None:
+        sign = -1 if METRICS[report.accuracy.metric].higher_is_better else 1
+        axes.axhline(
+            report.accuracy.original + sign * max_drop,
+            color=MARK,
+            linestyle="--",
+            label=f"bound (max_accuracy_drop {max_drop:g})",
+        )
     for encoding in dict.fromkeys(point.encoding for point in points):
         series = [p for p in points if p.encoding == encoding]
         axes.plot([p.sparsity for p in series], [p.metric for p in series], "o-", label=encoding)
@@ -78,7 +103,7 @@ def _sweep_plot(report: Report) -> str:
             )
     axes.set_xlabel("sparsity")
     axes.set_ylabel(report.accuracy.metric)
-    axes.legend(frameon=False)
+    axes.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1))
     return _svg(figure)
 
 
@@ -95,7 +120,14 @@ def _sensitivity_plot(report: Report) -> str:
     return _svg(figure)
 
 
-def _training_plots(report: Report) -> list[str]:
+# What each job kind's validation curve is measured on (workers/jobs/train.py, the fine-tuning)
+VALIDATED_ON = {
+    "train": "the held-out validation_split of train_data",
+    "prune": "eval_data, or train_data without it",
+}
+
+
+def _training_plots(report: Report, kind: str) -> list[str]:
     training = report.training
     assert training is not None
     epochs = range(1, len(training.loss) + 1)
@@ -104,7 +136,8 @@ def _training_plots(report: Report) -> list[str]:
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
     other = axes.twinx()
-    other.plot(epochs, training.validation, color=COMPRESSED, label=f"validation {training.metric}")
+    validation = f"validation {training.metric} on {VALIDATED_ON[kind]}"
+    other.plot(epochs, training.validation, color=COMPRESSED, label=validation)
     other.set_ylabel(training.metric)
     figure.legend(frameon=False, loc="upper center", ncols=2)
     plots = [_svg(figure)]
@@ -132,9 +165,10 @@ def _row(*cells: object, header: bool = False) -> str:
     return "<tr>" + "".join(f"<{tag}>{escape(str(cell))}</{tag}>" for cell in cells) + "</tr>"
 
 
-def render(job_id: str, kind: str, report: Report) -> str:
+def render(job_id: str, kind: str, report: Report, max_drop: float | None = None) -> str:
+    """The page; `max_drop` (the job's max_accuracy_drop) draws the bound on the search."""
     with matplotlib.rc_context(SVG_SETTINGS):
-        return _render(job_id, kind, report)
+        return _render(job_id, kind, report, max_drop)
 
 
 def _accuracy_section(report: Report) -> list[str]:
@@ -142,7 +176,8 @@ def _accuracy_section(report: Report) -> list[str]:
     if accuracy is None:
         return ["<h2>Accuracy</h2><p>Not measured: see the notes below.</p>"]
     parts = [
-        "<h2>Accuracy</h2><table>",
+        f"<h2>{'Accuracy' if accuracy.metric == 'accuracy' else f'Score: {accuracy.metric}'}"
+        "</h2><table>",
         _row("output", "metric", "original", "compressed", "samples", header=True),
     ]
     for score in accuracy.outputs:
@@ -170,13 +205,16 @@ def _accuracy_section(report: Report) -> list[str]:
     return parts
 
 
-def _render(job_id: str, kind: str, report: Report) -> str:
+def _render(job_id: str, kind: str, report: Report, max_drop: float | None) -> str:
     size = report.size
     title = f"clipprune {escape(kind)} job {escape(job_id)}"
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title>",
         '<link rel="icon" href="data:,">',  # no favicon request: the page needs nothing else
         f"<style>{STYLE}</style></head><body><h1>{title}</h1>",
+        # Relative to /v1/jobs/{id}/report.html: the job's own model and report
+        '<p>Download: <a id="download-model" href="model" download>the model (ONNX)</a> · '
+        '<a id="download-report" href="report" download>the report (JSON)</a></p>',
         "<h2>Size</h2><table>",
         _row("", "original", "compressed", "ratio", header=True),
         _row(
@@ -197,8 +235,10 @@ def _render(job_id: str, kind: str, report: Report) -> str:
         f"</table><figure>{_size_plot(report)}</figure>",
     ]
     parts += _accuracy_section(report)
-    if report.sweep:
-        parts += ["<h2>Accuracy against sparsity</h2>", f"<figure>{_sweep_plot(report)}</figure>"]
+    if report.sweep and report.accuracy is not None:  # a search measures on eval_data
+        sweep = _sweep_plot(report, max_drop)
+        heading = f"{report.accuracy.metric.capitalize()} against sparsity"
+        parts += [f"<h2>{escape(heading)}</h2>", f"<figure>{sweep}</figure>"]
     parts += [
         "<h2>Layers</h2><table>",
         _row("tensor", "shape", "parameters", "nonzero", "sparsity", header=True),
@@ -225,7 +265,7 @@ def _render(job_id: str, kind: str, report: Report) -> str:
     if report.training is not None:
         clip = report.training.clip
         parts.append("<h2>Training</h2>")
-        parts += [f"<figure>{plot}</figure>" for plot in _training_plots(report)]
+        parts += [f"<figure>{plot}</figure>" for plot in _training_plots(report, kind)]
         parts.append(
             f"<p>Clipping {escape(clip.mode)} at {clip.threshold:g}: {clip.clipped_fraction:.1%} "
             f"of steps clipped; gradient norm p50 {clip.grad_norm_p50:.3g}, max "
