@@ -209,6 +209,13 @@ def _form_inputs(kind: str, form: FormData) -> tuple[dict[str, UploadFile], Base
             raise ProblemError(
                 422, f"params.{measured} needs an eval_data file: the metric is measured on it"
             )
+        calibrated = "criterion" if params.criterion != "magnitude" else None
+        calibrated = calibrated or ("reconstruct" if params.reconstruct else None)
+        if calibrated and "eval_data" not in uploads:
+            raise ProblemError(
+                422,
+                f"params.{calibrated} needs an eval_data file: its rows are the calibration inputs",
+            )
     return uploads, params
 
 

@@ -763,6 +763,18 @@ REFUSED = [
         id="params-fine-tune-without-train-data",
     ),
     pytest.param(
+        _prune_with({"sparsity": 0.5, "criterion": "activation"}),
+        422,
+        "params.criterion needs an eval_data file: its rows are the calibration inputs",
+        id="params-activation-criterion-without-eval-data",
+    ),
+    pytest.param(
+        _prune_with({"sparsity": 0.5, "reconstruct": True}),
+        422,
+        "params.reconstruct needs an eval_data file",
+        id="params-reconstruct-without-eval-data",
+    ),
+    pytest.param(
         _prune_with({"sparsity": 0.5, "include": ["("]}),
         422,
         r"params.include: .*'\(' is not a valid regular expression",
