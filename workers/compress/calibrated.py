@@ -24,15 +24,14 @@ from workers.compress.criteria import CRITERIA, MaskRule
 from workers.compress.prune import (
     PruneOutcome,
     SlotValues,
-    _check_finite,
     copy_model,
-    densify_sparse_initializers,
     float_param_count,
     layer_report,
+    prunable_slots,
 )
-from workers.errors import UnsupportedModelError, cut_list
+from workers.errors import cut_list
 from workers.evaluate.runtime import Feeds
-from workers.graph.weights import WeightSlot, find_weights
+from workers.graph.weights import WeightSlot
 from workers.nn.reconstruct import LayerInputs, output_errors, reconstruct, relative
 
 
@@ -43,18 +42,9 @@ def prune_calibrated(
     weights when params.reconstruct; `runs` are the calibration inputs (the eval_data's).
     `only` as in prune_model."""
     started = time.perf_counter()
-    densify_sparse_initializers(model)
-    slots = find_weights(model, params.include, params.exclude)
-    if only is not None:
-        slots = [slot for slot in slots if slot.name == only]
-    if not slots:
-        raise UnsupportedModelError(
-            "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "
-            "ConvTranspose); name tensors to prune with include"
-        )
+    slots = prunable_slots(model, params, only)
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
-    _check_finite(slots)
     original = copy_model(model)  # each layer's target: its outputs in the original model
     rule = CRITERIA[params.criterion](SlotValues(slots), params)
     positions = node_positions(model)

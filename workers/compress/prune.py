@@ -80,10 +80,9 @@ class SlotValues(Sequence[np.ndarray]):
         return self.slots[index].read()
 
 
-def prune_model(model: ModelProto, params: PruneParams, only: str | None = None) -> PruneOutcome:
-    """Prune `model` in place by params.sparsity or params.threshold; `only` names the one
-    prunable tensor to touch (a sensitivity scan), None touches them all. A caller that needs
-    the original afterwards prunes a copy_model of it."""
+def prunable_slots(model: ModelProto, params: PruneParams, only: str | None) -> list[WeightSlot]:
+    """The weights `params` choose (include/exclude; `only`: the one of that name), sparse
+    initializers made dense first; refused when there are none or when one is not finite."""
     densify_sparse_initializers(model)
     slots = find_weights(model, params.include, params.exclude)
     if only is not None:
@@ -93,12 +92,20 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
             "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "
             "ConvTranspose); name tensors to prune with include"
         )
+    _check_finite(slots)
+    return slots
+
+
+def prune_model(model: ModelProto, params: PruneParams, only: str | None = None) -> PruneOutcome:
+    """Prune `model` in place by params.sparsity or params.threshold; `only` names the one
+    prunable tensor to touch (a sensitivity scan), None touches them all. A caller that needs
+    the original afterwards prunes a copy_model of it."""
+    slots = prunable_slots(model, params, only)
     # By position, not name: two If branches may each hold a Constant of the same name.
     # Weights are read one at a time, as each pass needs them: a 270 MB model must not cost
     # another 270 MB here.
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
-    _check_finite(slots)
     GRANULARITIES[params.granularity](model, slots, params, outcome)
     for slot, shape in zip(slots, shapes, strict=True):
         array = slot.read()
