@@ -5,23 +5,17 @@ memory limit, rather than running it again, and is replaced. Real Redis, Postgre
 
 import signal
 
-from brokers import any_redis, drop_prefix, prefix, start_worker
+from brokers import drop_prefix, start_worker
 from server import accepted_id, submit, wait_for
+from test_memory_limit import LIMIT, celery_settings
 
-LIMIT = 3 * 2**29  # 1.5 GiB
 LONG_TRAIN = {"model": {"hidden": [64]}, "epochs": 10_000}  # runs until stopped
 
 
 def test_a_child_aborted_by_native_code_fails_its_job_naming_the_limit(
     tmp_path, postgres_url, make_server, digits_csv, digits_upload
 ):
-    settings = {
-        "backend": "celery",
-        "broker_url": any_redis(tmp_path).url,
-        "broker_prefix": prefix(),
-        "database_url": postgres_url,
-        "worker_memory_bytes": LIMIT,
-    }
+    settings = celery_settings(tmp_path, postgres_url)
     server = make_server(tmp_path / "data", **settings)
     worker = start_worker(tmp_path / "data", 1, **settings)
     try:

@@ -163,14 +163,19 @@ def _limited_then_read(limit: int) -> int | None:
     return memory_limit()
 
 
-def test_celery_pool_children_have_the_limit(tmp_path, postgres_url, make_server, digits_upload):
-    settings = {
+def celery_settings(tmp_path, database_url: str) -> dict:
+    """A Celery deployment of its own (a Redis and a key prefix) with workers under LIMIT."""
+    return {
         "backend": "celery",
         "broker_url": any_redis(tmp_path).url,
         "broker_prefix": prefix(),
-        "database_url": postgres_url,
+        "database_url": database_url,
         "worker_memory_bytes": LIMIT,
     }
+
+
+def test_celery_pool_children_have_the_limit(tmp_path, postgres_url, make_server, digits_upload):
+    settings = celery_settings(tmp_path, postgres_url)
     server = make_server(tmp_path / "data", **settings)
     worker = start_worker(tmp_path / "data", 2, **settings)
     try:
