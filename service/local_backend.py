@@ -266,10 +266,15 @@ class LocalBackend:
         worker.process.join(KILL_WAIT_S)  # its exit status, from the forkserver if it runs
 
     def _release(self, worker: _Worker) -> None:
-        """Close what the dispatcher holds of a worker it is done with."""
+        """Close what the dispatcher holds of a worker it is done with: its pipe, its pidfds,
+        and the two descriptors multiprocessing keeps per forkserver child until the process
+        is joined and closed (a recycled worker left them open: /metrics' soak saw pipes grow)."""
         worker.jobs.close()
         os.close(worker.pidfd)
         os.close(worker.forkserver)
+        worker.process.join(KILL_WAIT_S)
+        with contextlib.suppress(ValueError):  # still running after its kill: logged by _kill
+            worker.process.close()
 
     def _collect(self) -> None:
         """Workers that answered: their job is over (the runner recorded how it ended)."""
