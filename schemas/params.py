@@ -195,13 +195,13 @@ class PruneParams(_Params):
         return self.criterion != "magnitude" or self.reconstruct
 
     def _calibration_fits(self) -> None:
-        # Structured pruning takes neither yet: its channel groups are being rewritten (issue
-        # 15); ranking groups by activation and least squares on the consumer layer (ThiNet)
-        # plug in there once they settle.
-        if self.calibrated and self.granularity != "unstructured":
+        # Structured pruning re-fits the consumers of removed channels (reconstruct), but does
+        # not rank channel groups by activation yet.
+        if self.criterion == "activation" and self.granularity != "unstructured":
             raise ValueError(
-                "criterion activation and reconstruct work with granularity unstructured only "
-                "for now"
+                "criterion activation works with granularity unstructured only for now; "
+                "granularity structured takes reconstruct (least squares on the layers that "
+                "read the removed channels) with criterion magnitude"
             )
         if self.criterion == "activation" and (self.threshold is not None or self.scope != "layer"):
             raise ValueError(

@@ -7,9 +7,12 @@ SparseGPT's W X̃, so a layer also corrects for what the layers before it lost (
 of the digits MLP at 80%: 96.5% against 94.6%; bench/frontier.py). Layers that read one input
 tensor (an attention block's Q, K and V) share one calibration run.
 
-Structured pruning does not come through here yet: ranking channel groups by activation and
-least squares on the consumer of removed channels (ThiNet) plug in once its channel groups
-settle; PruneParams refuses the combination until then.
+Structured pruning with reconstruct removes channels as plain structured pruning does, then,
+as ThiNet (Luo et al., 2017) and He et al. (2017) do, re-fits each layer that read removed
+channels by least squares over its remaining inputs: min ‖W X - Ŵ X̃‖ with W, X the layer and
+its inputs in the original model (its surviving output rows only) and X̃ its narrower inputs in
+the model as pruned and re-fitted so far. Ranking channel groups by activation is not done yet;
+PruneParams refuses it.
 """
 
 import time
@@ -19,7 +22,13 @@ from onnx import ModelProto
 
 from schemas.params import PruneParams
 from schemas.report import CalibratedLayer, CalibrationReport
-from workers.compress.calibration import LayerView, input_statistics, layer_view, node_positions
+from workers.compress.calibration import (
+    LayerView,
+    exposing,
+    input_statistics,
+    layer_view,
+    node_positions,
+)
 from workers.compress.criteria import CRITERIA, MaskRule
 from workers.compress.prune import (
     PruneOutcome,
@@ -29,10 +38,19 @@ from workers.compress.prune import (
     layer_report,
     prunable_slots,
 )
-from workers.errors import cut_list
-from workers.evaluate.runtime import Feeds
-from workers.graph.weights import WeightSlot
-from workers.nn.reconstruct import LayerInputs, output_errors, reconstruct, relative
+from workers.compress.structured import prune_channels
+from workers.errors import InvalidDataError, cut_list, first_line
+from workers.evaluate.runtime import Feeds, session
+from workers.graph.weights import WeightSlot, find_weights
+from workers.nn.reconstruct import (
+    LayerInputs,
+    accumulate_gram,
+    damped,
+    damping,
+    output_errors,
+    reconstruct,
+    relative,
+)
 
 
 def prune_calibrated(
@@ -42,6 +60,8 @@ def prune_calibrated(
     weights when params.reconstruct; `runs` are the calibration inputs (the eval_data's).
     `only` as in prune_model."""
     started = time.perf_counter()
+    if params.granularity == "structured":
+        return _prune_structured(model, params, runs, only, started)
     slots = prunable_slots(model, params, only)
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
@@ -142,3 +162,142 @@ def _write(slot: WeightSlot, array: np.ndarray, outcome: PruneOutcome) -> None:
 def _rows(feeds: Feeds) -> int:
     first = next(iter(feeds.values()), np.empty(()))
     return len(first) if np.ndim(first) else 1
+
+
+def _prune_structured(
+    model: ModelProto, params: PruneParams, runs: list[Feeds], only: str | None, started: float
+) -> tuple[PruneOutcome, CalibrationReport]:
+    """Structured pruning (params.reconstruct holds: PruneParams refuses activation), then the
+    consumers of removed channels re-fitted in graph order."""
+    slots = prunable_slots(model, params, only)
+    shapes = [slot.shape for slot in slots]
+    outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
+    original = copy_model(model)
+    found = prune_channels(
+        model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
+    )
+    outcome.groups = found.groups
+    outcome.notes += found.notes
+    layers, skipped = _refit_consumers(model, original, found.removed, runs, outcome)
+    for slot, shape in zip(slots, shapes, strict=True):
+        array = slot.read()
+        if array.shape != shape:
+            outcome.pruned.add(slot.name)
+        outcome.layers.append(layer_report(slot.name, shape, array))
+    if skipped:
+        named = [f"{name} ({why})" for name, why in skipped]
+        outcome.notes.append(cut_list("structured: not re-fitted after the cut: ", named))
+    report = CalibrationReport(
+        criterion=params.criterion,
+        reconstructed=True,
+        runs=len(runs),
+        samples=sum(_rows(feeds) for feeds in runs),
+        seconds=time.perf_counter() - started,
+        layers=layers,
+        uncalibrated=[name for name, _ in skipped],
+    )
+    return outcome, report
+
+
+def _refit_consumers(
+    model: ModelProto,
+    original: ModelProto,
+    removed: dict[str, dict[int, np.ndarray]],
+    runs: list[Feeds],
+    outcome: PruneOutcome,
+) -> tuple[list[CalibratedLayer], list[tuple[str, str]]]:
+    """Re-fit every weight whose input channels were cut, in graph order; the layers re-fitted
+    and (name, why) for the cut weights left as they are."""
+    positions, before_positions = node_positions(model), node_positions(original)
+    before_slots = {slot.name: slot for slot in find_weights(original)}
+    consumers: list[tuple[LayerView, LayerView]] = []
+    skipped: list[tuple[str, str]] = []
+    for slot in find_weights(model):
+        cut = removed.get(slot.name, {})
+        view = layer_view(slot, model, positions)
+        if isinstance(view, str):
+            if cut:
+                skipped.append((slot.name, view))
+            continue
+        if _input_axis(view) not in cut:
+            continue  # its inputs are whole: nothing before it changed what it reads
+        before = layer_view(before_slots[slot.name], original, before_positions)
+        if isinstance(before, str):
+            skipped.append((slot.name, before))
+            continue
+        if view.groups != 1 or before.groups != 1:
+            # a grouped Conv's groups change width with the cut: no one-matrix least squares
+            skipped.append((slot.name, "a grouped Conv is not re-fitted"))
+            continue
+        consumers.append((view, before))
+    layers = []
+    for view, before in sorted(consumers, key=lambda pair: pair[0].position):
+        layers.append(_refit(model, original, view, before, removed[view.slot.name], runs, outcome))
+    return layers, skipped
+
+
+def _input_axis(view: LayerView) -> int:
+    """The stored axis of the weight's input channels: [in, out] MatMul, [O, C, kh, kw] Conv."""
+    return 0 if view.transposed and view.conv is None else 1
+
+
+def _refit(
+    model: ModelProto,
+    original: ModelProto,
+    view: LayerView,
+    before: LayerView,
+    cut: dict[int, np.ndarray],
+    runs: list[Feeds],
+    outcome: PruneOutcome,
+) -> CalibratedLayer:
+    """Ŵ = argmin ‖W X - Ŵ X̃‖² + λ‖Ŵ - W'‖² row by row, W' the weights as cut (SparseGPT's
+    dampening, pulling toward them rather than toward zero): Ŵ = (W XᵀX̃ + λW')(X̃ᵀX̃ + λI)⁻¹. A row
+    the dampened solve would make worse keeps its cut weights, so the error never goes up."""
+    output_axis = 1 - _input_axis(view)
+    target_array = before.slot.read()
+    if output_axis in cut:  # this layer's own outputs were cut too: match the surviving ones
+        target_array = np.delete(target_array, cut[output_axis], axis=output_axis)
+    target = before.matrix(target_array).astype(np.float64)  # W [out, in before the cut]
+    current = view.matrix(view.slot.read()).astype(np.float64)  # W' [out, in after]
+    inputs = _paired_inputs(model, original, view, before, runs)
+    right = target @ inputs.cross.T + damping(inputs.gram) * current
+    solved = np.linalg.solve(damped(inputs.gram), right.T).T
+    lost_before = output_errors(target, current, inputs)
+    lost_after = output_errors(target, solved, inputs)
+    worse = lost_after > lost_before
+    solved[worse] = current[worse]
+    _write(view.slot, view.restore(solved), outcome)
+    base = float(output_errors(target, np.zeros_like(current), inputs).sum())
+    return CalibratedLayer(
+        name=view.slot.name,
+        op=view.node.op_type,
+        method="least_squares",
+        error_before=relative(float(lost_before.sum()), base),
+        error_after=relative(float(np.minimum(lost_before, lost_after).sum()), base),
+    )
+
+
+def _paired_inputs(
+    model: ModelProto, original: ModelProto, view: LayerView, before: LayerView, runs: list[Feeds]
+) -> LayerInputs:
+    """X̃ᵀX̃ [in', in'], X̃ᵀX [in', in] and XᵀX [in, in] of the layer's input in the model as
+    re-fitted so far (X̃, narrower) and in the original (X), on the same rows. One run's
+    activations at a time, as input_statistics."""
+    gram = np.zeros((view.width, view.width))
+    cross = np.zeros((view.width, before.width))
+    dense = np.zeros((before.width, before.width))
+    pruned = session(exposing(model, view.input_name))
+    dense_runner = session(exposing(original, before.input_name))
+    for feeds in runs:
+        try:
+            now, then = pruned.run(None, feeds)[0], dense_runner.run(None, feeds)[0]
+        except Exception as exc:  # onnxruntime's errors are untyped
+            raise InvalidDataError(
+                f"onnxruntime could not run the model on the calibration data: {first_line(exc)}"
+            ) from exc
+        for rows, original_rows in zip(view.rows(now, 0), before.rows(then, 0), strict=True):
+            accumulate_gram(gram, rows)
+            accumulate_gram(cross, rows, original_rows)
+            accumulate_gram(dense, original_rows)
+        del now, then  # before the next run's: one run at a time
+    return LayerInputs(gram, cross, dense)

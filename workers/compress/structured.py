@@ -45,6 +45,9 @@ class StructuredOutcome:
 
     groups: list[GroupReport]
     notes: list[str]
+    # tensor -> axis -> the original indices deleted along it: calibrated.py re-fits the
+    # consumers of removed channels against the original's surviving output rows
+    removed: dict[str, dict[int, np.ndarray]]
 
 
 def _squares_per_index(array: np.ndarray, piece: Slice) -> tuple[np.ndarray, int]:
@@ -86,9 +89,10 @@ def _indices(offset: int, size: int, units: int, removed: np.ndarray) -> np.ndar
 
 def _cut_slices(
     cuts: list[tuple[ChannelGroup, np.ndarray]], constants: dict[str, TensorProto]
-) -> None:
+) -> dict[str, dict[int, np.ndarray]]:
     """Delete every removed block from every constant, all groups at once (a Concat's consumer
-    is cut by several groups, each at its own offset)."""
+    is cut by several groups, each at its own offset); the positions deleted, by tensor and
+    axis."""
     doomed: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
     for group, removed in cuts:
         for piece in group.slices:
@@ -103,6 +107,7 @@ def _cut_slices(
         for axis, positions in axes.items():
             array = np.delete(array, positions, axis=axis)
         holder.CopyFrom(numpy_helper.from_array(array, holder.name))
+    return by_tensor
 
 
 def _shrink_counts(
@@ -255,7 +260,7 @@ def prune_channels(
         if removed.size:
             cuts.append((groups[index], removed))
     consistent = shape_error(model) is None  # some exports fail strict inference as they are
-    _cut_slices(cuts, constants)
+    deleted = _cut_slices(cuts, constants)
     _shrink_counts(model, cuts, constants)
     if consistent and (error := shape_error(model)):
         # a rule got a pattern wrong: refuse rather than hand back a model that cannot run
@@ -268,7 +273,7 @@ def prune_channels(
     _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
     reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
     share = _share_note([groups[index] for index in live], constants)
-    return StructuredOutcome(reports, _notes(reports, len(live)) + share)
+    return StructuredOutcome(reports, _notes(reports, len(live)) + share, deleted)
 
 
 def _overlapping(group: ChannelGroup, taken: dict[tuple[str, int], list[tuple[int, int]]]) -> str:
