@@ -22,7 +22,6 @@ from workers.nn.fit import (
     FitSettings,
     History,
     PruneTarget,
-    TrainingDivergedError,
     fit,
     training_report,
 )
@@ -326,14 +325,8 @@ def fine_tune_graph(
             clipped, norm = clip_gradients(
                 grads, settings.clip.mode, settings.clip.threshold, params
             )
-            if not (np.isfinite(loss) and np.isfinite(norm)):
-                raise TrainingDivergedError(
-                    f"fine-tuning diverged at step {len(history.grad_norms) + 1} (epoch"
-                    f" {epoch + 1}): loss {loss}, gradient norm {norm}; lower learning_rate or"
-                    " clip gradients (clip.mode global_norm)"
-                )
-            history.grad_norms.append(norm)
-            history.clipped.append(any(c is not g for c, g in zip(clipped, grads, strict=True)))
+            advice = "lower learning_rate or clip gradients (clip.mode global_norm)"
+            history.record_step(loss, norm, grads, clipped, epoch, "fine-tuning", advice)
             step(params, clipped)
             student.apply_masks(params)
             losses.append(loss)

@@ -23,6 +23,12 @@ GRADUAL_RAMP_SHARE = 0.75
 EpochProgress = Callable[[int, int], None]  # (epochs done, epochs in all)
 
 
+TRAINING_ADVICE = (
+    "lower learning_rate or clip gradients (clip.mode global_norm with a threshold near the "
+    "typical gradient norm)"
+)
+
+
 class TrainingDivergedError(InputError):
     title = "Training diverged"
 
@@ -70,6 +76,26 @@ class History:
     grad_norms: list[float] = field(default_factory=list)  # global norm before clipping, per step
     clipped: list[bool] = field(default_factory=list)  # did clipping change the step
     stopped_early: bool = False
+
+    def record_step(
+        self,
+        loss: float,
+        norm: float,
+        grads: list[np.ndarray],
+        clipped: list[np.ndarray],
+        epoch: int,
+        what: str,
+        advice: str,
+    ) -> None:
+        """Keep a step's gradient norm and whether clipping changed it; a non-finite loss or
+        norm is refused as diverged, naming the step, the epoch and `advice`."""
+        if not (np.isfinite(loss) and np.isfinite(norm)):
+            raise TrainingDivergedError(
+                f"{what} diverged at step {len(self.grad_norms) + 1} (epoch {epoch + 1}): "
+                f"loss {loss}, gradient norm {norm}; {advice}"
+            )
+        self.grad_norms.append(norm)
+        self.clipped.append(any(c is not g for c, g in zip(clipped, grads, strict=True)))
 
 
 def gradual_sparsity(final: float, epoch: int, ramp_epochs: int) -> float:
@@ -151,14 +177,7 @@ def fit(
                 params,
                 out=[g.view() for g in grads],
             )
-            if not (np.isfinite(loss) and np.isfinite(norm)):
-                raise TrainingDivergedError(
-                    f"training diverged at step {len(history.grad_norms) + 1} (epoch {epoch + 1}):"
-                    f" loss {loss}, gradient norm {norm}; lower learning_rate or clip gradients"
-                    " (clip.mode global_norm with a threshold near the typical gradient norm)"
-                )
-            history.grad_norms.append(norm)
-            history.clipped.append(any(c is not g for c, g in zip(clipped, grads, strict=True)))
+            history.record_step(loss, norm, grads, clipped, epoch, "training", TRAINING_ADVICE)
             step(params, clipped)
             apply_masks(network, masks)
             losses.append(loss)
