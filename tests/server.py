@@ -150,3 +150,23 @@ def metrics_with(client: httpx.Client, line: str, timeout: float = 10) -> str:
         time.sleep(0.05)
         metrics = client.get("/metrics").text
     return metrics
+
+
+def finish_watching_memory(
+    server: Server, client: httpx.Client, job_id: str, within_s: float = 60
+) -> tuple[dict[str, Any], int]:
+    """The job once it ends (within `within_s`, else the test fails), and the largest RSS of
+    any worker process seen meanwhile, sampled every 50 ms."""
+    started, peak = time.monotonic(), 0
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in {
+        "succeeded",
+        "failed",
+    }:
+        assert time.monotonic() - started < within_s, job
+        for process in server.job_processes():
+            try:
+                peak = max(peak, process.memory_info().rss)
+            except psutil.Error:  # a worker that ended between the listing and the reading
+                continue
+        time.sleep(0.05)
+    return job, peak

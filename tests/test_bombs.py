@@ -4,19 +4,16 @@ right), no worker grows past the memory limit set here, and the service stays re
 normal job afterwards. The limit and the stage budget are set low so that a miss shows quickly."""
 
 import re
-import time
 from typing import Any
 
 import bombs
-import httpx
 import psutil
 import pytest
-from server import Server, accepted_id, submit, wait_for
+from server import accepted_id, finish_watching_memory, submit, wait_for
 from test_memory_limit import LIMIT
 from test_unusual_models import matmul_model, unused_initializers
 
 STAGE_TIMEOUT_S = 10
-WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -78,27 +75,10 @@ REFUSED = {
 }
 
 
-def finish_watching(server: Server, client: httpx.Client, job_id: str) -> tuple[dict, int]:
-    """The job once it ends, and the largest worker memory seen meanwhile."""
-    started, peak = time.monotonic(), 0
-    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in {
-        "succeeded",
-        "failed",
-    }:
-        assert time.monotonic() - started < WAIT_S, job
-        for process in server.job_processes():
-            try:
-                peak = max(peak, process.memory_info().rss)
-            except psutil.Error:
-                continue
-        time.sleep(0.05)
-    return job, peak
-
-
 @pytest.mark.parametrize("bomb", list(REFUSED))
 def test_a_hostile_upload_is_refused_within_a_minute_and_within_the_limit(server, client, bomb):
     files, title, detail = REFUSED[bomb]
-    job, peak = finish_watching(
+    job, peak = finish_watching_memory(
         server, client, accepted_id(submit(client, "prune", files, {"sparsity": 0.5}))
     )
     assert job["status"] == "failed", job
@@ -112,7 +92,7 @@ def test_a_hostile_upload_is_refused_within_a_minute_and_within_the_limit(server
 def test_inputs_too_large_to_generate_are_not_generated(server, client):
     """100 inputs of [256, 65536] and no eval data: 6.7 GB if generated. The job prunes and
     says why it measured nothing."""
-    job, peak = finish_watching(
+    job, peak = finish_watching_memory(
         server,
         client,
         accepted_id(
@@ -127,7 +107,7 @@ def test_inputs_too_large_to_generate_are_not_generated(server, client):
 
 def test_unused_initializers_are_dropped_before_onnxruntime_sees_them(server, client):
     model = unused_initializers(15_000).SerializeToString()
-    job, _ = finish_watching(
+    job, _ = finish_watching_memory(
         server, client, accepted_id(submit(client, "prune", {"model": model}, {"sparsity": 0.5}))
     )
     assert job["status"] == "succeeded", job

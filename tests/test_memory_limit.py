@@ -3,14 +3,13 @@ limit ends `failed` with a problem naming the limit, no worker grows past it, an
 stays ready and runs the next job."""
 
 import signal
-import time
 
 import numpy as np
 import psutil
 import pytest
 from brokers import any_redis, drop_prefix, prefix, start_worker
 from onnx import TensorProto, helper, numpy_helper
-from server import Server, accepted_id, submit, wait_for
+from server import accepted_id, finish_watching_memory, submit, wait_for
 
 from service.runner import limit_memory, memory_limit
 from service.settings import MIN_WORKER_MEMORY_BYTES, Settings, machine_memory_bytes
@@ -70,16 +69,6 @@ BOMBS = {
 }
 
 
-def largest_worker_rss(server: Server) -> int:
-    largest = 0
-    for process in server.job_processes():
-        try:
-            largest = max(largest, process.memory_info().rss)
-        except psutil.Error:
-            continue
-    return largest
-
-
 def assert_names_the_limit(error: dict) -> None:
     assert error["status"] == 422 and error["title"] == "Out of memory", error
     assert "CLIPPRUNE_WORKER_MEMORY_BYTES" in error["detail"], error
@@ -93,14 +82,7 @@ def test_a_job_past_the_limit_fails_naming_it_and_the_service_carries_on(
     server = make_server(worker_memory_bytes=LIMIT)
     with server.client() as client:
         job_id = accepted_id(submit(client, "prune", BOMBS[bomb], {"sparsity": 0.5}))
-        started, peak = time.monotonic(), 0
-        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in {
-            "succeeded",
-            "failed",
-        }:
-            assert time.monotonic() - started < 60, job
-            peak = max(peak, largest_worker_rss(server))
-            time.sleep(0.05)
+        job, peak = finish_watching_memory(server, client, job_id)
         assert job["status"] == "failed", job
         assert_names_the_limit(job["error"])
         assert peak < LIMIT, peak

@@ -293,11 +293,11 @@ def _check_computed_shapes(skeleton: ModelProto, limits: ModelLimits) -> None:
         inferred = _inferred(skeleton, data_prop=True)
         _check_sizes(inferred, limits)
     for graph, _ in iter_graphs(inferred.graph):
-        producers = {output: node for node in graph.node for output in node.output}
+        reach = _Reach(graph)
         shapes = _shapes(graph)
         for node in graph.node:
-            _check_allocation_is_folded(node, graph, producers, shapes)
-            _check_loop_trips(node, graph, limits)
+            _check_allocation_is_folded(node, reach, shapes)
+            _check_loop_trips(node, reach, limits)
 
 
 def _inferred(skeleton: ModelProto, data_prop: bool) -> ModelProto:
@@ -364,35 +364,37 @@ def _unfolded(tensor_type: onnx.TypeProto.Tensor | None) -> bool:
     )
 
 
-def _constant_source(
-    name: str, graph: GraphProto, producers: dict[str, NodeProto]
-) -> NodeProto | None:
-    """When `name` is computed from constants only, the first node on the way that shape
-    inference cannot fold (or the producer itself); None when any graph input, or a value from
-    an outer graph, reaches it: then its size depends on what the caller sends."""
-    constants = {tensor.name for tensor in graph.initializer}
-    inputs = {value.name for value in graph.input} - constants
-    seen: set[str] = set()
-    stack, deepest = [name], None
-    while stack:
-        current = stack.pop()
-        if not current or current in seen or current in constants:
-            continue
-        seen.add(current)
-        node = producers.get(current)
-        if current in inputs or node is None:
-            return None
-        if node.op_type != "Constant":
-            deepest = node
-        stack.extend(node.input)
-    return deepest
+class _Reach:
+    """Where the values of one graph come from: its initializers, its inputs, the node that
+    produces each value."""
+
+    def __init__(self, graph: GraphProto) -> None:
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.inputs = {value.name for value in graph.input} - set(self.initializers)
+        self.producers = {output: node for node in graph.node for output in node.output}
+
+    def constant_source(self, name: str) -> NodeProto | None:
+        """When `name` is computed from constants only, the computing node farthest up the way
+        (where the size is first computed, past any Constant); None when a graph input, or a
+        value from an outer graph, reaches it: then its size depends on what the caller sends."""
+        seen: set[str] = set()
+        stack, farthest = [name], None
+        while stack:
+            current = stack.pop()
+            if not current or current in seen or current in self.initializers:
+                continue
+            seen.add(current)
+            node = self.producers.get(current)
+            if current in self.inputs or node is None:
+                return None
+            if node.op_type != "Constant":
+                farthest = node
+            stack.extend(node.input)
+        return farthest
 
 
 def _check_allocation_is_folded(
-    node: NodeProto,
-    graph: GraphProto,
-    producers: dict[str, NodeProto],
-    shapes: dict[str, onnx.TypeProto.Tensor],
+    node: NodeProto, reach: _Reach, shapes: dict[str, onnx.TypeProto.Tensor]
 ) -> None:
     """An allocating node whose output size comes from constants alone should have had it folded
     by inference; when it was not (ReduceProd, ReduceMax on the way), the size is unknown until
@@ -403,7 +405,7 @@ def _check_allocation_is_folded(
     if not _unfolded(shapes.get(node.output[0])):
         return
     named = [node.input[index] for index in sizes if index < len(node.input) and node.input[index]]
-    sources = [_constant_source(name, graph, producers) for name in named]
+    sources = [reach.constant_source(name) for name in named]
     if not named or any(source is None for source in sources):
         return
     culprit = next(source for source in sources if source is not None)
@@ -414,7 +416,7 @@ def _check_allocation_is_folded(
     )
 
 
-def _check_loop_trips(node: NodeProto, graph: GraphProto, limits: ModelLimits) -> None:
+def _check_loop_trips(node: NodeProto, reach: _Reach, limits: ModelLimits) -> None:
     """A Loop stacks each scan output once per iteration: a constant trip count past the
     dimension cap is a tensor past it (its body's scan outputs follow the carried values)."""
     if node.op_type != "Loop" or not node.input or not node.input[0]:
@@ -423,7 +425,7 @@ def _check_loop_trips(node: NodeProto, graph: GraphProto, limits: ModelLimits) -
     carried = len(node.input) - 2
     if len(body.output) <= 1 + carried:  # the condition, the carried values: nothing stacked
         return
-    trips = next((t for t in graph.initializer if t.name == node.input[0]), None)
+    trips = reach.initializers.get(node.input[0])
     if trips is None or (not trips.raw_data and not trips.int64_data):
         return
     count = int(onnx.numpy_helper.to_array(trips).reshape(-1)[0])
