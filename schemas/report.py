@@ -21,9 +21,13 @@ class SizeReport(_ReportPart):
     original_bytes: int = Field(description="Size of the original ONNX file in bytes.")
     compressed_bytes: int = Field(description="Size of the compressed ONNX file in bytes.")
     ratio: float = Field(description="original_bytes / compressed_bytes.")
-    original_gzip_bytes: int = Field(description="Size of the original file after gzip (level 6).")
+    original_gzip_bytes: int = Field(
+        description="Size of the original file as a gzip file, deflated by ISA-L at level 1 "
+        "(its fast level: within 0.2% of gzip -6 on dense weights, up to ~8% larger on "
+        "pruned ones)."
+    )
     compressed_gzip_bytes: int = Field(
-        description="Size of the compressed file after gzip (level 6)."
+        description="Size of the compressed file as a gzip file, deflated as original_gzip_bytes."
     )
     params: int = Field(description="Float parameters stored in the original model.")
     nonzero_params: int = Field(

@@ -1,10 +1,10 @@
 """Report assembly shared by the job kinds: sizes, the ONNX facts, the two models evaluated
 side by side, and the files a finished job leaves."""
 
-import gzip
 from pathlib import Path
 
 import onnx
+from isal import isal_zlib
 from onnx import ModelProto
 
 from schemas.report import AccuracyReport, LatencyReport, OnnxReport, Report, SizeReport
@@ -17,9 +17,23 @@ from workers.jobs.advice import Facts, advise
 from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
 from workers.jobs.progress import Progress
 
+# ISA-L's deflate at its level 1: the gzip format any gunzip reads, about 20x faster than
+# zlib's level 6 (which took 20 of a 270 MB model's 34 s job); the size is within 0.2% of
+# zlib's on dense weights and up to ~8% larger on pruned ones. schemas/report.py says so.
+GZIP_LEVEL = 1
+GZIP_WBITS = 31  # deflate in a gzip wrapper (header and CRC), as `gzip` writes
+GZIP_CHUNK = 1 << 24  # compressed piece by piece: only the count is kept, never the output
+
 
 def gzip_size(data: bytes) -> int:
-    return len(gzip.compress(data, compresslevel=6, mtime=0))
+    """Bytes of `data` as a gzip file, counted without holding the compressed copy."""
+    deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, GZIP_WBITS)
+    view = memoryview(data)
+    size = sum(
+        len(deflate.compress(view[start : start + GZIP_CHUNK]))
+        for start in range(0, len(view), GZIP_CHUNK)
+    )
+    return size + len(deflate.flush())
 
 
 def size_report(original: bytes, compressed: bytes, params: int, nonzero: int) -> SizeReport:
