@@ -66,6 +66,33 @@ class FineTuneParams(_Params):
     optimizer: Optimizer = "adam"
     clip: ClipParams = ClipParams()
     schedule: PruneSchedule = "one_shot"
+    temperature: float = Field(
+        2.0,
+        gt=0,
+        le=100,
+        description="Distillation temperature T in (0, 100], default 2: the original's and the "
+        "pruned model's class logits are softened by T before their KL divergence (times T², "
+        "Hinton et al. 2015); higher T weighs the small scores more. Graph path only (conv "
+        "nets, transformers: distillation from the original); the MLP fast path trains on the "
+        "labels and ignores it.",
+    )
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the task loss in [0, 1], default 0.5: with class-index labels the "
+        "graph path minimises (1 - alpha) distillation + alpha cross-entropy on the labels; 0 "
+        "distils only, 1 trains on the labels only. The MLP fast path trains on the labels "
+        "alone and ignores it.",
+    )
+    patience: int | None = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Early stopping, 1 to 1000 epochs or null, default 3: stop after this many "
+        "epochs without a better validation score (cosine to the original on the graph path, "
+        "the metric on the MLP fast path) and keep the best weights; null trains every epoch.",
+    )
 
 
 class PruneParams(_Params):

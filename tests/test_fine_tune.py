@@ -45,7 +45,8 @@ def test_ninety_percent_pruned_digits_mlp_recovers_within_one_and_a_half_points(
     (tuned_dir / "input").mkdir(parents=True)
     tuned = run_prune_job(
         stage(tuned_dir, data, train=train, evaluate=held_out),
-        PruneParams(sparsity=0.9, fine_tune=FINE_TUNE),
+        # every one of the 30 epochs, as the README's measurement runs them
+        PruneParams(sparsity=0.9, fine_tune={**FINE_TUNE, "patience": None}),
     )
     original = one_shot.accuracy.original
     assert original > 0.97

@@ -10,7 +10,6 @@ from test_executor import SEQ, D, as_constant_nodes, conv_net, transformer_layer
 
 from schemas.params import FineTuneParams, PruneParams
 from workers.compress.finetune import (
-    DISTILLATION_TEMPERATURE,
     DISTILLATIONS,
     Distiller,
     distillation_kind,
@@ -190,7 +189,7 @@ def test_the_task_loss_is_weighed_by_alpha_and_its_gradient_is_exact() -> None:
     rng = np.random.default_rng(8)
     student, teacher = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
     labels = np.array([0, 2, 1, 1, 0])
-    scorer = Distiller(None, [], [], {"y": "kl"}, 2.0, class_output="y", alpha=0.3)  # type: ignore[arg-type]
+    scorer = Distiller(None, [], [], [], {"y": "kl"}, 2.0, class_output="y", alpha=0.3)  # type: ignore[arg-type]
 
     def loss(y: np.ndarray) -> float:
         return scorer.loss({"y": y}, {"y": teacher}, labels)[0]
@@ -226,7 +225,7 @@ def test_one_sgd_step_moves_the_weights_by_the_clipped_masked_gradient(mode, eps
     outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5))
     # the gradient at the pruned weights, on the whole batch (one step per epoch below)
     teacher = {"y": Executor(model).forward({"x": x}, record=False)["y"]}
-    reference = distiller(copy_outcome(outcome), teacher, None, DISTILLATION_TEMPERATURE, 0.0)
+    reference = distiller(copy_outcome(outcome), teacher, None, 2.0, 0.0)
     _, grads = reference.loss_and_grads({"x": x}, teacher, None)
     reference.apply_masks(grads)
     expected = clipped_by_definition(grads, mode, eps)

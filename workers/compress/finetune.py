@@ -5,9 +5,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto
+from onnx import ModelProto, NodeProto
 
-from schemas.params import FineTuneParams, PruneParams
+from schemas.params import ClipParams, FineTuneParams, PruneParams
 from schemas.report import TrainingReport
 from workers.compress.prune import PruneOutcome, refresh_layers
 from workers.errors import InputError, InvalidDataError, UnsupportedModelError
@@ -15,8 +15,9 @@ from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import METRICS
 from workers.graph.executor import Executor
 from workers.graph.mlp import read_mlp
+from workers.graph.walk import attribute
 from workers.graph.weights import all_float_constants
-from workers.nn.clipping import clip_gradients
+from workers.nn.clipping import MATMUL_UNIT_AXIS, clip_gradients
 from workers.nn.fit import (
     EpochProgress,
     FitSettings,
@@ -76,7 +77,7 @@ def fine_tune(
         network.weights, network.biases = dense.weights, dense.biases
         masks = None
         target = PruneTarget(params.sparsity, None, params.scope, "gradual", prunable)
-    fit_settings = FitSettings.of(settings, target)
+    fit_settings = FitSettings.of(settings, target, patience=settings.patience)
     history = fit(
         network,
         x_train,
@@ -95,9 +96,6 @@ def fine_tune(
 
 # ---- any graph the NumPy executor runs: distillation from the original -------------------------
 
-DISTILLATION_TEMPERATURE = 2.0  # Hinton et al. 2015 use 2-20; soft targets carry the dark knowledge
-TASK_WEIGHT = 0.5  # alpha: the cross-entropy's share of the loss when train_data has class labels
-EARLY_STOP_PATIENCE = 3  # epochs without a better validation cosine before fine-tuning stops
 # Inputs whose float initializers are settings, not weights: running statistics of an inference
 # BatchNormalization, Clip bounds, a Pad fill value, Resize's roi and scales.
 FROZEN_INPUTS: dict[str, tuple[int, ...]] = {
@@ -105,6 +103,15 @@ FROZEN_INPUTS: dict[str, tuple[int, ...]] = {
     "Clip": (1, 2),
     "Pad": (2,),
     "Resize": (1, 2),
+}
+# Adaptive clipping norms each output unit of a weight alone; where the units sit depends on the
+# operator that reads the weight: (op, input index) -> the axis, given the node.
+UNIT_AXES: dict[tuple[str, int], Callable[[NodeProto], int]] = {
+    ("Conv", 1): lambda node: 0,  # [out, in / groups, kh, kw]
+    ("ConvTranspose", 1): lambda node: 1,  # [in, out / groups, kh, kw]
+    ("Gemm", 1): lambda node: 0 if attribute(node, "transB", 0) else 1,  # B^T [out, in] or B
+    ("MatMul", 1): lambda node: -1,  # [..., in, out]
+    ("Gather", 0): lambda node: 0,  # an embedding table: a row per token
 }
 Distillation = Callable[[np.ndarray, np.ndarray, float], tuple[float, np.ndarray]]
 
@@ -158,6 +165,18 @@ def trainable_parameters(model: ModelProto, parameters: dict[str, np.ndarray]) -
     ]
 
 
+def unit_axes(model: ModelProto, names: list[str]) -> list[int]:
+    """Per parameter, the axis of its output units as the first node reading it in UNIT_AXES
+    lays them out; the MatMul layout [in, out] for any other (vectors are one unit anyway)."""
+    found: dict[str, int] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            axis_of = UNIT_AXES.get((node.op_type, index))
+            if axis_of is not None:
+                found.setdefault(name, axis_of(node))
+    return [found.get(name, MATMUL_UNIT_AXIS) for name in names]
+
+
 def graph_inputs(model: ModelProto) -> list[str]:
     initialised = {tensor.name for tensor in model.graph.initializer}
     return [value.name for value in model.graph.input if value.name not in initialised]
@@ -201,6 +220,7 @@ class Distiller:
     executor: Executor
     names: list[str]  # the trainable parameters, in the order of grads, masks, optimizer state
     masks: list[np.ndarray | None]  # 1 keep / 0 pruned, None for weights pruning left dense
+    unit_axes: list[int]  # per trainable parameter, the axis of its output units (clipping)
     kinds: dict[str, str]  # float output -> DISTILLATIONS key
     temperature: float
     class_output: str | None = None
@@ -238,6 +258,23 @@ class Distiller:
         grads = self.executor.backward(output_grads)
         return loss, [grads[name] for name in self.names]
 
+    def clipped_grads(
+        self,
+        feeds: dict[str, np.ndarray],
+        targets: dict[str, np.ndarray],
+        labels: np.ndarray | None,
+        clip: ClipParams,
+    ) -> tuple[float, float, list[np.ndarray], list[np.ndarray]]:
+        """A batch's loss, the global gradient norm before clipping, the masked gradients and
+        their clipped form: forward, backward, masks, then clipping (adaptive clipping by each
+        weight's output units)."""
+        loss, grads = self.loss_and_grads(feeds, targets, labels)
+        self.apply_masks(grads)
+        clipped, norm = clip_gradients(
+            grads, clip.mode, clip.threshold, self.params, unit_axes=self.unit_axes
+        )
+        return loss, norm, grads, clipped
+
     def apply_masks(self, arrays: list[np.ndarray]) -> None:
         for array, mask in zip(arrays, self.masks, strict=True):
             if mask is not None:
@@ -268,7 +305,8 @@ def distiller(
             "fine-tuning distilled from the original only: the labels are not class indices"
             " for one class-score output"
         )
-    return Distiller(executor, names, masks, kinds, temperature, scored, alpha)
+    axes = unit_axes(outcome.model, names)
+    return Distiller(executor, names, masks, axes, kinds, temperature, scored, alpha)
 
 
 def stacked_inputs(data: EvalData, names: list[str]) -> dict[str, np.ndarray]:
@@ -284,14 +322,13 @@ def fine_tune_graph(
     train: EvalData,
     validation: EvalData | None,
     on_epoch: EpochProgress | None = None,
-    temperature: float = DISTILLATION_TEMPERATURE,
-    alpha: float = TASK_WEIGHT,
 ) -> TrainingReport:
     """Fine-tune the pruned graph in place to reproduce the original's outputs on the training
-    inputs (no labels needed), with clipped gradients; pruned weights stay zero. With class
-    labels, the loss is (1 - alpha) distillation + alpha cross-entropy. Training stops when the
-    cosine to the original on the validation inputs has not improved for EARLY_STOP_PATIENCE
-    epochs, and the best weights are kept."""
+    inputs (no labels needed), with clipped gradients; pruned weights stay zero. Class logits
+    are distilled at `settings.temperature`; with class labels, the loss is (1 - alpha)
+    distillation + alpha cross-entropy. Training stops when the cosine to the original on the
+    validation inputs has not improved for `settings.patience` epochs (None: never), and the
+    best weights are kept."""
     if settings.schedule != "one_shot":
         raise InputError(
             "fine_tune.schedule gradual ramps the sparsity of MLP layers only; use one_shot here"
@@ -302,7 +339,7 @@ def fine_tune_graph(
     teacher = Executor(original)
     y_train = batched_forward(teacher, x_train, settings.batch_size)
     y_val = batched_forward(teacher, x_val, settings.batch_size)
-    student = distiller(outcome, y_train, train.labels, temperature, alpha)
+    student = distiller(outcome, y_train, train.labels, settings.temperature, settings.alpha)
     history = History()
     params = student.params
     step = OPTIMIZERS[settings.optimizer](params, settings.learning_rate)
@@ -316,14 +353,11 @@ def fine_tune_graph(
         losses = []
         for start in range(0, rows, settings.batch_size):
             batch = order[start : start + settings.batch_size]
-            loss, grads = student.loss_and_grads(
+            loss, norm, grads, clipped = student.clipped_grads(
                 {n: x[batch] for n, x in x_train.items()},
                 {n: y[batch] for n, y in y_train.items()},
                 None if train.labels is None else train.labels[batch],
-            )
-            student.apply_masks(grads)
-            clipped, norm = clip_gradients(
-                grads, settings.clip.mode, settings.clip.threshold, params
+                settings.clip,
             )
             advice = "lower learning_rate or clip gradients (clip.mode global_norm)"
             history.record_step(loss, norm, grads, clipped, epoch, "fine-tuning", advice)
@@ -340,7 +374,7 @@ def fine_tune_graph(
             best, since_best = (history.validation[-1], [p.copy() for p in params]), 0
         else:
             since_best += 1
-            if since_best >= EARLY_STOP_PATIENCE:
+            if settings.patience is not None and since_best >= settings.patience:
                 history.stopped_early = True
                 break
     for p, saved in zip(params, best[1], strict=True):
