@@ -156,9 +156,11 @@ class PruneParams(_Params):
     )
     criterion: Criterion = Field(
         "magnitude",
-        description="How weights are ranked: magnitude (|w|), or activation (Wanda: |w| times "
-        "the L2 norm of its input over the calibration inputs, compared within each output "
-        "row). activation needs eval_data, whose inputs are the calibration inputs.",
+        description="How weights are ranked: magnitude (|w|; structured: the RMS of a unit's "
+        "weights), or activation (Wanda: |w| times the L2 norm of its input over the "
+        "calibration inputs, compared within each output row; structured: the output error "
+        "removing a unit causes in the layers reading it). activation needs eval_data, whose "
+        "inputs are the calibration inputs.",
     )
     reconstruct: bool = Field(
         False,
@@ -222,18 +224,10 @@ class PruneParams(_Params):
         return self.criterion != "magnitude" or self.reconstruct
 
     def _calibration_fits(self) -> None:
-        # Structured pruning re-fits the consumers of removed channels (reconstruct), but does
-        # not rank channel groups by activation yet.
-        if self.criterion == "activation" and self.granularity != "unstructured":
-            raise ValueError(
-                "criterion activation works with granularity unstructured only for now; "
-                "granularity structured takes reconstruct (least squares on the layers that "
-                "read the removed channels) with criterion magnitude"
-            )
         if self.criterion == "activation" and (self.threshold is not None or self.scope != "layer"):
             raise ValueError(
-                "criterion activation compares |w| times its input's norm within each output "
-                "row: give sparsity (or max_accuracy_drop) with scope layer, not threshold or "
+                "criterion activation compares scores within each output row (or channel "
+                "group): give sparsity (or max_accuracy_drop) with scope layer, not threshold or "
                 "scope global"
             )
         if self.reconstruct and self.fine_tune is not None and self.fine_tune.schedule == "gradual":

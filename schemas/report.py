@@ -117,6 +117,27 @@ class LatencyReport(_ReportPart):
     original: float = Field(description="p50 latency of the original model, in milliseconds.")
     compressed: float = Field(description="p50 latency of the compressed model, in milliseconds.")
     batch: int = Field(description="Rows in the batch both models ran on.")
+    runs: int = Field(
+        0,
+        description="Timed runs of each model after one warm-up: up to 30 within 2 s of the "
+        "original's, at least 3; the compressed model runs as many. 0 in reports written "
+        "before runs were counted.",
+    )
+
+
+class GeneratedCheck(_ReportPart):
+    """Without eval_data: both models on generated noise (normal floats, integers 0/1), a
+    check that the compressed model runs and how far its outputs moved, not its accuracy."""
+
+    samples: int = Field(
+        description="Samples scored for the deciding output: rows of its first axis, over every "
+        "run."
+    )
+    runs: int = Field(
+        description="Runs each model made: the rows are split into runs sized from the inputs "
+        "(2^20 input elements a run at most), which bounds the activations a run holds."
+    )
+    scores: AccuracyReport = Field(description="The compressed model against the original.")
 
 
 class ClipStats(_ReportPart):
@@ -189,8 +210,10 @@ class CalibratedLayer(_ReportPart):
     op: str = Field(description="The op it feeds: MatMul, Gemm or Conv.")
     method: str | None = Field(
         description="How the surviving weights were updated: least_squares (exact, per output "
-        "row) or obs (SparseGPT's update, on layers where exact least squares costs too much); "
-        "null without reconstruct."
+        "row; structured: the layer's bias fitted with its weights) or obs (SparseGPT's update, "
+        "on layers where exact least squares costs too much); bias (structured criterion "
+        "activation without reconstruct: the bias alone, putting back the mean of what the "
+        "cut removed); null without reconstruct."
     )
     error_before: float = Field(
         description="||WX - W'X'|| / ||WX|| on the calibration inputs with the mask alone: the "
@@ -244,6 +267,11 @@ class Report(_ReportPart):
     )
     latency_ms: LatencyReport | None = Field(
         description="Inference time of both models; null when the model could not be run."
+    )
+    generated_check: GeneratedCheck | None = Field(
+        None,
+        description="Prune jobs without eval_data: both models on generated inputs; null when "
+        "eval_data was sent or no inputs could be generated (notes say why).",
     )
     onnx: OnnxReport = Field(description="The compressed file's ONNX facts.")
     training: TrainingReport | None = Field(

@@ -21,8 +21,9 @@ PruneSchedule = Literal["one_shot", "gradual"]
 # Pruning: workers/nn/masks.py and workers/compress
 Scope = Literal["layer", "global"]  # nn/masks.py SCOPES
 Granularity = Literal["unstructured", "structured"]  # compress/prune.py GRANULARITIES
-# How weights are ranked for pruning: compress/criteria.py CRITERIA. activation is Wanda's
-# |w| · ‖x‖₂ on calibration inputs (the eval_data).
+# How weights are ranked for pruning: compress/criteria.py CRITERIA (single weights) and
+# UNIT_CRITERIA (structured units). activation is Wanda's |w| · ‖x‖₂ on calibration inputs (the
+# eval_data); for units, the output error their removal leaves in the layers reading them.
 Criterion = Literal["magnitude", "activation"]
 
 # Output files: workers/graph/encoding.py ENCODERS. "auto" (PruneParams.encoding) tries those

@@ -159,6 +159,7 @@ REGISTRIES = [
     (vocabulary.Scope, masks.SCOPES),
     (vocabulary.Granularity, compress_prune.GRANULARITIES),
     (vocabulary.Criterion, compress_criteria.CRITERIA),
+    (vocabulary.Criterion, compress_criteria.UNIT_CRITERIA),
     (vocabulary.Encoding, encoding.ENCODERS),
     (vocabulary.Task, metrics.TASKS),
     (vocabulary.Task, evaluate_data.LABEL_TASKS),

@@ -184,7 +184,15 @@ def test_weights_that_cannot_be_calibrated_fall_back_to_magnitude_with_a_note():
     [
         ({"threshold": 0.1, "criterion": "activation"}, "give sparsity"),
         ({"sparsity": 0.5, "criterion": "activation", "scope": "global"}, "scope layer"),
-        ({"sparsity": 0.5, "criterion": "activation", "granularity": "structured"}, "unstructured"),
+        (
+            {
+                "sparsity": 0.5,
+                "criterion": "activation",
+                "granularity": "structured",
+                "scope": "global",
+            },
+            "scope layer",
+        ),
         (
             {"sparsity": 0.5, "reconstruct": True, "fine_tune": {"schedule": "gradual"}},
             "one_shot",

@@ -5,14 +5,17 @@ import numpy as np
 import onnx
 import pytest
 from graphs import conv_net, gemm_mlp
-from pydantic import ValidationError
+from onnx import numpy_helper
 from test_calibration import digits_job
-from test_structured_patterns import concat_and_split, residual_block
+from test_structured_patterns import concat_and_split, residual_block, zero_at
 
 from schemas import PruneParams
 from workers.compress.calibrated import prune_calibrated
-from workers.compress.prune import copy_model, prune_model
+from workers.compress.criteria import OutputContribution
+from workers.compress.prune import copy_model, prunable_slots, prune_model
+from workers.compress.structured import prune_channels
 from workers.evaluate.runtime import session
+from workers.graph.channels import ChannelGraph
 from workers.graph.load import serialize
 
 STRUCTURED = {"sparsity": 0.5, "granularity": "structured"}
@@ -84,6 +87,98 @@ def test_the_job_reconstructs_structured_pruning_on_eval_data(tmp_path, mlp_clas
     assert refitted.accuracy.compressed > plain.accuracy.compressed
 
 
-def test_structured_still_refuses_the_activation_criterion():
-    with pytest.raises(ValidationError, match="criterion activation works with granularity"):
-        PruneParams.model_validate({**STRUCTURED, "criterion": "activation", "reconstruct": True})
+def exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy whose outputs are the values `names` (the readers' outputs)."""
+    copy = copy_model(model)
+    del copy.graph.output[:]
+    copy.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return copy
+
+
+def zeroing_errors(model, readers: list[str], channels: int, x: np.ndarray) -> np.ndarray:
+    """The reference for criterion activation, by onnxruntime alone: for each channel, the
+    change of a reader's output when that channel is zeroed at that reader's input alone (the
+    others see the original inputs), less its mean over the rows (the reader's bias takes the
+    mean back), squared and summed over readers."""
+    squares = np.zeros(channels)
+    for reader in readers:
+        base = session(serialize(exposed(model, [reader]))).run(None, {"X": x})[0]
+        for channel in range(channels):
+            mask = np.ones(channels, np.float32)
+            mask[channel] = 0
+            zeroed = session(serialize(exposed(zero_at(model, [(reader, 0, 1, mask)]), [reader])))
+            change = (zeroed.run(None, {"X": x})[0] - base).astype(np.float64)
+            rows = tuple(axis for axis in range(change.ndim) if axis != 1)  # all but channels
+            squares[channel] += np.sum((change - change.mean(axis=rows, keepdims=True)) ** 2)
+    return np.sqrt(squares)
+
+
+@pytest.mark.parametrize(
+    ("leading", "readers", "channels"),
+    [("conv0_w", ["conv1", "conv3"], 8), ("conv1_w", ["conv2"], 8), ("conv3_w", ["Y"], 6)],
+    ids=["residual-two-conv-readers", "conv-reader", "pooled-gemm-reader"],
+)
+def test_activation_scores_each_channel_by_the_error_its_removal_leaves(leading, readers, channels):
+    model = residual_block()
+    runs = [{"X": inputs((3, 8, 8), 5, seed)} for seed in (1, 2)]  # accumulated over runs
+    graph = ChannelGraph(model)
+    group = next(group for group in graph.groups() if group.leading == leading)
+    scorer = OutputContribution(model, runs)
+    scores = scorer(group, graph.constants)
+    reference = zeroing_errors(model, readers, channels, np.concatenate([r["X"] for r in runs]))
+    np.testing.assert_allclose(scores, reference, rtol=1e-5)  # float32 runs
+    assert not scorer.fallbacks
+
+
+def test_structured_activation_keeps_the_channels_that_matter_most():
+    model = residual_block()
+    runs = [{"X": inputs((3, 8, 8), 10, 1)}]
+    params = PruneParams.model_validate({**STRUCTURED, "criterion": "activation"})
+    pruned, report = prune_calibrated(copy_model(model), params, runs)
+    graph = ChannelGraph(model)
+    group = next(group for group in graph.groups() if group.leading == "conv1_w")
+    errors = zeroing_errors(model, ["conv2"], 8, runs[0]["X"])
+    # conv1's bias is re-fitted (conv1 reads the stem's cut channels); its BatchNorm scale is
+    # only sliced, so it tells which channels stayed
+    kept_scale = numpy_helper.to_array(
+        next(t for t in pruned.model.graph.initializer if t.name == "bn1_scale")
+    )
+    original_scale = numpy_helper.to_array(graph.constants["bn1_scale"])
+    kept_channels = np.flatnonzero(np.isin(original_scale, kept_scale))
+    np.testing.assert_array_equal(kept_channels, np.sort(np.argsort(-errors)[:4]))
+    assert group.units == 8
+    assert report.criterion == "activation" and not report.reconstructed
+    assert any("output error" in note for note in pruned.notes)
+
+
+def test_activation_without_reconstruct_puts_the_removed_means_back_into_the_biases():
+    model = gemm_mlp([8, 16, 16, 4], trans_b=1)
+    calibration = [{"X": inputs((8,), 200, 1) + 1.0}]  # inputs off zero: means to put back
+    held_out = inputs((8,), 200, 2) + 1.0
+    params = PruneParams.model_validate({**STRUCTURED, "criterion": "activation"})
+    compensated, report = prune_calibrated(copy_model(model), params, calibration)
+    assert [layer.method for layer in report.layers] == ["bias", "bias"]
+    for layer in report.layers:
+        assert layer.error_after < layer.error_before
+    # the same channels cut, biases left as they were
+    uncompensated = copy_model(model)
+    slots = prunable_slots(uncompensated, params, None)
+    scorer = OutputContribution(copy_model(model), calibration)
+    prune_channels(uncompensated, slots, sparsity=0.5, threshold=None, scope="layer", scorer=scorer)
+    assert [t.dims for t in uncompensated.graph.initializer] == [
+        t.dims for t in compensated.model.graph.initializer
+    ]
+    expected = outputs(model, held_out)
+    compensated_error = np.linalg.norm(outputs(compensated.model, held_out) - expected)
+    uncompensated_error = np.linalg.norm(outputs(uncompensated, held_out) - expected)
+    assert compensated_error < 0.8 * uncompensated_error
+
+
+def test_structured_activation_job_on_digits(tmp_path, mlp_classifier, digits):
+    (tmp_path / "input").mkdir()
+    params = {**STRUCTURED, "criterion": "activation", "reconstruct": True}
+    report = digits_job(tmp_path, copy_model(mlp_classifier), digits, params)
+    assert report.calibration.criterion == "activation" and report.calibration.reconstructed
+    assert [layer.method for layer in report.calibration.layers] == ["least_squares"] * 2
+    assert report.accuracy.compressed >= report.accuracy.original - 0.05
+    assert any("output error" in note for note in report.notes)

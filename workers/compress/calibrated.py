@@ -11,14 +11,15 @@ Structured pruning with reconstruct removes channels as plain structured pruning
 as ThiNet (Luo et al., 2017) and He et al. (2017) do, re-fits each layer that read removed
 channels by least squares over its remaining inputs: min ‖W X - Ŵ X̃‖ with W, X the layer and
 its inputs in the original model (its surviving output rows only) and X̃ its narrower inputs in
-the model as pruned and re-fitted so far. Ranking channel groups by activation is not done yet;
-PruneParams refuses it.
+the model as pruned and re-fitted so far. With criterion activation the units are ranked by the
+output error their removal alone causes in the layers that read them (criteria.py
+OutputContribution), measured on the original model, all groups at once.
 """
 
 import time
 
 import numpy as np
-from onnx import ModelProto
+from onnx import ModelProto, helper, numpy_helper
 
 from schemas.params import PruneParams
 from schemas.report import CalibratedLayer, CalibrationReport
@@ -26,10 +27,12 @@ from workers.compress.calibration import (
     LayerView,
     exposing,
     input_statistics,
+    layer_bias,
     layer_view,
     node_positions,
+    run_exposed,
 )
-from workers.compress.criteria import CRITERIA, MaskRule
+from workers.compress.criteria import CRITERIA, UNIT_CRITERIA, MaskRule
 from workers.compress.prune import (
     PruneOutcome,
     SlotValues,
@@ -39,7 +42,7 @@ from workers.compress.prune import (
     prunable_slots,
 )
 from workers.compress.structured import prune_channels
-from workers.errors import InvalidDataError, cut_list, first_line
+from workers.errors import cut_list
 from workers.evaluate.runtime import Feeds, session
 from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.reconstruct import (
@@ -167,18 +170,28 @@ def _rows(feeds: Feeds) -> int:
 def _prune_structured(
     model: ModelProto, params: PruneParams, runs: list[Feeds], only: str | None, started: float
 ) -> tuple[PruneOutcome, CalibrationReport]:
-    """Structured pruning (params.reconstruct holds: PruneParams refuses activation), then the
-    consumers of removed channels re-fitted in graph order."""
+    """Structured pruning with units ranked by params.criterion, then the readers of removed
+    channels re-fitted in graph order: weights and bias with reconstruct, else the bias."""
     slots = prunable_slots(model, params, only)
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
     original = copy_model(model)
+    scorer = UNIT_CRITERIA[params.criterion](original, runs)
     found = prune_channels(
-        model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
+        model,
+        slots,
+        sparsity=params.sparsity,
+        threshold=params.threshold,
+        scope=params.scope,
+        scorer=scorer,
     )
     outcome.groups = found.groups
     outcome.notes += found.notes
-    layers, skipped = _refit_consumers(model, original, found.removed, runs, outcome)
+    # calibrated: reconstruct, or criterion activation, whose scores assume the bias
+    # compensation a re-fit of the bias alone makes
+    layers, skipped = _refit_consumers(
+        model, original, found.removed, runs, outcome, solve=params.reconstruct
+    )
     for slot, shape in zip(slots, shapes, strict=True):
         array = slot.read()
         if array.shape != shape:
@@ -189,7 +202,7 @@ def _prune_structured(
         outcome.notes.append(cut_list("structured: not re-fitted after the cut: ", named))
     report = CalibrationReport(
         criterion=params.criterion,
-        reconstructed=True,
+        reconstructed=params.reconstruct,
         runs=len(runs),
         samples=sum(_rows(feeds) for feeds in runs),
         seconds=time.perf_counter() - started,
@@ -205,9 +218,11 @@ def _refit_consumers(
     removed: dict[str, dict[int, np.ndarray]],
     runs: list[Feeds],
     outcome: PruneOutcome,
+    solve: bool,
 ) -> tuple[list[CalibratedLayer], list[tuple[str, str]]]:
-    """Re-fit every weight whose input channels were cut, in graph order; the layers re-fitted
-    and (name, why) for the cut weights left as they are."""
+    """Re-fit every weight whose input channels were cut, in graph order (its bias alone
+    unless `solve`); the layers re-fitted and (name, why) for the cut weights left as they
+    are."""
     positions, before_positions = node_positions(model), node_positions(original)
     before_slots = {slot.name: slot for slot in find_weights(original)}
     consumers: list[tuple[LayerView, LayerView]] = []
@@ -219,7 +234,7 @@ def _refit_consumers(
             if cut:
                 skipped.append((slot.name, view))
             continue
-        if _input_axis(view) not in cut:
+        if view.input_axis not in cut:
             continue  # its inputs are whole: nothing before it changed what it reads
         before = layer_view(before_slots[slot.name], original, before_positions)
         if isinstance(before, str):
@@ -232,13 +247,8 @@ def _refit_consumers(
         consumers.append((view, before))
     layers = []
     for view, before in sorted(consumers, key=lambda pair: pair[0].position):
-        layers.append(_refit(model, original, view, before, removed[view.slot.name], runs, outcome))
+        layers.append(_refit(model, original, view, before, removed, runs, outcome, solve))
     return layers, skipped
-
-
-def _input_axis(view: LayerView) -> int:
-    """The stored axis of the weight's input channels: [in, out] MatMul, [O, C, kh, kw] Conv."""
-    return 0 if view.transposed and view.conv is None else 1
 
 
 def _refit(
@@ -246,58 +256,102 @@ def _refit(
     original: ModelProto,
     view: LayerView,
     before: LayerView,
-    cut: dict[int, np.ndarray],
+    removed: dict[str, dict[int, np.ndarray]],
     runs: list[Feeds],
     outcome: PruneOutcome,
+    solve: bool,
 ) -> CalibratedLayer:
     """Ŵ = argmin ‖W X - Ŵ X̃‖² + λ‖Ŵ - W'‖² row by row, W' the weights as cut (SparseGPT's
-    dampening, pulling toward them rather than toward zero): Ŵ = (W XᵀX̃ + λW')(X̃ᵀX̃ + λI)⁻¹. A row
-    the dampened solve would make worse keeps its cut weights, so the error never goes up."""
-    output_axis = 1 - _input_axis(view)
+    dampening, pulling toward them rather than toward zero): Ŵ = (W XᵀX̃ + λW')(X̃ᵀX̃ + λI)⁻¹. A
+    layer's own bias is one more column of W, on an input that is always 1, so it is fitted
+    with the weights; without `solve` only that column is (the mean of what the cut removed
+    added back: FLAP's bias compensation). A row the dampened solve would make worse keeps its
+    cut weights, so the error never goes up."""
+    cut = removed[view.slot.name]
+    output_axis = 1 - view.input_axis
     target_array = before.slot.read()
     if output_axis in cut:  # this layer's own outputs were cut too: match the surviving ones
         target_array = np.delete(target_array, cut[output_axis], axis=output_axis)
     target = before.matrix(target_array).astype(np.float64)  # W [out, in before the cut]
     current = view.matrix(view.slot.read()).astype(np.float64)  # W' [out, in after]
-    inputs = _paired_inputs(model, original, view, before, runs)
-    right = target @ inputs.cross.T + damping(inputs.gram) * current
-    solved = np.linalg.solve(damped(inputs.gram), right.T).T
+    bias = layer_bias(model, view)
+    if bias is not None:  # [W | b]: the bias is the weight of a constant input 1
+        original_bias = _initializer(original, bias)  # [out] or [1, out]
+        for axis, positions in removed.get(bias, {}).items():
+            original_bias = np.delete(original_bias, positions, axis=axis)
+        target = np.column_stack([target, original_bias.reshape(-1)])
+        current = np.column_stack([current, _initializer(model, bias).reshape(-1)])
+    inputs = _paired_inputs(model, original, view, before, runs, ones=bias is not None)
+    if solve:
+        right = target @ inputs.cross.T + damping(inputs.gram) * current
+        solved = np.linalg.solve(damped(inputs.gram), right.T).T
+    elif bias is not None:
+        solved = current.copy()
+        rows = inputs.gram[-1, -1]  # Σ 1·1
+        solved[:, -1] = (target @ inputs.cross[-1] - current[:, :-1] @ inputs.gram[-1, :-1]) / rows
+    else:
+        solved = current
     lost_before = output_errors(target, current, inputs)
     lost_after = output_errors(target, solved, inputs)
     worse = lost_after > lost_before
     solved[worse] = current[worse]
+    if bias is not None:
+        _write_initializer(model, bias, solved[:, -1])
+        solved = solved[:, :-1]
     _write(view.slot, view.restore(solved), outcome)
     base = float(output_errors(target, np.zeros_like(current), inputs).sum())
+    method = "least_squares" if solve else "bias" if bias is not None else None
     return CalibratedLayer(
         name=view.slot.name,
         op=view.node.op_type,
-        method="least_squares",
+        method=method,
         error_before=relative(float(lost_before.sum()), base),
         error_after=relative(float(np.minimum(lost_before, lost_after).sum()), base),
     )
 
 
+def _initializer(model: ModelProto, name: str) -> np.ndarray:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    return numpy_helper.to_array(tensor).astype(np.float64)
+
+
+def _write_initializer(model: ModelProto, name: str, values: np.ndarray) -> None:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = values.reshape(tuple(tensor.dims)).astype(dtype)
+    tensor.CopyFrom(numpy_helper.from_array(array, name))
+
+
 def _paired_inputs(
-    model: ModelProto, original: ModelProto, view: LayerView, before: LayerView, runs: list[Feeds]
+    model: ModelProto,
+    original: ModelProto,
+    view: LayerView,
+    before: LayerView,
+    runs: list[Feeds],
+    ones: bool,
 ) -> LayerInputs:
     """X̃ᵀX̃ [in', in'], X̃ᵀX [in', in] and XᵀX [in, in] of the layer's input in the model as
-    re-fitted so far (X̃, narrower) and in the original (X), on the same rows. One run's
-    activations at a time, as input_statistics."""
-    gram = np.zeros((view.width, view.width))
-    cross = np.zeros((view.width, before.width))
-    dense = np.zeros((before.width, before.width))
+    re-fitted so far (X̃, narrower) and in the original (X), on the same rows, each row
+    extended by a 1 when `ones` (one more in). One run's activations at a time, as
+    input_statistics."""
+    extra = int(ones)
+    gram = np.zeros((view.width + extra, view.width + extra))
+    cross = np.zeros((view.width + extra, before.width + extra))
+    dense = np.zeros((before.width + extra, before.width + extra))
     pruned = session(exposing(model, view.input_name))
     dense_runner = session(exposing(original, before.input_name))
     for feeds in runs:
-        try:
-            now, then = pruned.run(None, feeds)[0], dense_runner.run(None, feeds)[0]
-        except Exception as exc:  # onnxruntime's errors are untyped
-            raise InvalidDataError(
-                f"onnxruntime could not run the model on the calibration data: {first_line(exc)}"
-            ) from exc
+        now, then = run_exposed(pruned, feeds), run_exposed(dense_runner, feeds)
         for rows, original_rows in zip(view.rows(now, 0), before.rows(then, 0), strict=True):
+            if ones:
+                rows, original_rows = _with_ones(rows), _with_ones(original_rows)
             accumulate_gram(gram, rows)
             accumulate_gram(cross, rows, original_rows)
             accumulate_gram(dense, original_rows)
         del now, then  # before the next run's: one run at a time
     return LayerInputs(gram, cross, dense)
+
+
+def _with_ones(rows: np.ndarray) -> np.ndarray:
+    """rows [n, in] -> [n, in + 1], the last column 1: the input a bias multiplies."""
+    return np.column_stack([rows, np.ones(len(rows), rows.dtype)])

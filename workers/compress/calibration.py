@@ -18,7 +18,7 @@ from workers.compress.prune import copy_model
 from workers.errors import InvalidDataError, first_line
 from workers.evaluate.runtime import Feeds, session
 from workers.graph.load import serialize
-from workers.graph.walk import attribute
+from workers.graph.walk import attribute, readers
 from workers.graph.weights import WeightSlot
 from workers.nn.reconstruct import LayerInputs, accumulate_gram, im2col
 
@@ -58,6 +58,11 @@ class LayerView:
         if self.conv is not None:
             return matrix.reshape(self.slot.shape)
         return matrix.T if self.transposed else matrix
+
+    @property
+    def input_axis(self) -> int:
+        """The stored axis of the weight's input channels: [in, out] MatMul, [O, C, kh, kw] Conv."""
+        return 0 if self.transposed and self.conv is None else 1
 
     @property
     def width(self) -> int:
@@ -141,6 +146,27 @@ def layer_view(slot: WeightSlot, model: ModelProto, positions: dict[str, int]) -
     return f"{node.op_type} weights are not calibrated"
 
 
+def layer_bias(model: ModelProto, view: LayerView) -> str | None:
+    """The initializer added to the layer's outputs one value per output channel: Gemm's C or
+    Conv's B, or the constant of the one Add that reads a MatMul's output. None when there is
+    none, or when it is shaped otherwise or read by other nodes too (then it is not the
+    layer's alone to adjust)."""
+    node, graph = view.node, model.graph
+    bias = node.input[2] if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 else ""
+    graph_readers = readers(graph)
+    if node.op_type == "MatMul":
+        after = graph_readers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":
+            bias = next((name for name in after[0].input if name != node.output[0]), "")
+    tensor = next((t for t in graph.initializer if t.name == bias), None)
+    outputs = view.slot.shape[1 - view.input_axis]
+    if tensor is None or len(graph_readers.get(bias, [])) != 1:
+        return None
+    if int(np.prod(tensor.dims)) != outputs or max(tensor.dims, default=1) != outputs:
+        return None
+    return bias
+
+
 def exposing(model: ModelProto, name: str) -> bytes:
     """A copy of `model` whose only output is tensor `name`: onnxruntime then runs only the
     nodes that tensor needs."""
@@ -150,7 +176,8 @@ def exposing(model: ModelProto, name: str) -> bytes:
     return serialize(copy)
 
 
-def _activations(runner: InferenceSession, feeds: Feeds) -> np.ndarray:
+def run_exposed(runner: InferenceSession, feeds: Feeds) -> np.ndarray:
+    """The one output of a session made from exposing(), on one calibration run."""
     try:
         return runner.run(None, feeds)[0]
     except Exception as exc:  # onnxruntime's errors are untyped
@@ -177,7 +204,7 @@ def input_statistics(
     pruned = session(exposing(model, view.input_name))
     before = session(exposing(original, view.input_name))
     for feeds in runs:
-        now, then = _activations(pruned, feeds), _activations(before, feeds)
+        now, then = run_exposed(pruned, feeds), run_exposed(before, feeds)
         if now.dtype.kind != "f":
             raise InvalidDataError(f"input {view.input_name!r} of a weight is not float")
         for group in range(view.groups):

@@ -17,6 +17,7 @@ is the channel zeroed at its consumers' inputs, not at its producer.)
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
@@ -79,6 +80,28 @@ def unit_scores(
         squares += per_unit.sum(axis=1)
         elements += per_unit.shape[1] * width
     return np.sqrt(squares / max(elements, 1))
+
+
+class UnitScorer(Protocol):
+    """Ranks one group's units: higher is kept first. `wording` says how, for the notes."""
+
+    @property
+    def wording(self) -> str: ...
+
+    def __call__(self, group: ChannelGroup, constants: dict[str, TensorProto]) -> np.ndarray:
+        """One score per unit: [units]."""
+        ...
+
+
+@dataclass
+class WeightMagnitude:
+    """The magnitude criterion of structured pruning: unit_scores over the model's weights."""
+
+    weights: set[str]
+    wording: str = "the RMS of all their coupled weights"
+
+    def __call__(self, group: ChannelGroup, constants: dict[str, TensorProto]) -> np.ndarray:
+        return unit_scores(group, constants, self.weights)
 
 
 def _indices(offset: int, size: int, units: int, removed: np.ndarray) -> np.ndarray:
@@ -226,10 +249,12 @@ def prune_channels(
     sparsity: float | None,
     threshold: float | None,
     scope: Scope,
+    scorer: UnitScorer | None = None,
 ) -> StructuredOutcome:
-    """Remove the weakest units of every prunable group in place. A group is prunable when its
-    channels could be followed everywhere and its leading weight is a candidate (include /
-    exclude); the others are reported with the reason they were left whole."""
+    """Remove the weakest units of every prunable group in place, ranked by `scorer` (default:
+    WeightMagnitude). A group is prunable when its channels could be followed everywhere and
+    its leading weight is a candidate (include / exclude); the others are reported with the
+    reason they were left whole."""
     channel_graph = ChannelGraph(model)
     groups = channel_graph.groups()
     chosen = {slot.name for slot in candidates}
@@ -246,8 +271,8 @@ def prune_channels(
     if not live:
         raise _refusal(groups, notes)
     constants = channel_graph.constants
-    weights = {slot.name for slot in find_weights(model)}
-    scores = [unit_scores(groups[index], constants, weights) for index in live]
+    scorer = scorer or WeightMagnitude({slot.name for slot in find_weights(model)})
+    scores = [scorer(groups[index], constants) for index in live]
     masks = magnitude_masks(scores, sparsity=sparsity, threshold=threshold, scope=scope)
     cuts = []
     kept_units: dict[int, int] = {}
@@ -273,7 +298,8 @@ def prune_channels(
     _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
     reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
     share = _share_note([groups[index] for index in live], constants)
-    return StructuredOutcome(reports, _notes(reports, len(live)) + share, deleted)
+    notes = _notes(reports, len(live), scorer.wording)
+    return StructuredOutcome(reports, notes + share, deleted)
 
 
 def _overlapping(group: ChannelGroup, taken: dict[tuple[str, int], list[tuple[int, int]]]) -> str:
@@ -327,12 +353,12 @@ def _share_note(live: list[ChannelGroup], constants: dict[str, TensorProto]) -> 
     ]
 
 
-def _notes(reports: list[GroupReport], pruned: int) -> list[str]:
+def _notes(reports: list[GroupReport], pruned: int, wording: str) -> list[str]:
     removed = sum(r.channels - r.kept for r in reports)
     total = sum(r.channels for r in reports if r.note is None)
     notes = [
         f"structured: {pruned} of {len(reports)} channel groups pruned, {removed} of their "
-        f"{total} channels removed; units ranked by the RMS of all their coupled weights"
+        f"{total} channels removed; units ranked by {wording}"
     ]
     whole = [r for r in reports if r.note is not None]
     for report in whole[:MAX_GROUP_NOTES]:
