@@ -265,6 +265,12 @@ class TrainPruneParams(_Params):
     threshold: float | None = Field(None, ge=0)
     scope: Scope = "layer"
     schedule: PruneSchedule = "one_shot"
+    granularity: Granularity = Field(
+        "unstructured",
+        description="unstructured: single weights zeroed; structured: whole hidden neurons "
+        "removed after training (ranked as a prune job ranks them), then the smaller network "
+        "trained again for the same epochs (early stopping by patience), so the file shrinks.",
+    )
     encoding: Encoding = Field(
         "dense",
         description="How the pruned model is stored: dense (zeros kept; gzips well), sparse "
@@ -277,6 +283,11 @@ class TrainPruneParams(_Params):
             raise ValueError("give exactly one of sparsity, threshold")
         if self.schedule == "gradual" and self.sparsity is None:
             raise ValueError("schedule gradual ramps up a sparsity; give sparsity, not threshold")
+        if self.schedule == "gradual" and self.granularity == "structured":
+            raise ValueError(
+                "schedule gradual ramps up the sparsity of single weights; granularity "
+                "structured removes neurons once, after training: use schedule one_shot"
+            )
         return self
 
 

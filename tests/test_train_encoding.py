@@ -2,6 +2,7 @@
 sparse, int8 or float16, and the report measures the file it returns."""
 
 import numpy as np
+import onnx
 import pytest
 from pydantic import ValidationError
 
@@ -51,3 +52,32 @@ def test_a_dense_pruned_train_model_is_told_to_pick_an_encoding(job_dir, digits)
 def test_prune_encoding_names_its_values():
     with pytest.raises(ValidationError, match="'dense', 'sparse', 'int8' or 'float16'"):
         TrainParams.model_validate({"prune": {"sparsity": 0.5, "encoding": "auto"}})
+
+
+def test_structured_train_job_removes_neurons_and_trains_the_smaller_network(job_dir, digits):
+    (job_dir / "input" / "train_data").write_bytes(csv_bytes(*digits))
+    params = TrainParams.model_validate(
+        {
+            "model": {"hidden": [128, 64]},
+            "epochs": 15,
+            "prune": {"sparsity": 0.75, "granularity": "structured", "encoding": "int8"},
+        }
+    )
+    report = run_train_job(job_dir, params)
+    returned = onnx.load_from_string((job_dir / "model.onnx").read_bytes())
+    assert report.size.compressed_bytes == returned.ByteSize()
+    # the hidden layers keep a quarter of their neurons: the file itself shrinks
+    assert [layer.shape for layer in report.layers] == [[64, 32], [32, 16], [16, 10]]
+    assert [layer.original_shape for layer in report.layers] == [[64, 128], [128, 64], [64, 10]]
+    assert report.size.ratio > 10, report.size
+    assert [group.kept for group in report.groups][:2] == [32, 16]
+    # retrained after the cut: within 3 points of the dense model on the held-out split
+    assert report.accuracy.delta > -0.03, report.accuracy
+    assert any(note.startswith("structured: hidden neurons removed") for note in report.notes)
+
+
+def test_structured_train_pruning_refuses_the_gradual_schedule():
+    with pytest.raises(ValidationError, match="use schedule one_shot"):
+        TrainParams.model_validate(
+            {"prune": {"sparsity": 0.5, "granularity": "structured", "schedule": "gradual"}}
+        )

@@ -8,10 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.params import ModelSpec, TrainParams, TrainPruneParams
-from schemas.report import Report
+from schemas.params import FineTuneParams, ModelSpec, PruneParams, TrainParams, TrainPruneParams
+from schemas.report import Report, TrainingReport
 from schemas.vocabulary import Activation, Head, ModelType, Task
-from workers.compress.prune import float_param_count, float_params, layer_report
+from workers.compress.finetune import fine_tune
+from workers.compress.prune import (
+    PruneOutcome,
+    float_param_count,
+    float_params,
+    layer_report,
+    prune_model,
+)
 from workers.errors import InvalidDataError
 from workers.evaluate.data import (
     MAX_CLASSES_AUTO,
@@ -25,7 +32,7 @@ from workers.evaluate.data import (
 from workers.evaluate.runtime import model_inputs
 from workers.graph.encoding import encode
 from workers.graph.export import to_onnx
-from workers.graph.load import parse_model
+from workers.graph.load import parse_model, serialize
 from workers.jobs.advice import Facts
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, TRAIN_DATA, upload_field
 from workers.jobs.progress import Progress, epoch_progress, no_progress
@@ -60,6 +67,8 @@ class TrainOutcome:
     split: Split
     dense_onnx: bytes  # the trained model before any final pruning step
     onnx: bytes
+    structured: PruneOutcome | None = None  # prune.granularity structured: what was removed
+    retraining: TrainingReport | None = None  # ... and the smaller network's training
 
 
 def class_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -209,9 +218,49 @@ def train_model(
     if head == "identity":
         _fold_target_scale(network, y_mean.astype(DTYPE), y_std)
     dense = to_onnx(network, classes)
+    if prune is not None and prune.granularity == "structured":
+        return _structured(TrainOutcome(network, classes, history, split, dense, dense), params)
     if target is not None and target.schedule == "one_shot":
         apply_masks(network, weight_masks(network, target, target.sparsity))
     return TrainOutcome(network, classes, history, split, dense, to_onnx(network, classes))
+
+
+def _structured(outcome: TrainOutcome, params: TrainParams) -> TrainOutcome:
+    """Remove hidden neurons from the trained model as a structured prune job does, then
+    train the smaller network again on the same split with the same settings (Han et al.
+    2015: prune, retrain), by the fine-tuning a prune job runs."""
+    prune = params.prune
+    assert prune is not None
+    settings = FineTuneParams(
+        epochs=params.epochs,
+        learning_rate=params.learning_rate,
+        batch_size=params.batch_size,
+        optimizer=params.optimizer,
+        clip=params.clip,
+        patience=params.patience,
+    )
+    prune_params = PruneParams(
+        sparsity=prune.sparsity,
+        threshold=prune.threshold,
+        scope=prune.scope,
+        granularity="structured",
+        fine_tune=settings,
+    )
+    original = parse_model(outcome.dense_onnx)
+    structured = prune_model(parse_model(outcome.dense_onnx), prune_params)
+    split = outcome.split
+    labels = outcome.classes if outcome.classes is not None else None
+
+    def data(x: np.ndarray, y: np.ndarray) -> EvalData:
+        return EvalData([{"X": x.astype(np.float32)}], labels[y] if labels is not None else y[:, 0])
+
+    retraining = fine_tune(
+        original, structured, prune_params, data(split.x_train, split.y_train),
+        data(split.x_val, split.y_val),
+    )  # fmt: skip
+    outcome.onnx = serialize(structured.model)
+    outcome.structured, outcome.retraining = structured, retraining
+    return outcome
 
 
 def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_progress) -> Report:
@@ -254,6 +303,10 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
         layer_report(f"W{index}", tuple(w.shape), w)
         for index, w in enumerate(outcome.network.weights)
     ]
+    if outcome.structured is not None:
+        layers = outcome.structured.layers
+        notes += outcome.structured.notes
+        notes.append(_retraining_note(outcome))
     params_before = float_param_count(dense)
     _, nonzero_after = float_params(parse_model(outcome.onnx))  # before int8 hides the floats
     report = Report(
@@ -264,10 +317,22 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
         latency_ms=latency,
         onnx=onnx_report(compressed),
         training=training_report(HEADS[outcome.network.head].metric, params.clip, outcome.history),
+        groups=outcome.structured.groups if outcome.structured is not None else None,
         notes=notes,
     )
     progress("writing", 0.95)
     return finish(job_dir, compressed, report, progress, _facts(inputs, params, table, outcome))
+
+
+def _retraining_note(outcome: TrainOutcome) -> str:
+    retraining = outcome.retraining
+    assert retraining is not None
+    stopped = " (stopped early)" if retraining.stopped_early else ""
+    return (
+        "structured: hidden neurons removed after training, then the smaller network trained "
+        f"again for {len(retraining.validation)} epochs{stopped}; best validation "
+        f"{retraining.metric} {max(retraining.validation, default=0.0):.4f}"
+    )
 
 
 def _encoded(outcome: TrainOutcome, prune: TrainPruneParams | None) -> tuple[bytes, list[str]]:
