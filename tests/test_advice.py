@@ -10,6 +10,7 @@ from server import submit
 from sklearn.datasets import load_diabetes
 
 from schemas.params import PruneParams, TrainParams
+from schemas.report import Report
 from workers.jobs import run_prune_job, run_train_job
 
 
@@ -149,3 +150,27 @@ def test_advice_reaches_the_report_and_its_page(client, digits_upload):
     note = the_note(client.get(job["links"]["report"]).json()["notes"], "encoding dense")
     assert note
     assert escape(note) in client.get(job["links"]["report_html"]).text
+
+
+# --- outputs far from the original's on generated noise (no eval_data) ---------------------
+
+
+def noise_report(job_dir: Path, model, sparsity: float) -> Report:
+    (job_dir / "input" / "model.onnx").write_bytes(model.SerializeToString())
+    report = run_prune_job(job_dir, PruneParams(sparsity=sparsity))
+    assert report.accuracy is None and report.generated_check is not None
+    return report
+
+
+def test_outputs_far_off_on_noise_ask_for_real_inputs(job_dir, mlp_classifier):
+    report = noise_report(job_dir, mlp_classifier, 0.95)
+    scores = report.generated_check.scores
+    assert scores.original - scores.compressed > 0.1  # 95% of the weights gone
+    note = the_note(report.notes, "on generated noise the outputs moved")
+    assert note and f"({scores.metric} {scores.compressed:.3g})" in note, report.notes
+    assert "eval_data" in note and len(note) < 300
+
+
+def test_outputs_close_on_noise_give_no_such_advice(job_dir, mlp_classifier):
+    report = noise_report(job_dir, mlp_classifier, 0.1)
+    assert the_note(report.notes, "on generated noise the outputs moved") is None, report.notes

@@ -12,6 +12,7 @@ from workers.evaluate.metrics import loss
 NOTICEABLE_DROP = 0.02  # two points on the 0..1 scale: past it, a drop is worth a word
 NO_SMALLER = 1.1  # a ratio below this is "the file did not shrink"
 CLIPS_ALWAYS, CLIPS_NEVER = 0.9, 0.01  # shares of steps clipped that make clipping moot
+NOISE_MOVED = 0.1  # ten points lost against the original on generated noise
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,18 @@ def accuracy_drop_without_fine_tuning(report: Report, facts: Facts) -> str | Non
         f"{accuracy.metric} fell by {drop:.3g} ({accuracy.original:.4g} → "
         f"{accuracy.compressed:.4g}) without fine-tuning: send train_data with fine_tune to "
         "win it back, or set max_accuracy_drop to find the largest sparsity within a bound"
+    )
+
+
+def outputs_moved_on_noise(report: Report, facts: Facts) -> str | None:
+    check = report.generated_check
+    if check is None or not loss(check.scores) > NOISE_MOVED:
+        return None
+    scores = check.scores
+    return (
+        f"on generated noise the outputs moved far from the original's ({scores.metric} "
+        f"{scores.compressed:.3g}): noise is not your data and may over- or understate this; send "
+        "eval_data with real inputs to measure it, and if they agree prune less or fine_tune"
     )
 
 
@@ -114,6 +127,7 @@ def too_many_classes(report: Report, facts: Facts) -> str | None:
 
 RULES: list[Rule] = [
     accuracy_drop_without_fine_tuning,
+    outputs_moved_on_noise,
     dense_file_did_not_shrink,
     clipping_always_or_never,
     label_and_task_chosen,
