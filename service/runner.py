@@ -23,6 +23,7 @@ from service.artifacts import DISK_FULL
 from service.store import JobStore
 from workers import jobs
 from workers.errors import InputError, one_line
+from workers.jobs.memory import MEMORY_LIMIT, memory_limit
 
 log = logging.getLogger("clipprune.job")
 
@@ -31,11 +32,6 @@ STAGE_TIMEOUT_EXIT = 75  # a worker ends itself with this status after failing a
 PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes always go
 
 
-# RLIMIT_DATA, not RLIMIT_AS: it counts the private writable memory a process can fill (heap,
-# anonymous mmaps, thread stacks) and not address space only reserved (glibc's 64 MiB
-# per-thread malloc arenas, PROT_NONE guard regions) or mapped from files (the shared
-# libraries), which RLIMIT_AS counts and which grow with the machine's cores, not the job.
-MEMORY_LIMIT = resource.RLIMIT_DATA
 # How onnxruntime says an allocation failed (it returns an error rather than raising bad_alloc),
 # and protobuf when a model its parser cannot hold arrives (it raises DecodeError).
 ALLOCATION_FAILED = (
@@ -80,12 +76,6 @@ def limit_memory(limit_bytes: int) -> None:
     any job runs: an allocation past it fails (MemoryError, or onnxruntime's error) instead of
     growing the process until the kernel picks a victim."""
     resource.setrlimit(MEMORY_LIMIT, (limit_bytes, limit_bytes))
-
-
-def memory_limit() -> int | None:
-    """This process's memory limit in bytes, None if it has none."""
-    soft, _ = resource.getrlimit(MEMORY_LIMIT)
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def out_of_memory_detail(limit: int | None) -> str:

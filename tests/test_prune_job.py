@@ -65,6 +65,8 @@ def test_job_writes_model_and_report_and_reports_progress(job_dir, digits_files)
     assert all(abs(layer.sparsity - 0.5) < 1e-3 for layer in report.layers)
     assert report.onnx.checker == "passed" and report.onnx.opsets["ai.onnx"] == 21
     assert report.latency_ms.original > 0 and report.latency_ms.compressed > 0
+    assert 3 <= report.latency_ms.runs <= 30 and report.latency_ms.batch == 597
+    assert report.generated_check is None
 
 
 def test_zero_sparsity_reports_no_change(job_dir, digits_files):
@@ -88,6 +90,9 @@ def test_without_eval_data_accuracy_is_null_and_noise_only_checks_it_runs(job_di
     error = np.linalg.norm(after - before) / np.linalg.norm(before)
     assert f"relative_error against the original is {error:.4g} on output 'variable'" in note
     assert "not its accuracy" in note and note.endswith("send eval_data")
+    check = report.generated_check
+    assert (check.samples, check.runs) == (64, 1) and "samples: 64, runs: 1" in note
+    assert check.scores.compressed == pytest.approx(error, rel=1e-4)
 
 
 def test_without_eval_data_a_model_with_unknown_dims_is_not_measured(job_dir):

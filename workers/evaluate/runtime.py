@@ -10,6 +10,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -21,10 +22,17 @@ from workers.evaluate.data import InputSpec
 
 GENERATED_ROWS = 64  # a check that the model runs, not a measurement: few rows do
 MAX_GENERATED_ELEMENTS = 2**24  # all generated inputs together
+# Elements of the inputs of one run: a model's activations grow with its inputs' rows (a conv
+# net's are tens of times its input), so an image model runs a few rows at a time where a
+# 4096-wide MLP runs all 64 at once.
+MAX_RUN_ELEMENTS = 2**20
 LATENCY_RUNS = 30
 LATENCY_BUDGET_S = 2.0
 
 Feeds = dict[str, np.ndarray]
+# A model as onnxruntime opens it: bytes in memory, or a file it reads itself (which peaks
+# lower: no Python copy of the bytes beside its own).
+ModelSource = bytes | Path
 
 
 class NotMeasurable(Exception):
@@ -58,21 +66,31 @@ def model_inputs(model: ModelProto) -> list[InputSpec]:
     return specs
 
 
-def session(model_bytes: bytes) -> ort.InferenceSession:
+def session(model: ModelSource) -> ort.InferenceSession:
     options = ort.SessionOptions()
     # One thread: latency figures compare the two models, not the machine's load.
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors on a bad model
         raise InvalidModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
-def _generated_shapes(inputs: list[InputSpec]) -> list[tuple[int, ...]]:
+@dataclass(frozen=True)
+class Generated:
+    """How many rows the generated inputs have in all, and per run."""
+
+    rows: int
+    batch: int
+
+
+def _generated_size(inputs: list[InputSpec]) -> Generated:
     """Every dim known but at most one (the batch), which gets as many rows as fit the cap on
-    all the generated inputs together."""
+    all the generated inputs together, run `batch` rows at a time (MAX_RUN_ELEMENTS); inputs
+    without a batch dim run once."""
     per_row = fixed = 0
     for spec in inputs:
         if spec.shape is None:
@@ -90,16 +108,15 @@ def _generated_shapes(inputs: list[InputSpec]) -> list[tuple[int, ...]]:
     rows = min(GENERATED_ROWS, (MAX_GENERATED_ELEMENTS - fixed) // max(per_row, 1))
     if rows < 1:
         raise NotMeasurable(f"the inputs need more than {MAX_GENERATED_ELEMENTS} elements together")
-    return [tuple(rows if dim is None else dim for dim in spec.shape or ()) for spec in inputs]
+    if not per_row:
+        return Generated(rows=rows, batch=rows)
+    return Generated(rows=rows, batch=max(1, min(rows, (MAX_RUN_ELEMENTS - fixed) // per_row)))
 
 
-def generated_feeds(inputs: list[InputSpec], seed: int = 0) -> Feeds:
-    """Random inputs where they mean something: floats standard normal, integers and booleans
-    0 or 1 (an integer may be an index or a length: larger values may be out of range), every
-    dim declared but one batch dim. Else NotMeasurable."""
-    rng = np.random.default_rng(seed)
+def _generated_feeds(inputs: list[InputSpec], rows: int, rng: np.random.Generator) -> Feeds:
     feeds = {}
-    for spec, shape in zip(inputs, _generated_shapes(inputs), strict=True):
+    for spec in inputs:
+        shape = tuple(rows if dim is None else dim for dim in spec.shape or ())
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iub":
@@ -107,6 +124,19 @@ def generated_feeds(inputs: list[InputSpec], seed: int = 0) -> Feeds:
         else:
             raise NotMeasurable(f"input {spec.name!r} has type {spec.dtype}")
     return feeds
+
+
+def generated_runs(inputs: list[InputSpec], seed: int = 0) -> list[Feeds]:
+    """Random inputs where they mean something: floats standard normal, integers and booleans
+    0 or 1 (an integer may be an index or a length: larger values may be out of range), every
+    dim declared but one batch dim; in runs sized from the inputs (_generated_size). Else
+    NotMeasurable."""
+    size = _generated_size(inputs)
+    rng = np.random.default_rng(seed)
+    return [
+        _generated_feeds(inputs, min(size.batch, size.rows - start), rng)
+        for start in range(0, size.rows, size.batch)
+    ]
 
 
 def _as_array(output: object) -> tuple[np.ndarray, np.ndarray | None]:
@@ -154,26 +184,33 @@ def run(sess: ort.InferenceSession, runs: list[Feeds]) -> Outputs:
     return Outputs(values, classes)
 
 
-def latency_p50_ms(sess: ort.InferenceSession, feeds: Feeds) -> float:
-    """Median wall time of sess.run on `feeds`, after one warm-up run: up to LATENCY_RUNS runs
-    within LATENCY_BUDGET_S (at least 3)."""
+def latency_p50_ms(
+    sess: ort.InferenceSession, feeds: Feeds, runs: int | None = None
+) -> tuple[float, int]:
+    """Median wall time of sess.run on `feeds` after one warm-up run, and the runs timed:
+    `runs` of them, or up to LATENCY_RUNS within LATENCY_BUDGET_S (at least 3)."""
     sess.run(None, feeds)
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + LATENCY_BUDGET_S
-    while len(times) < LATENCY_RUNS and (len(times) < 3 or time.perf_counter() < deadline):
+    while len(times) < (runs or LATENCY_RUNS) and (
+        runs is not None or len(times) < 3 or time.perf_counter() < deadline
+    ):
         start = time.perf_counter()
         sess.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return statistics.median(times), len(times)
 
 
-def latency(
-    original: ort.InferenceSession, compressed: ort.InferenceSession, feeds: Feeds
-) -> LatencyReport:
-    """Both models on the same feeds: the first run of the eval inputs."""
+def latency(original: ModelSource, compressed: ModelSource, feeds: Feeds) -> LatencyReport:
+    """Both models on the same feeds (the first run of the eval inputs), the compressed one
+    timed as many runs as the original was; one session at a time, each let go before the
+    next is built."""
+    original_ms, runs = latency_p50_ms(session(original), feeds)
+    compressed_ms, _ = latency_p50_ms(session(compressed), feeds, runs)
     first = next(iter(feeds.values()), np.empty(()))
     return LatencyReport(
-        original=latency_p50_ms(original, feeds),
-        compressed=latency_p50_ms(compressed, feeds),
+        original=original_ms,
+        compressed=compressed_ms,
         batch=len(first) if first.ndim else 1,
+        runs=runs,
     )

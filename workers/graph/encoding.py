@@ -9,7 +9,9 @@ hoist those weights, on a copy, into initializers of the graph that holds the Co
 ONNX in subgraphs too, since IR version 4). `dense` writes the model untouched.
 """
 
+import functools
 import heapq
+import io
 import logging
 import re
 import tempfile
@@ -17,8 +19,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import (
     AttributeProto,
     GraphProto,
@@ -61,7 +67,116 @@ def encode(model: ModelProto, encoding: Encoding, pruned: set[str]) -> tuple[byt
 
 def dense(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
     """Zeros kept in place: the file is as large as the original, and gzips well."""
-    return serialize(model), []
+    return streamed(model), []
+
+
+# --- streaming serialization ------------------------------------------------------------------
+
+# Written field by field, element by element, rather than serialized whole: the path from a
+# model to its initializers' bytes, where nearly all of a large model's bytes sit. Every other
+# field (a node, a function, a sparse initializer) is serialized alone, one at a time.
+STREAMED_FIELDS: dict[str, frozenset[str]] = {
+    "ModelProto": frozenset({"graph"}),
+    "GraphProto": frozenset({"initializer"}),
+    "TensorProto": frozenset({"raw_data"}),
+}
+_WIRE_LENGTH_DELIMITED = 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_alone(message: Message, descriptor: FieldDescriptor, value: Any) -> bytes:
+    """One field as the message's serialization writes it: serialized from a message of the
+    same type that holds only that field."""
+    alone = type(message)()
+    if descriptor.is_repeated:
+        getattr(alone, descriptor.name).extend(value)
+    elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+        getattr(alone, descriptor.name).CopyFrom(value)
+    else:
+        setattr(alone, descriptor.name, value)
+    return alone.SerializeToString()
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """Bytes read from the model only when measured and when written, so that one such part
+    (a message serialized whole, an initializer's raw_data) is held at a time."""
+
+    read: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class _Nested:
+    """A length-delimited field: its tag and length, then its parts."""
+
+    header: bytes
+    inner: list["_Part"]
+
+
+_Part = bytes | _Deferred | _Nested
+
+
+def _size(part: _Part) -> int:
+    if isinstance(part, bytes):
+        return len(part)
+    if isinstance(part, _Deferred):
+        return len(part.read())
+    return len(part.header) + sum(map(_size, part.inner))
+
+
+def _nested(number: int, inner: list[_Part]) -> _Nested:
+    tag = _varint(number << 3 | _WIRE_LENGTH_DELIMITED)
+    return _Nested(tag + _varint(sum(map(_size, inner))), inner)
+
+
+def _parts(message: Message) -> list[_Part]:
+    """`message`'s serialization as parts, in the order protobuf writes its fields (by number);
+    a message with fields protobuf does not know is one part, serialized whole."""
+    streamed = STREAMED_FIELDS.get(message.DESCRIPTOR.name, frozenset())
+    if not streamed or len(UnknownFieldSet(message)):
+        return [_Deferred(message.SerializeToString)]
+    parts: list[_Part] = []
+    for descriptor, value in message.ListFields():
+        if descriptor.name not in streamed:
+            parts.append(_field_alone(message, descriptor, value))
+        elif descriptor.type == FieldDescriptor.TYPE_BYTES:
+            read = functools.partial(getattr, message, descriptor.name)
+            parts.append(_nested(descriptor.number, [_Deferred(read)]))
+        else:
+            elements = value if descriptor.is_repeated else [value]
+            parts += [_nested(descriptor.number, _parts(element)) for element in elements]
+    return parts
+
+
+def _write(part: _Part, out: io.BytesIO) -> None:
+    if isinstance(part, bytes):
+        out.write(part)
+    elif isinstance(part, _Deferred):
+        out.write(part.read())
+    else:
+        out.write(part.header)
+        for inner in part.inner:
+            _write(inner, out)
+
+
+def streamed(model: ModelProto) -> bytes:
+    """The bytes serialize(model) returns, written one initializer at a time: serializing a
+    model whole holds it twice over beside the model (protobuf's buffer and the bytes), this
+    holds the bytes and one initializer's data. That data is read twice (its length, then its
+    bytes), which costs less than the copies it saves."""
+    out = io.BytesIO()
+    for part in _parts(model):
+        _write(part, out)
+    # getvalue() hands over BytesIO's own buffer (grown in place by realloc), not a copy
+    return out.getvalue()
 
 
 # --- notes ------------------------------------------------------------------------------------

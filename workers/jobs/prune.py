@@ -1,20 +1,68 @@
 """The prune job: prune a model, optionally fine-tune, search or scan, and report."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from onnx import ModelProto
+
 from schemas.params import PruneParams, revalidated
-from schemas.report import Report
+from schemas.report import (
+    AccuracyReport,
+    CalibrationReport,
+    GeneratedCheck,
+    GroupReport,
+    LayerReport,
+    Report,
+    SensitivityPoint,
+    SweepPoint,
+    TrainingReport,
+)
 from workers.compress.prune import float_params
 from workers.compress.search import Compressor, search, sensitivity
 from workers.errors import InputError, one_line
 from workers.evaluate.data import EvalData, InputSpec, load_eval_data
-from workers.evaluate.runtime import NotMeasurable, generated_feeds, model_inputs
+from workers.evaluate.runtime import ModelSource, NotMeasurable, generated_runs, model_inputs
 from workers.graph.load import parse_model, serialize
 from workers.graph.walk import drop_unused_initializers
 from workers.jobs.advice import Facts
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA, upload_field
+from workers.jobs.memory import prune_peak_bytes, require_memory
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
+
+
+@dataclass
+class Reference:
+    """The original as onnxruntime runs it, for its outputs and latency: the upload itself,
+    read from its file when a session needs it rather than held beside the pruned copies; or,
+    when unused initializers were dropped, the model without them."""
+
+    path: Path
+    cleaned: bytes | None = None
+
+    @property
+    def source(self) -> ModelSource:
+        return self.cleaned if self.cleaned is not None else self.path
+
+    def read(self) -> bytes:
+        return self.cleaned if self.cleaned is not None else self.path.read_bytes()
+
+
+@dataclass
+class Compressed:
+    """What the report needs of the compression, once the models it made are let go."""
+
+    data: bytes
+    accuracy: AccuracyReport | None
+    layers: list[LayerReport]
+    groups: list[GroupReport] | None
+    params_before: int
+    nonzero_after: int
+    training: TrainingReport | None
+    calibration: CalibrationReport | None
+    sweep: list[SweepPoint] | None
+    sensitivity: list[SensitivityPoint] | None
+    notes: list[str]
 
 
 def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_progress) -> Report:
@@ -22,7 +70,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     evaluate on input/eval_data if present (else accuracy is null). With max_accuracy_drop,
     search the sparsity; with sensitivity, also scan each layer alone."""
     inputs = job_dir / INPUT_DIR
-    train_path, eval_path = inputs / TRAIN_DATA, inputs / EVAL_DATA
+    model_path, train_path, eval_path = inputs / MODEL_IN, inputs / TRAIN_DATA, inputs / EVAL_DATA
     if params.fine_tune is not None and not train_path.exists():
         raise InputError("fine_tune needs train_data: the data to fine-tune the pruned model on")
     if not eval_path.exists() and (params.max_accuracy_drop is not None or params.sensitivity):
@@ -31,17 +79,16 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     if not eval_path.exists() and params.calibrated:
         what = "criterion activation" if params.criterion != "magnitude" else "reconstruct"
         raise InputError(f"{what} needs calibration inputs: send eval_data")
+    data_bytes = sum(path.stat().st_size for path in (train_path, eval_path) if path.exists())
+    require_memory(prune_peak_bytes(model_path.stat().st_size, data_bytes))
     progress("loading", 0.0)
-    original_bytes = (inputs / MODEL_IN).read_bytes()
     with upload_field("model"):
-        model = parse_model(original_bytes)
+        model = parse_model(model_path.read_bytes())
     specs = model_inputs(model)
     notes: list[str] = []
-    # `reference`: the original as onnxruntime runs it, for its outputs and latency; the size
-    # figures compare against the upload itself
-    reference = original_bytes
+    reference = Reference(model_path)
     if unused := drop_unused_initializers(model):
-        reference = serialize(model)
+        reference.cleaned = serialize(model)
         notes.append(f"removed {unused} initializers that no node reads")
     validation = None
     if eval_path.exists():
@@ -55,8 +102,57 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
-    compressor = Compressor(model, reference, validation, params, train)
+    compressed = compress(model, reference, validation, params, train, progress)
+    # The parsed model, the pruned copy and the Compressor went with compress(): from here on
+    # only the compressed file is held while onnxruntime builds its own copies.
+    del model
 
+    progress("evaluating", 0.9)
+    latency, check = None, None
+    if validation is not None:
+        latency = latency_pair(reference.source, compressed.data, validation.runs[0])
+    else:
+        check, note = generated_check(reference.source, compressed.data, specs)
+        notes.append(note)
+    report = Report(
+        kind="prune",
+        size=size_report(
+            reference.path.read_bytes(),
+            compressed.data,
+            compressed.params_before,
+            compressed.nonzero_after,
+        ),
+        layers=compressed.layers,
+        groups=compressed.groups,
+        accuracy=compressed.accuracy,
+        latency_ms=latency,
+        generated_check=check,
+        onnx=onnx_report(compressed.data),
+        training=compressed.training,
+        sweep=compressed.sweep,
+        sensitivity=compressed.sensitivity,
+        calibration=compressed.calibration,
+        notes=notes + compressed.notes,
+    )
+    progress("writing", 0.95)
+    return finish(job_dir, compressed.data, report, progress, Facts(params))
+
+
+def compress(
+    model: ModelProto,
+    reference: Reference,
+    validation: EvalData | None,
+    params: PruneParams,
+    train: EvalData | None,
+    progress: Progress,
+) -> Compressed:
+    """The file to return: one candidate as asked, or the smallest that max_accuracy_drop
+    allows (the original itself when none does); with sensitivity, each layer's scan too."""
+    # The Compressor runs the original only to score candidates, which takes eval data.
+    original = reference.read() if validation is not None else b""
+    compressor = Compressor(model, original, validation, params, train)
+    del original
+    notes: list[str] = []
     sweep = None
     if params.max_accuracy_drop is None:
         progress("pruning", 0.05)
@@ -69,7 +165,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
                 params, sparsity=0.0, max_accuracy_drop=None, fine_tune=None, encoding="dense"
             )
             chosen = compressor.candidate(keep)
-            data, accuracy = original_bytes, compressor.measure(reference)
+            data, accuracy = reference.path.read_bytes(), compressor.measure(reference.read())
             notes.append(
                 f"search: no sparsity tried kept the metric within {params.max_accuracy_drop}; "
                 "the original model is returned unchanged"
@@ -86,52 +182,47 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     if params.sensitivity:
         sensitivity_points, sensitivity_notes = sensitivity(compressor, progress)
         notes += sensitivity_notes
-
     if chosen.calibration is not None:
         notes.append(
             f"calibrated on every row of eval_data ({chosen.calibration.samples} rows in "
             f"{chosen.calibration.runs} runs): the accuracy above is measured on the same "
             "inputs, so hold out rows of your own to judge the model on unseen ones"
         )
-    progress("evaluating", 0.9)
-    latency = None
-    if validation is not None:
-        latency = latency_pair(reference, data, validation.runs[0])
-    else:
-        notes.append(generated_check(reference, data, specs))
     _, nonzero_after = float_params(chosen.outcome.model)
-    report = Report(
-        kind="prune",
-        size=size_report(original_bytes, data, chosen.outcome.params_before, nonzero_after),
+    return Compressed(
+        data=data,
+        accuracy=accuracy,
         layers=chosen.outcome.layers,
         groups=chosen.outcome.groups,
-        accuracy=accuracy,
-        latency_ms=latency,
-        onnx=onnx_report(data),
+        params_before=chosen.outcome.params_before,
+        nonzero_after=nonzero_after,
         training=chosen.training,
+        calibration=chosen.calibration,
         sweep=sweep,
         sensitivity=sensitivity_points,
-        calibration=chosen.calibration,
         notes=notes + chosen.notes,
     )
-    progress("writing", 0.95)
-    return finish(job_dir, chosen.data, report, progress, Facts(params))
 
 
-def generated_check(original: bytes, compressed: bytes, specs: list[InputSpec]) -> str:
+def generated_check(
+    original: ModelSource, compressed: bytes, specs: list[InputSpec]
+) -> tuple[GeneratedCheck | None, str]:
     """Without eval_data nothing says how the model does on real inputs: accuracy is null. The
     two models still run on generated inputs, where they can be made, as a check that the
-    compressed model runs and of how far its outputs moved on noise."""
+    compressed model runs and of how far its outputs moved on noise: the check, and a note."""
     unmeasured = "accuracy not measured: no eval_data"
     try:
-        runs = [generated_feeds(specs)]
-        accuracy = score_pair(original, compressed, EvalData(runs, None), "auto", "auto")
+        runs = generated_runs(specs)
+        scores = score_pair(original, compressed, EvalData(runs, None), "auto", "auto")
     except NotMeasurable as exc:
-        return f"{unmeasured} (and no inputs can be generated: {exc}); send eval_data"
+        return None, f"{unmeasured} (and no inputs can be generated: {exc}); send eval_data"
     except InputError as exc:  # the check never fails the job: it only informs
-        return one_line(f"{unmeasured}; on generated inputs: {exc}; send eval_data")
-    return (
-        f"{unmeasured}. On generated noise (normal floats, integers 0/1) the compressed model's "
-        f"{accuracy.metric} against the original is {accuracy.compressed:.4g} on output "
-        f"{accuracy.output!r}: a check that it runs, not its accuracy; send eval_data"
+        return None, one_line(f"{unmeasured}; on generated inputs: {exc}; send eval_data")
+    check = GeneratedCheck(samples=scores.samples, runs=len(runs), scores=scores)
+    return check, (
+        f"{unmeasured}. On generated noise (normal floats, integers 0/1; samples: "
+        f"{check.samples}, runs: {check.runs}) the compressed model's {scores.metric} against "
+        "the original is "
+        f"{scores.compressed:.4g} on output {scores.output!r}: a check that it runs, not its "
+        "accuracy; send eval_data"
     )

@@ -11,7 +11,7 @@ from schemas.report import AccuracyReport, LatencyReport, OnnxReport, Report, Si
 from schemas.vocabulary import MetricChoice, Task
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import plan_scoring, score_outputs
-from workers.evaluate.runtime import Feeds, latency, run, session
+from workers.evaluate.runtime import Feeds, ModelSource, latency, run, session
 from workers.graph.load import opsets, sha256
 from workers.jobs.advice import Facts, advise
 from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
@@ -50,29 +50,37 @@ def size_report(original: bytes, compressed: bytes, params: int, nonzero: int) -
 
 
 def onnx_report(data: bytes) -> OnnxReport:
+    # The checker gets the bytes, which it parses in C++: given a ModelProto it would serialize
+    # a copy first. The facts are read before it runs, and the parsed model let go.
     model = ModelProto.FromString(data)
+    ir_version, model_opsets = model.ir_version, opsets(model)
+    del model
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(data)
         checker = "passed"
     except onnx.checker.ValidationError as exc:
         checker = str(exc).strip().splitlines()[0]
     return OnnxReport(
-        ir_version=model.ir_version,
-        opsets=opsets(model),
+        ir_version=ir_version,
+        opsets=model_opsets,
         checker=checker,
         model_sha256=sha256(data),
     )
 
 
-def latency_pair(original: bytes, compressed: bytes, feeds: Feeds) -> LatencyReport:
+def latency_pair(original: ModelSource, compressed: ModelSource, feeds: Feeds) -> LatencyReport:
     """Both models' onnxruntime latency on the same feeds."""
-    return latency(session(original), session(compressed), feeds)
+    return latency(original, compressed, feeds)
 
 
 def score_pair(
-    original: bytes, compressed: bytes, evaluation: EvalData, metric: MetricChoice, task: Task
+    original: ModelSource,
+    compressed: ModelSource,
+    evaluation: EvalData,
+    metric: MetricChoice,
+    task: Task,
 ) -> AccuracyReport:
-    """Both models run on the same inputs, every output scored."""
+    """Both models run on the same inputs, every output scored; one session at a time."""
     reference = run(session(original), evaluation.runs)
     scoring = plan_scoring(reference, evaluation.labels, metric, task)
     return score_outputs(scoring, reference, run(session(compressed), evaluation.runs))

@@ -1,0 +1,51 @@
+"""A worker's memory: its limit, and the least a prune job needs, estimated from the size of
+its files before any is read, so that a job that cannot fit is refused at once with what it
+needs rather than stopped by the limit halfway (or, without a limit, by the kernel)."""
+
+import resource
+
+from workers.errors import UnsafeModelError
+
+# RLIMIT_DATA, not RLIMIT_AS: it counts the private writable memory a process can fill (heap,
+# anonymous mmaps, thread stacks) and not address space only reserved (glibc's 64 MiB
+# per-thread malloc arenas, PROT_NONE guard regions) or mapped from files (the shared
+# libraries), which RLIMIT_AS counts and which grow with the machine's cores, not the job.
+MEMORY_LIMIT = resource.RLIMIT_DATA
+
+# The least a prune job holds at its peak per byte of model: the parsed original, the pruned
+# copy (and what protobuf keeps of each weight it replaced) and the encoded file, measured on
+# the leanest path (unstructured, dense, no eval data: bench/prune_scale.py, README "Pruning
+# at scale"). Other settings hold more: the estimate is a floor, never a reason to refuse a
+# job that would have fit.
+PRUNE_PEAK_PER_MODEL_BYTE = 4.0
+# Eval and train data: the file's bytes, parsed into arrays at least as large.
+PEAK_PER_DATA_BYTE = 1.0
+# Python, NumPy, onnx and onnxruntime loaded in a worker, before any job.
+RUNTIME_BYTES = 150 * 2**20
+
+
+def memory_limit() -> int | None:
+    """This process's memory limit in bytes, None if it has none."""
+    soft, _ = resource.getrlimit(MEMORY_LIMIT)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def prune_peak_bytes(model_bytes: int, data_bytes: int) -> int:
+    """The least a prune job of these files needs at its peak, whatever its settings (the
+    module docstring)."""
+    return int(
+        RUNTIME_BYTES + PRUNE_PEAK_PER_MODEL_BYTE * model_bytes + PEAK_PER_DATA_BYTE * data_bytes
+    )
+
+
+def require_memory(needed: int) -> None:
+    """Refuse the job now when it needs more than this process may hold."""
+    limit = memory_limit()
+    if limit is None or needed <= limit:
+        return
+    raise UnsafeModelError(
+        f"this job needs at least {needed / 2**30:.2f} GiB (about {PRUNE_PEAK_PER_MODEL_BYTE:g}x "
+        f"the model), more than a worker may use: {limit / 2**30:.2f} GiB "
+        "(CLIPPRUNE_WORKER_MEMORY_BYTES): raise it, or run fewer CLIPPRUNE_WORKERS (which raises "
+        "its default), or send a smaller model"
+    )
