@@ -98,6 +98,50 @@ def test_a_job_past_the_limit_fails_naming_it_and_the_service_carries_on(
         assert normal["status"] == "succeeded", normal
 
 
+def big_model(mib: int) -> bytes:
+    """X -> MatMul -> MatMul -> ... of zero 4096-wide weights, `mib` MiB in all (zeros: built
+    in a moment, and the job is refused before it reads one)."""
+    layers = mib * 2**20 // (4096 * 4096 * 4)
+    weights = np.zeros((4096, 4096), np.float32)
+    names = ["X", *(f"h{layer}" for layer in range(layers))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [names[i], f"W{i}"], [names[i + 1]]) for i in range(layers)],
+        "big",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4096])],
+        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [None, 4096])],
+        [numpy_helper.from_array(weights, f"W{i}") for i in range(layers)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_model_too_large_for_a_worker_is_refused_at_once_saying_what_it_needs(
+    make_server, digits_upload
+):
+    """Issue 18: a 448 MiB model needs about 4x its size to prune, past the 1.5 GiB limit: the
+    job fails before the model is read (the worker never grows by its size), with a problem
+    that says how much it needs and what to change; the service runs the next job."""
+    server = make_server(worker_memory_bytes=LIMIT)
+    model = big_model(448)
+    with server.client() as client:
+        job_id = accepted_id(submit(client, "prune", {"model": model}, {"sparsity": 0.5}))
+        del model
+        job, peak = finish_watching_memory(server, client, job_id)
+        assert job["status"] == "failed", job
+        error = job["error"]
+        assert error["status"] == 422 and error["title"] == "Model refused", error
+        assert "needs at least 1.90 GiB" in error["detail"], error
+        assert "1.50 GiB (CLIPPRUNE_WORKER_MEMORY_BYTES)" in error["detail"], error
+        assert "CLIPPRUNE_WORKERS" in error["detail"] and len(error["detail"]) <= 300, error
+        assert peak < 448 * 2**20, peak
+        assert client.get("/readyz").status_code == 200
+        normal = wait_for(
+            client, accepted_id(submit(client, "prune", digits_upload, {"sparsity": 0.5}))
+        )
+        assert normal["status"] == "succeeded", normal
+
+
 def test_a_worker_aborted_by_native_code_is_reported_as_the_limit_and_replaced(
     make_server, digits_csv, digits_upload
 ):

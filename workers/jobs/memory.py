@@ -1,6 +1,6 @@
-"""A worker's memory: its limit, and the least a prune job needs, estimated from the size of
-its files before any is read, so that a job that cannot fit is refused at once with what it
-needs rather than stopped by the limit halfway (or, without a limit, by the kernel)."""
+"""A worker's memory: its limit, and what a prune job needs at least, estimated from the size
+of its files before any is read, so that a job that cannot fit is refused at once with what
+it needs rather than stopped by the limit halfway."""
 
 import resource
 
@@ -12,11 +12,10 @@ from workers.errors import UnsafeModelError
 # libraries), which RLIMIT_AS counts and which grow with the machine's cores, not the job.
 MEMORY_LIMIT = resource.RLIMIT_DATA
 
-# The least a prune job holds at its peak per byte of model: the parsed original, the pruned
-# copy (and what protobuf keeps of each weight it replaced) and the encoded file, measured on
-# the leanest path (unstructured, dense, no eval data: bench/prune_scale.py, README "Pruning
-# at scale"). Other settings hold more: the estimate is a floor, never a reason to refuse a
-# job that would have fit.
+# A prune job's peak per byte of model: the parsed original, the pruned copy (and what
+# protobuf keeps of each weight it replaced) and the encoded file, 4.3x on the leanest path
+# (unstructured, dense, no eval data: bench/prune_scale.py, README "Pruning at scale"),
+# rounded down: other settings hold more, so a job refused could not have fit.
 PRUNE_PEAK_PER_MODEL_BYTE = 4.0
 # Eval and train data: the file's bytes, parsed into arrays at least as large.
 PEAK_PER_DATA_BYTE = 1.0
