@@ -685,10 +685,19 @@ def transformer_section() -> bool:
         f"{SENTENCES} held-out sentences",
         len(model), 1.0, rows,
     )  # fmt: skip
+    print()
+    for row in rows:
+        if "distillation" in row.label:
+            print(
+                f"50% + distillation, held-out cosine >= 0.96: {row.label}: "
+                f"{row.dense_score:.4f} -> "
+                f"{verdict(row.dense_score >= 0.96, 0.96 - row.dense_score)}"
+            )
+    # the target: distillation after reconstruction, which has landed
     tuned = rows[-1]
     passed = tuned.dense_score >= 0.96
     print(
-        f"\ntarget: MiniLM 50% activation + reconstruct + distillation, held-out cosine >= 0.96: "
+        f"target: MiniLM 50% activation + reconstruct + distillation, held-out cosine >= 0.96: "
         f"{tuned.dense_score:.4f} -> {verdict(passed, 0.96 - tuned.dense_score)}"
     )
     return passed
