@@ -28,7 +28,14 @@ from workers.jobs.advice import Facts
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA, upload_field
 from workers.jobs.memory import prune_peak_bytes, require_memory
 from workers.jobs.progress import Progress, epoch_progress, no_progress
-from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
+from workers.jobs.report import (
+    finish_report,
+    latency_pair,
+    onnx_report,
+    score_pair,
+    size_report,
+    write_model,
+)
 
 
 @dataclass
@@ -50,9 +57,9 @@ class Reference:
 
 @dataclass
 class Compressed:
-    """What the report needs of the compression, once the models it made are let go."""
+    """What the report needs of the compression beside the file, once the models it made are
+    let go."""
 
-    data: bytes
     accuracy: AccuracyReport | None
     layers: list[LayerReport]
     groups: list[GroupReport] | None
@@ -102,40 +109,42 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
-    compressed = compress(model, reference, validation, params, train, progress)
-    # The parsed model, the pruned copy and the Compressor went with compress(): from here on
-    # only the compressed file is held while onnxruntime builds its own copies.
-    del model
+    data, compressed = compress(model, reference, validation, params, train, progress)
+    del model  # the parsed model, the pruned copy and the Compressor went with compress()
+
+    progress("writing", 0.85)
+    size = size_report(
+        reference.path.read_bytes(), data, compressed.params_before, compressed.nonzero_after
+    )
+    onnx_facts = onnx_report(data)
+    model_out = write_model(job_dir, data)
+    # From here on no Python copy of either model is held: onnxruntime reads both from their
+    # files, which peaks lower than from bytes (no copy of the bytes beside its own).
+    del data
 
     progress("evaluating", 0.9)
     latency, check = None, None
     if validation is not None:
-        latency = latency_pair(reference.source, compressed.data, validation.runs[0])
+        latency = latency_pair(reference.source, model_out, validation.runs[0])
     else:
-        check, note = generated_check(reference.source, compressed.data, specs)
+        check, note = generated_check(reference.source, model_out, specs)
         notes.append(note)
     report = Report(
         kind="prune",
-        size=size_report(
-            reference.path.read_bytes(),
-            compressed.data,
-            compressed.params_before,
-            compressed.nonzero_after,
-        ),
+        size=size,
         layers=compressed.layers,
         groups=compressed.groups,
         accuracy=compressed.accuracy,
         latency_ms=latency,
         generated_check=check,
-        onnx=onnx_report(compressed.data),
+        onnx=onnx_facts,
         training=compressed.training,
         sweep=compressed.sweep,
         sensitivity=compressed.sensitivity,
         calibration=compressed.calibration,
         notes=notes + compressed.notes,
     )
-    progress("writing", 0.95)
-    return finish(job_dir, compressed.data, report, progress, Facts(params))
+    return finish_report(job_dir, report, progress, Facts(params))
 
 
 def compress(
@@ -145,7 +154,7 @@ def compress(
     params: PruneParams,
     train: EvalData | None,
     progress: Progress,
-) -> Compressed:
+) -> tuple[bytes, Compressed]:
     """The file to return: one candidate as asked, or the smallest that max_accuracy_drop
     allows (the original itself when none does); with sensitivity, each layer's scan too."""
     # The Compressor runs the original only to score candidates, which takes eval data.
@@ -189,8 +198,7 @@ def compress(
             "inputs, so hold out rows of your own to judge the model on unseen ones"
         )
     _, nonzero_after = float_params(chosen.outcome.model)
-    return Compressed(
-        data=data,
+    return data, Compressed(
         accuracy=accuracy,
         layers=chosen.outcome.layers,
         groups=chosen.outcome.groups,
@@ -205,7 +213,7 @@ def compress(
 
 
 def generated_check(
-    original: ModelSource, compressed: bytes, specs: list[InputSpec]
+    original: ModelSource, compressed: ModelSource, specs: list[InputSpec]
 ) -> tuple[GeneratedCheck | None, str]:
     """Without eval_data nothing says how the model does on real inputs: accuracy is null. The
     two models still run on generated inputs, where they can be made, as a check that the

@@ -86,11 +86,24 @@ def score_pair(
     return score_outputs(scoring, reference, run(session(compressed), evaluation.runs))
 
 
+def write_model(job_dir: Path, model: bytes) -> Path:
+    """Write the compressed model where the backend picks it up; its path."""
+    path = job_dir / MODEL_OUT
+    write_atomically(path, model)
+    return path
+
+
 def finish(job_dir: Path, model: bytes, report: Report, progress: Progress, facts: Facts) -> Report:
     """Write the model and its report, advice added to its notes, where the backend picks
     them up."""
+    write_model(job_dir, model)
+    return finish_report(job_dir, report, progress, facts)
+
+
+def finish_report(job_dir: Path, report: Report, progress: Progress, facts: Facts) -> Report:
+    """Write the report, advice added to its notes, beside the model written before it: the
+    report is a job's last file."""
     report = report.model_copy(update={"notes": [*report.notes, *advise(report, facts)]})
-    write_atomically(job_dir / MODEL_OUT, model)
     write_atomically(job_dir / REPORT_OUT, report.model_dump_json(indent=2).encode())
     progress("done", 1.0)
     return report
