@@ -60,7 +60,7 @@ class ClipParams(_Params):
 class FineTuneParams(_Params):
     """Fine-tuning of the surviving weights after pruning; pruned weights stay zero."""
 
-    epochs: int = Field(10, ge=1, le=1000)
+    epochs: int = Field(100, ge=1, le=1000)
     learning_rate: float = Field(1e-3, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=65536)
     optimizer: Optimizer = "adam"
@@ -86,10 +86,10 @@ class FineTuneParams(_Params):
         "alone and ignores it.",
     )
     patience: int | None = Field(
-        3,
+        10,
         ge=1,
         le=1000,
-        description="Early stopping, 1 to 1000 epochs or null, default 3: stop after this many "
+        description="Early stopping, 1 to 1000 epochs or null, default 10: stop after this many "
         "epochs without a better validation score (cosine to the original on the graph path, "
         "the metric on the MLP fast path) and keep the best weights; null trains every epoch.",
     )

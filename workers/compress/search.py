@@ -4,9 +4,12 @@ search and the per-layer sensitivity scan.
 Every candidate is judged as it would be returned: pruned, fine-tuned if asked, encoded, then
 run in onnxruntime on the eval inputs against the original's outputs (computed once). With
 encoding auto a candidate is encoded every way that can shrink it, and the smallest file that
-meets the bound is kept.
+meets the bound is kept. With one-shot fine-tuning the search prunes iteratively (Han et al.
+2015): each sparsity starts from the fine-tuned candidate of the highest sparsity below it that
+met the bound, so every step repairs only the damage of its own cut.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,11 +19,12 @@ from schemas.params import PruneParams, revalidated
 from schemas.report import (
     AccuracyReport,
     CalibrationReport,
+    LayerReport,
     SensitivityPoint,
     SweepPoint,
     TrainingReport,
 )
-from schemas.vocabulary import Encoding
+from schemas.vocabulary import Encoding, Granularity
 from workers.compress.calibrated import prune_calibrated
 from workers.compress.finetune import fine_tune
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
@@ -44,6 +48,13 @@ TOLERANCE = 1e-12  # float slack in "drop <= bound"
 AUTO_ENCODINGS: tuple[Encoding, ...] = ("int8", "float16", "sparse", "dense")
 
 SearchProgress = Callable[[str, float], None]
+
+# The sparsity to ask of an already pruned model so that the original's reaches `target`:
+# unstructured masks count the zeros already there; structured cuts only see the channels left.
+FURTHER: dict[Granularity, Callable[[float, float], float]] = {
+    "unstructured": lambda done, target: target,
+    "structured": lambda done, target: 1 - (1 - target) / (1 - done),
+}
 
 
 @dataclass
@@ -73,6 +84,43 @@ class Candidate:
     @property
     def notes(self) -> list[str]:
         return self.outcome.notes + self.chosen.notes
+
+
+@dataclass(frozen=True)
+class Start:
+    """Iterative pruning: a fine-tuned candidate to prune further, and the sparsity it has."""
+
+    sparsity: float
+    candidate: Candidate
+
+
+def anchored(outcome: PruneOutcome, start: PruneOutcome) -> None:
+    """Make an outcome pruned from `start` report against the original model, as if pruned
+    from it in one step: original shapes and parameter counts, the groups' original channels,
+    every weight either step changed."""
+    shapes = {layer.name: layer.original_shape for layer in start.layers}
+    outcome.layers = [anchored_layer(layer, shapes.get(layer.name)) for layer in outcome.layers]
+    outcome.params_before = start.params_before
+    outcome.pruned |= start.pruned
+    if outcome.groups is not None and start.groups is not None:
+        channels = {group.leading: group.channels for group in start.groups}
+        outcome.groups = [
+            group.model_copy(update={"channels": channels.get(group.leading, group.channels)})
+            for group in outcome.groups
+        ]
+
+
+def anchored_layer(layer: LayerReport, original_shape: list[int] | None) -> LayerReport:
+    if original_shape is None:  # a weight the first step left alone: its shape is the original
+        return layer
+    params = math.prod(original_shape)
+    return layer.model_copy(
+        update={
+            "original_shape": original_shape,
+            "params": params,
+            "sparsity": 1.0 - layer.nonzero / params if params else 0.0,
+        }
+    )
 
 
 class Compressor:
@@ -112,17 +160,29 @@ class Compressor:
         on_epoch: EpochProgress | None = None,
         only: str | None = None,
         bound: float | None = None,
+        start: Start | None = None,
     ) -> Candidate:
-        """Prune, fine-tune if asked, encode as asked (auto: every way, keeping the smallest
-        file whose metric drops by at most `bound`, if given) and measure."""
+        """Prune (the original, or further from `start`), fine-tune if asked, encode as asked
+        (auto: every way, keeping the smallest file whose metric drops by at most `bound`, if
+        given) and measure."""
+        model, pruning = copy_model(self.model), params
+        if start is not None:
+            assert params.sparsity is not None
+            model = copy_model(start.candidate.outcome.model)
+            further = FURTHER[params.granularity](start.sparsity, params.sparsity)
+            pruning = revalidated(params, sparsity=round(max(0.0, further), 6))
         calibration = None
         if params.calibrated:  # the eval inputs are the calibration inputs
             assert self.evaluation is not None
-            outcome, calibration = prune_calibrated(
-                copy_model(self.model), params, self.evaluation.runs, only
-            )
+            outcome, calibration = prune_calibrated(model, pruning, self.evaluation.runs, only)
         else:
-            outcome = prune_model(copy_model(self.model), params, only)
+            outcome = prune_model(model, pruning, only)
+        if start is not None:
+            anchored(outcome, start.candidate.outcome)
+            outcome.notes.append(
+                f"iterative pruning: pruned further from the fine-tuned candidate at sparsity "
+                f"{start.sparsity:.4g}"
+            )
         training = None
         if params.fine_tune is not None:  # after reconstruction: it starts from those weights
             assert self.train is not None
@@ -164,13 +224,31 @@ def search(
     met the bound.
     """
     tried: dict[float, Candidate] = {}
+    met: list[float] = []
+    settings = compressor.params.fine_tune
+    # Iterative only when fine-tuning keeps the masks it is given: gradual starts again from the
+    # original weights.
+    iterative = settings is not None and settings.schedule == "one_shot"
 
     def attempt(sparsity: float) -> bool:
         step = len(tried) + 1
-        progress(f"candidate {step}: sparsity {sparsity:.3f}", min(0.8, 0.05 + 0.05 * step))
+        below = [done for done in met if done < sparsity] if iterative else []
+        start = Start(max(below), tried[max(below)]) if below else None
+        stage = f"candidate {step}: sparsity {sparsity:.3f}"
+        stage += "" if start is None else f" from {start.sparsity:.3f}"
+        fraction = min(0.8, 0.05 + 0.05 * step)
+        progress(stage, fraction)
+
+        def on_epoch(done: int, total: int) -> None:
+            # each epoch its own stage: the stage time limit bounds an epoch, not a candidate
+            progress(f"{stage}, fine-tuning epoch {done}/{total}", fraction)
+
         params = revalidated(compressor.params, sparsity=sparsity, max_accuracy_drop=None)
-        tried[sparsity] = compressor.candidate(params, bound=bound)
-        return compressor.meets(tried[sparsity].chosen.accuracy, bound)
+        tried[sparsity] = compressor.candidate(params, on_epoch, bound=bound, start=start)
+        meets = compressor.meets(tried[sparsity].chosen.accuracy, bound)
+        if meets:
+            met.append(sparsity)
+        return meets
 
     # Up the grid until SEARCH_PATIENCE sparsities in a row miss: fine-tuning makes the metric
     # noisy (a fine-tuned 0.5 can miss by 0.1 point where 0.9 meets the bound), so one miss
