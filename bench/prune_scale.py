@@ -1,6 +1,6 @@
 """Pruning at scale: a 67M-parameter model (four 4096x4096 Gemm layers, ~270 MB of ONNX).
 
-Run: .venv/bin/python bench/prune_scale.py [--only global|layer|structured|job]
+Run: .venv/bin/python bench/prune_scale.py [--only global|layer|structured|job|service-1g]
 
 For each setting, bytes in -> pruned bytes out in a fresh process (so peak RSS is its own),
 against a baseline in the same run: NumPy alone on the same weights (abs, partition for the
@@ -8,9 +8,14 @@ k-th value, where). Targets (issue 7): end-to-end time <= 1.5x the baseline, pea
 the model file size. The `job` row is the whole prune job as `clipprune prune --sparsity 0.9
 --scope global` and the service run it without eval data: pruning, the check on generated
 inputs in onnxruntime, the report (issue 18's targets: <= 2.0x the baseline, RSS <= 3.0x).
+
+`service-1g` (issue 18; only when asked with --only, as it takes minutes and ~10 GB): a 1 GB
+model (four 8192x8192 Gemm) sent twice at once to a real service with 2 workers and their
+default memory limit; target: both jobs succeed and no worker is killed or replaced.
 """
 
 import argparse
+import json
 import multiprocessing
 import sys
 import tempfile
@@ -30,14 +35,14 @@ SETTINGS = {
 }
 
 
-def write_model(path: Path) -> None:
+def write_model(path: Path, width: int = WIDTH) -> None:
     rng = np.random.default_rng(0)
     nodes, inits, value = [], [], "X"
     for layer in range(LAYERS):
-        weight = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32)
+        weight = rng.standard_normal((width, width), dtype=np.float32)
         inits += [
             numpy_helper.from_array(weight, f"W{layer}"),
-            numpy_helper.from_array(np.zeros(WIDTH, np.float32), f"b{layer}"),
+            numpy_helper.from_array(np.zeros(width, np.float32), f"b{layer}"),
         ]
         out = f"h{layer}"
         nodes.append(helper.make_node("Gemm", [value, f"W{layer}", f"b{layer}"], [out]))
@@ -48,8 +53,8 @@ def write_model(path: Path) -> None:
     graph = helper.make_graph(
         nodes,
         "big",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", WIDTH])],
-        [helper.make_tensor_value_info(value, TensorProto.FLOAT, ["N", WIDTH])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, ["N", width])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -121,10 +126,90 @@ def measure(target, *args) -> tuple[float, int]:
     return result
 
 
+SERVICE_WIDTH, SERVICE_JOBS, SERVICE_WORKERS = 8192, 2, 2
+SERVICE_TIMEOUT_S = 1800
+
+
+def _workers(server) -> dict[int, tuple[int, int]]:
+    """Each worker process's (RSS, memory limit) by pid."""
+    import psutil
+
+    found = {}
+    for process in server.job_processes():
+        try:
+            found[process.pid] = (process.memory_info().rss, process.rlimit(psutil.RLIMIT_DATA)[0])
+        except psutil.Error:  # a worker that ended between the listing and the reading
+            continue
+    return found
+
+
+def service_1g() -> int:
+    """SERVICE_JOBS prune jobs of a 1 GB model sent at once to a service of SERVICE_WORKERS
+    workers, each under its default memory limit (CLIPPRUNE_WORKER_MEMORY_BYTES unset). A
+    worker killed is replaced by a new process: more pids than workers means one was."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from server import accepted_id, start_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.onnx"
+        write_model(path, SERVICE_WIDTH)
+        size = path.stat().st_size
+        print(
+            f"model: {LAYERS} x {SERVICE_WIDTH}x{SERVICE_WIDTH} Gemm, {size / 2**20:.0f} MiB; "
+            f"{SERVICE_JOBS} jobs at once, {SERVICE_WORKERS} workers"
+        )
+        server = start_server(
+            Path(tmp) / "data", workers=SERVICE_WORKERS, max_upload_bytes=2 * size
+        )
+        try:
+            with server.client(timeout=600) as client:
+                started = time.perf_counter()
+                ids = []
+                for _ in range(SERVICE_JOBS):
+                    with path.open("rb") as model:  # streamed from the file, not held
+                        ids.append(
+                            accepted_id(
+                                client.post(
+                                    "/v1/jobs/prune",
+                                    files={"model": ("big.onnx", model)},
+                                    data={"params": json.dumps(SETTINGS["job"])},
+                                )
+                            )
+                        )
+                peak, limits, pids, jobs = 0, set(), set(), []
+                while time.perf_counter() - started < SERVICE_TIMEOUT_S:
+                    jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+                    if all(job["status"] in {"succeeded", "failed"} for job in jobs):
+                        break
+                    for pid, (rss, limit) in _workers(server).items():
+                        peak, pids = max(peak, rss), pids | {pid}
+                        limits.add(limit)
+                    time.sleep(0.1)
+                seconds = time.perf_counter() - started
+        finally:
+            server.stop()
+    statuses = [job["status"] for job in jobs]
+    for job in jobs:
+        if job["status"] != "succeeded":
+            print(f"job {job['id']}: {job['status']} {job.get('error')}")
+    replaced = max(0, len(pids) - SERVICE_WORKERS)
+    ok = statuses == ["succeeded"] * SERVICE_JOBS and not replaced
+    limit_text = ", ".join(f"{limit / 2**30:.2f} GiB" for limit in sorted(limits))
+    print(
+        f"service-1g: {seconds:.1f} s for {SERVICE_JOBS} jobs (uploads included), statuses "
+        f"{statuses}, largest worker RSS {peak / size:.2f}x the file ({peak / 2**30:.2f} GiB; "
+        f"worker limit {limit_text}), workers replaced {replaced}: succeeds, nothing killed "
+        f"{'PASS' if ok else 'MISS'}"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=sorted(SETTINGS))
+    parser.add_argument("--only", choices=sorted([*SETTINGS, "service-1g"]))
     args = parser.parse_args()
+    if args.only == "service-1g":
+        return service_1g()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.onnx"
         write_model(path)
