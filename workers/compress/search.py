@@ -19,6 +19,7 @@ from schemas.params import PruneParams, revalidated
 from schemas.report import (
     AccuracyReport,
     CalibrationReport,
+    GroupReport,
     LayerReport,
     SensitivityPoint,
     SweepPoint,
@@ -123,6 +124,21 @@ def anchored_layer(layer: LayerReport, original_shape: list[int] | None) -> Laye
     )
 
 
+def iterative_note(sparsity: float, groups: list[GroupReport] | None) -> str:
+    note = (
+        "iterative pruning: pruned further from the fine-tuned candidate at sparsity "
+        f"{sparsity:.4g}"
+    )
+    if not groups:
+        return note
+    removed = sum(group.channels - group.kept for group in groups)
+    total = sum(group.channels for group in groups if group.note is None)
+    return (
+        f"{note} (the structured note counts this step; {removed} of the original's {total} "
+        "channels removed in all)"
+    )
+
+
 class Compressor:
     """Everything a candidate needs that does not change between candidates. `evaluation` (the
     eval data; also fine-tuning's validation) None: candidates are not measured."""
@@ -179,10 +195,7 @@ class Compressor:
             outcome = prune_model(model, pruning, only)
         if start is not None:
             anchored(outcome, start.candidate.outcome)
-            outcome.notes.append(
-                f"iterative pruning: pruned further from the fine-tuned candidate at sparsity "
-                f"{start.sparsity:.4g}"
-            )
+            outcome.notes.append(iterative_note(start.sparsity, outcome.groups))
         training = None
         if params.fine_tune is not None:  # after reconstruction: it starts from those weights
             assert self.train is not None
