@@ -721,7 +721,10 @@ def transformer_section() -> bool:
 
 
 def main() -> int:
-    if sys.argv[1:] and sys.argv[1] in SECTIONS:
+    if sys.argv[1:]:
+        if sys.argv[1:] != sys.argv[1:2] or sys.argv[1] not in SECTIONS:
+            print(f"usage: bench/frontier.py [{' | '.join(SECTIONS)}]", file=sys.stderr)
+            return 2
         return 0 if SECTIONS[sys.argv[1]]() else 1
     digits = table("digits 64-300-100-10 MLP, 70/30 split, accuracy", *digits_mlp(), "auto")
     table("diabetes 10-64-1 MLP regressor, 70/30 split, r2", *diabetes_mlp(), "regression")
