@@ -9,6 +9,7 @@ from test_fine_tune_graphs import copy_outcome, initializers
 
 from schemas.params import FineTuneParams, PruneParams
 from schemas.report import TrainingReport
+from service.problems import field_problems
 from workers.compress.finetune import distiller, fine_tune_graph, unit_axes
 from workers.compress.prune import copy_model, prune_model
 from workers.evaluate.data import EvalData
@@ -74,9 +75,10 @@ def test_patience_stops_fine_tuning_early_and_none_trains_every_epoch() -> None:
 )
 def test_settings_out_of_range_are_refused_naming_the_parameter(key: str, value: float) -> None:
     with pytest.raises(ValidationError) as error:
-        FineTuneParams(**{key: value})
-    (problem,) = error.value.errors()
-    assert problem["loc"] == (key,)
+        PruneParams(sparsity=0.5, fine_tune={key: value})
+    (problem,) = field_problems(list(error.value.errors()), prefix="params")
+    assert problem.field == f"params.fine_tune.{key}"  # as the service and the CLI report it
+    assert len(problem.message) < 300
 
 
 def test_adaptive_clipping_norms_a_conv_weight_per_output_channel() -> None:
