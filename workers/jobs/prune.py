@@ -112,7 +112,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     data, compressed = compress(model, reference, validation, params, train, progress)
     del model  # the parsed model, the pruned copy and the Compressor went with compress()
 
-    progress("writing", 0.85)
+    progress("writing", 0.9)
     size = size_report(
         reference.path.read_bytes(), data, compressed.params_before, compressed.nonzero_after
     )
@@ -122,7 +122,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     # files, which peaks lower than from bytes (no copy of the bytes beside its own).
     del data
 
-    progress("evaluating", 0.9)
+    progress("evaluating", 0.95)
     latency, check = None, None
     if validation is not None:
         latency = latency_pair(reference.source, model_out, validation.runs[0])
