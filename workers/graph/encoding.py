@@ -107,10 +107,11 @@ def _field_alone(message: Message, descriptor: FieldDescriptor, value: Any) -> b
 
 @dataclass(frozen=True)
 class _Deferred:
-    """Bytes read from the model only when measured and when written, so that one such part
-    (a message serialized whole, an initializer's raw_data) is held at a time."""
+    """Bytes read from the model again when written, so that one such part (a message
+    serialized whole, an initializer's raw_data) is held at a time; its size is known."""
 
     read: Callable[[], bytes]
+    size: int
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def _size(part: _Part) -> int:
     if isinstance(part, bytes):
         return len(part)
     if isinstance(part, _Deferred):
-        return len(part.read())
+        return part.size
     return len(part.header) + sum(map(_size, part.inner))
 
 
@@ -142,14 +143,16 @@ def _parts(message: Message) -> list[_Part]:
     a message with fields protobuf does not know is one part, serialized whole."""
     streamed = STREAMED_FIELDS.get(message.DESCRIPTOR.name, frozenset())
     if not streamed or len(UnknownFieldSet(message)):
-        return [_Deferred(message.SerializeToString)]
+        return [_Deferred(message.SerializeToString, len(message.SerializeToString()))]
     parts: list[_Part] = []
+    # ListFields hands out each value, raw_data as a copy: its length is taken from that copy,
+    # which is let go at the next field, and the bytes are read again when written.
     for descriptor, value in message.ListFields():
         if descriptor.name not in streamed:
             parts.append(_field_alone(message, descriptor, value))
         elif descriptor.type == FieldDescriptor.TYPE_BYTES:
             read = functools.partial(getattr, message, descriptor.name)
-            parts.append(_nested(descriptor.number, [_Deferred(read)]))
+            parts.append(_nested(descriptor.number, [_Deferred(read, len(value))]))
         else:
             elements = value if descriptor.is_repeated else [value]
             parts += [_nested(descriptor.number, _parts(element)) for element in elements]
@@ -171,7 +174,7 @@ def streamed(model: ModelProto) -> bytes:
     """The bytes serialize(model) returns, written one initializer at a time: serializing a
     model whole holds it twice over beside the model (protobuf's buffer and the bytes), this
     holds the bytes and one initializer's data. That data is read twice (its length, then its
-    bytes), which costs less than the copies it saves."""
+    bytes), which costs less than the copy it saves."""
     out = io.BytesIO()
     for part in _parts(model):
         _write(part, out)
