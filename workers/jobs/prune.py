@@ -34,7 +34,7 @@ from workers.jobs.report import (
     onnx_report,
     score_pair,
     size_report,
-    write_model,
+    stage_model,
 )
 
 
@@ -117,7 +117,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         reference.path.read_bytes(), data, compressed.params_before, compressed.nonzero_after
     )
     onnx_facts = onnx_report(data)
-    model_out = write_model(job_dir, data)
+    model_out = stage_model(job_dir, data)
     # From here on no Python copy of either model is held: onnxruntime reads both from their
     # files, which peaks lower than from bytes (no copy of the bytes beside its own).
     del data

@@ -1,6 +1,7 @@
 """Report assembly shared by the job kinds: sizes, the ONNX facts, the two models evaluated
 side by side, and the files a finished job leaves."""
 
+import os
 from pathlib import Path
 
 import onnx
@@ -86,9 +87,14 @@ def score_pair(
     return score_outputs(scoring, reference, run(session(compressed), evaluation.runs))
 
 
-def write_model(job_dir: Path, model: bytes) -> Path:
-    """Write the compressed model where the backend picks it up; its path."""
-    path = job_dir / MODEL_OUT
+# The compressed model while its report is made: onnxruntime reads it from here, and no
+# backend picks it up, so a job that fails or is killed meanwhile leaves no model.onnx.
+STAGED_MODEL = ".model.onnx.unreported"
+
+
+def stage_model(job_dir: Path, model: bytes) -> Path:
+    """Write the compressed model where finish_report will put it in place; its path."""
+    path = job_dir / STAGED_MODEL
     write_atomically(path, model)
     return path
 
@@ -96,14 +102,15 @@ def write_model(job_dir: Path, model: bytes) -> Path:
 def finish(job_dir: Path, model: bytes, report: Report, progress: Progress, facts: Facts) -> Report:
     """Write the model and its report, advice added to its notes, where the backend picks
     them up."""
-    write_model(job_dir, model)
+    stage_model(job_dir, model)
     return finish_report(job_dir, report, progress, facts)
 
 
 def finish_report(job_dir: Path, report: Report, progress: Progress, facts: Facts) -> Report:
-    """Write the report, advice added to its notes, beside the model written before it: the
+    """Put the staged model in place and write its report, advice added to its notes: the
     report is a job's last file."""
     report = report.model_copy(update={"notes": [*report.notes, *advise(report, facts)]})
+    os.replace(job_dir / STAGED_MODEL, job_dir / MODEL_OUT)
     write_atomically(job_dir / REPORT_OUT, report.model_dump_json(indent=2).encode())
     progress("done", 1.0)
     return report
