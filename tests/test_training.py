@@ -206,11 +206,12 @@ def test_optimizers_match_their_formulas_in_float32_to_the_bit(kind):
             elif kind == "momentum":
                 first[i] = first[i] * MOMENTUM + g
                 reference[i] = reference[i] - 0.01 * first[i]
-            else:
-                first[i] = first[i] * b1 + (1 - b1) * g
-                second[i] = second[i] * b2 + (1 - b2) * (g * g)
-                size = 0.01 * (1 - b2**t) ** 0.5 / (1 - b1**t)
-                reference[i] = reference[i] - size * first[i] / (np.sqrt(second[i]) + ADAM_EPS)
+            else:  # moments without their (1 - beta) factors, which the step size carries
+                first[i] = first[i] * b1 + g
+                second[i] = second[i] * b2 + g * g
+                size = 0.01 * (1 - b2**t) ** 0.5 / (1 - b1**t) * (1 - b1) / (1 - b2) ** 0.5
+                eps = ADAM_EPS / (1 - b2) ** 0.5
+                reference[i] = reference[i] - first[i] / (np.sqrt(second[i]) + eps) * size
         for p, r in zip(params, reference, strict=True):
             assert p.dtype == r.dtype == np.float32
             assert np.array_equal(p, r)
