@@ -585,7 +585,8 @@ def verdict(passed: bool, short: float) -> str:
 
 
 # Distillation fine-tuning on the graph path (fine_tune_graph): the unlabelled training inputs,
-# the original's outputs as targets, early stopping on the calibration rows' cosine
+# the original's outputs as targets; with calibrated pruning the epoch is picked on held-back
+# training rows (fine_tune holds back 10%), else on the calibration rows (the job's eval_data)
 CONV_FINE_TUNE = {
     "epochs": 30,
     "learning_rate": 1e-3,
@@ -698,7 +699,8 @@ def transformer_section() -> bool:
         f"MiniLM-L3 sentence embedding (output 461), 50% of its 18 MatMul weights: calibrated on "
         f"{SENTENCES} sentences, distilled on {len(trained_on)} others ({settings['epochs']} "
         f"epochs, batch {settings['batch_size']}, Adam {settings['learning_rate']}, global-norm "
-        f"clip 1; early stopping on the calibration sentences), cosine to the original on "
+        f"clip 1; epoch picked on the calibration sentences, or on 10% of the others held "
+        f"back when pruning was calibrated), cosine to the original on "
         f"{SENTENCES} held-out sentences",
         len(model), 1.0, rows,
     )  # fmt: skip

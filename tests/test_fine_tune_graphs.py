@@ -9,12 +9,16 @@ from onnx import ModelProto, numpy_helper
 from test_executor import SEQ, D, as_constant_nodes, conv_net, transformer_layer
 
 from schemas.params import FineTuneParams, PruneParams
+from workers.compress.calibrated import prune_calibrated
 from workers.compress.finetune import (
     DISTILLATIONS,
+    HELD_BACK,
     Distiller,
     distillation_kind,
     distiller,
+    fine_tune,
     fine_tune_graph,
+    held_back,
     mean_cosine,
 )
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
@@ -60,10 +64,40 @@ def distil(model: ModelProto, x: np.ndarray, prune: PruneParams, **settings) -> 
     for layer in outcome.layers:
         assert np.all(after[layer.name][before[layer.name] == 0] == 0), layer.name
     teacher = {"y": ort_output(model, held_out)}
-    tuned = mean_cosine({"y": ort_output(outcome.model, held_out)}, teacher)
+    student = {"y": ort_output(outcome.model, held_out)}
+    tuned = mean_cosine(student, teacher)
     assert tuned > mean_cosine({"y": one_shot}, teacher) + 0.01
-    assert report.metric == "cosine" and max(report.validation) == pytest.approx(tuned, abs=1e-4)
+    # the epoch kept is judged as the loss sees the outputs: class logits as probabilities
+    # softened by the temperature, anything else as it is
+    if distillation_kind(teacher["y"]) == "kl":
+        temperature = FineTuneParams(**settings).temperature
+        teacher, student = softened(teacher, temperature), softened(student, temperature)
+    validated = mean_cosine(student, teacher)
+    assert report.metric == "cosine" and max(report.validation) == pytest.approx(
+        validated, abs=1e-4
+    )
     return outcome.model
+
+
+def softened(outputs: dict[str, np.ndarray], temperature: float) -> dict[str, np.ndarray]:
+    scaled = {name: y / temperature for name, y in outputs.items()}
+    exps = {name: np.exp(y - y.max(axis=1, keepdims=True)) for name, y in scaled.items()}
+    return {name: e / e.sum(axis=1, keepdims=True) for name, e in exps.items()}
+
+
+def test_the_epoch_kept_ignores_a_shift_of_a_rows_logits() -> None:
+    """Adding a constant to every logit of a row changes no probability and no prediction, but
+    the raw logits' cosine: the validation score must not see it."""
+    rng = np.random.default_rng(0)
+    model = conv_net(rng)
+    x = rng.standard_normal((16, 2, 6, 6)).astype(np.float32)
+    teacher = {"y": ort_output(model, x)}
+    assert distillation_kind(teacher["y"]) == "kl"
+    student = distiller(prune_model(copy_model(model), PruneParams(sparsity=0.5)), teacher,
+                        None, 2.0, 0.0)  # fmt: skip
+    shifted = {"y": teacher["y"] + 5.0 * rng.standard_normal((16, 1)).astype(np.float32)}
+    assert mean_cosine(shifted, teacher) < 0.99
+    assert student.agreement(shifted, teacher) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_a_pruned_conv_net_is_distilled_back_towards_the_original() -> None:
@@ -248,3 +282,53 @@ def test_one_sgd_step_moves_the_weights_by_the_clipped_masked_gradient(mode, eps
     assert any(np.any(m) for m in moved), "the step was undone: the test needs a better step"
     for name, m, g in zip(reference.names, moved, expected, strict=True):
         np.testing.assert_allclose(m, -0.1 * g, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_held_back_rows_are_a_seeded_disjoint_share_with_their_labels() -> None:
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    data = EvalData([{"x": x[:12]}, {"x": x[12:]}], np.arange(20))
+    rest, spared = held_back(data, 0.1)
+    again = held_back(data, 0.1)[1]
+    assert spared is not None and again is not None
+    assert len(spared.labels) == 2 and len(rest.labels) == 18
+    np.testing.assert_array_equal(spared.runs[0]["x"], again.runs[0]["x"])
+    for part in (rest, spared):  # each row keeps its label
+        np.testing.assert_array_equal(part.runs[0]["x"][:, 0], part.labels * 2)
+    assert not set(rest.labels) & set(spared.labels)
+    assert held_back(EvalData([{"x": x[:3]}], None), 0.1)[1] is None  # no row to spare
+
+
+def test_after_reconstruction_fine_tuning_still_moves_the_weights() -> None:
+    """Reconstruction fits each layer to the calibration inputs (eval_data); fine-tuning picks
+    its epoch on held-back training rows, so it does not hand back the reconstructed weights
+    merely because they fit the calibration inputs best."""
+    rng = np.random.default_rng(0)
+    model = conv_net(rng)
+    calibration, train, held_out = (
+        rng.standard_normal((rows, 2, 6, 6)).astype(np.float32) for rows in (64, 256, 64)
+    )
+    params = PruneParams(
+        sparsity=0.8,
+        criterion="activation",
+        reconstruct=True,
+        fine_tune={"epochs": 15, "learning_rate": 0.01, "batch_size": 32},
+    )
+    outcome, _ = prune_calibrated(copy_model(model), params, [{"x": calibration}])
+    reconstructed = copy_model(outcome.model)
+    training = EvalData([{"x": train}], None)
+    report = fine_tune(model, outcome, params, training, EvalData([{"x": calibration}], None))
+    # the epoch kept was the best on the held-back training rows, not on the calibration rows
+    spared = held_back(training, HELD_BACK)[1].runs[0]["x"]
+    on_spared, on_calibration = (
+        mean_cosine(
+            softened({"y": ort_output(outcome.model, x)}, 2.0),
+            softened({"y": ort_output(model, x)}, 2.0),
+        )
+        for x in (spared, calibration)
+    )
+    assert max(report.validation) == pytest.approx(on_spared, abs=1e-4)
+    assert max(report.validation) != pytest.approx(on_calibration, abs=1e-4)
+    teacher = softened({"y": ort_output(model, held_out)}, 2.0)
+    before = mean_cosine(softened({"y": ort_output(reconstructed, held_out)}, 2.0), teacher)
+    after = mean_cosine(softened({"y": ort_output(outcome.model, held_out)}, 2.0), teacher)
+    assert after > before + 0.005, (before, after)

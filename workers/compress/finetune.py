@@ -29,6 +29,9 @@ from workers.nn.fit import (
 from workers.nn.network import DTYPE, HEADS, log_softmax, softmax_loss
 from workers.nn.optimizers import OPTIMIZERS
 
+# With calibrated pruning, the share of train_data fine-tuning holds back to pick its epoch by
+HELD_BACK = 0.1
+
 
 def fine_tune(
     original: ModelProto,
@@ -46,6 +49,11 @@ def fine_tune(
     """
     settings = params.fine_tune
     assert settings is not None
+    if params.calibrated:
+        # eval_data calibrated the pruning and reconstruction fitted the layers to it: judged
+        # there, the weights fine-tuning starts from always look best and come back unchanged
+        train, spared = held_back(train, HELD_BACK)
+        validation = spared if spared is not None else train
     try:
         mlp = read_mlp(outcome.model)
     except UnsupportedModelError:  # not an MLP chain: the general executor, by distillation
@@ -211,6 +219,25 @@ def mean_cosine(outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) 
     return float(np.mean([METRICS["cosine"].score(outputs[n], t) for n, t in targets.items()]))
 
 
+def held_back(data: EvalData, share: float) -> tuple[EvalData, EvalData | None]:
+    """(the rest, a seeded `share` of the rows) of batch-first inputs and their labels; None
+    for the second when there are too few rows to spare one."""
+    names = list(data.runs[0])
+    inputs = {name: data.stacked(name) for name in names}
+    rows = len(next(iter(inputs.values())))
+    count = round(rows * share)
+    if count < 1 or count >= rows:
+        return data, None
+    order = np.random.default_rng(0).permutation(rows)
+    kept, spared = np.sort(order[count:]), np.sort(order[:count])
+
+    def part(indices: np.ndarray) -> EvalData:
+        labels = None if data.labels is None else data.labels[indices]
+        return EvalData([{name: x[indices] for name, x in inputs.items()}], labels)
+
+    return part(kept), part(spared)
+
+
 @dataclass
 class Distiller:
     """A student graph in the executor, its trainable weights and masks, and how its outputs
@@ -229,6 +256,22 @@ class Distiller:
     @property
     def params(self) -> list[np.ndarray]:
         return [self.executor.parameters[name] for name in self.names]
+
+    def agreement(self, outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> float:
+        """Mean cosine to the teacher's outputs, class logits compared as what the KL compares,
+        their probabilities softened by the temperature: a row's logits shifted together
+        change neither (on a conv net at 80%, the raw logits' cosine peaked at epoch 1 while the
+        KL fell 600-fold and held-out accuracy rose 9 points)."""
+
+        def compared(name: str, values: np.ndarray) -> np.ndarray:
+            if self.kinds.get(name) != "kl":
+                return values
+            return np.exp(log_softmax(values / self.temperature))
+
+        return mean_cosine(
+            {name: compared(name, outputs[name]) for name in targets},
+            {name: compared(name, values) for name, values in targets.items()},
+        )
 
     def loss(
         self,
@@ -344,8 +387,8 @@ def fine_tune_graph(
     params = student.params
     step = OPTIMIZERS[settings.optimizer](params, settings.learning_rate)
     # the pruned weights before fine-tuning are the first candidate: never worse than one-shot
-    start_cosine = mean_cosine(batched_forward(student.executor, x_val, settings.batch_size), y_val)
-    best, since_best = (start_cosine, [p.copy() for p in params]), 0
+    start = student.agreement(batched_forward(student.executor, x_val, settings.batch_size), y_val)
+    best, since_best = (start, [p.copy() for p in params]), 0
     rows = len(next(iter(y_train.values())))
     rng = np.random.default_rng(0)
     for epoch in range(settings.epochs):
@@ -366,7 +409,7 @@ def fine_tune_graph(
             losses.append(loss)
         history.loss.append(float(np.mean(losses)))
         history.validation.append(
-            mean_cosine(batched_forward(student.executor, x_val, settings.batch_size), y_val)
+            student.agreement(batched_forward(student.executor, x_val, settings.batch_size), y_val)
         )
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)

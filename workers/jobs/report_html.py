@@ -123,7 +123,7 @@ def _sensitivity_plot(report: Report) -> str:
 # What each job kind's validation curve is measured on (workers/jobs/train.py, the fine-tuning)
 VALIDATED_ON = {
     "train": "the held-out validation_split of train_data",
-    "prune": "eval_data, or train_data without it",
+    "prune": "eval_data, or train_data without it (held-back train_data when calibrated)",
 }
 
 
