@@ -184,20 +184,25 @@ def run(sess: ort.InferenceSession, runs: list[Feeds]) -> Outputs:
     return Outputs(values, classes)
 
 
+def _run_ms(sess: ort.InferenceSession, feeds: Feeds) -> float:
+    start = time.perf_counter()
+    sess.run(None, feeds)
+    return (time.perf_counter() - start) * 1000
+
+
 def latency_p50_ms(
     sess: ort.InferenceSession, feeds: Feeds, runs: int | None = None
 ) -> tuple[float, int]:
     """Median wall time of sess.run on `feeds` after one warm-up run, and the runs timed:
     `runs` of them, or up to LATENCY_RUNS within LATENCY_BUDGET_S (at least 3)."""
     sess.run(None, feeds)
-    times: list[float] = []
-    deadline = time.perf_counter() + LATENCY_BUDGET_S
-    while len(times) < (runs or LATENCY_RUNS) and (
-        runs is not None or len(times) < 3 or time.perf_counter() < deadline
-    ):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
+    if runs is not None:
+        times = [_run_ms(sess, feeds) for _ in range(runs)]
+    else:
+        times = []
+        deadline = time.perf_counter() + LATENCY_BUDGET_S
+        while len(times) < LATENCY_RUNS and (len(times) < 3 or time.perf_counter() < deadline):
+            times.append(_run_ms(sess, feeds))
     return statistics.median(times), len(times)
 
 
