@@ -181,12 +181,13 @@ class Compressor:
         """Prune (the original, or further from `start`), fine-tune if asked, encode as asked
         (auto: every way, keeping the smallest file whose metric drops by at most `bound`, if
         given) and measure."""
-        model, pruning = copy_model(self.model), params
+        source, pruning = self.model, params
         if start is not None:
             assert params.sparsity is not None
-            model = copy_model(start.candidate.outcome.model)
+            source = start.candidate.outcome.model
             further = FURTHER[params.granularity](start.sparsity, params.sparsity)
             pruning = revalidated(params, sparsity=round(max(0.0, further), 6))
+        model = copy_model(source)  # pruning works in place
         calibration = None
         if params.calibrated:  # the eval inputs are the calibration inputs
             assert self.evaluation is not None
