@@ -10,7 +10,7 @@ from test_fine_tune_graphs import copy_outcome, initializers
 from schemas.params import FineTuneParams, PruneParams
 from schemas.report import TrainingReport
 from service.problems import field_problems
-from workers.compress.finetune import distiller, fine_tune_graph, unit_axes
+from workers.compress.finetune import MIN_GAIN, distiller, fine_tune_graph, unit_axes
 from workers.compress.prune import copy_model, prune_model
 from workers.evaluate.data import EvalData
 from workers.graph.executor import Executor
@@ -67,6 +67,17 @@ def test_patience_stops_fine_tuning_early_and_none_trains_every_epoch() -> None:
     assert patient.stopped_early and len(patient.loss) < 12
     assert not every.stopped_early and len(every.loss) == 12
     assert patient.loss == every.loss[: len(patient.loss)]  # the same run, cut short
+
+
+def test_gains_below_min_gain_do_not_hold_off_early_stopping() -> None:
+    """At a learning rate too small to matter the cosine still creeps up every epoch: creeping
+    is not a gain, so patience ends it, and the best epoch is still the one kept."""
+    _, crawl = tuned(None, learning_rate=1e-7, epochs=8, patience=2)
+    assert 0 < crawl.validation[-1] - crawl.validation[0] < MIN_GAIN  # it does creep
+    assert crawl.stopped_early and len(crawl.validation) == 2
+    _, learns = tuned(None, learning_rate=0.01, epochs=8, patience=2)
+    assert max(learns.validation) - learns.validation[0] > MIN_GAIN
+    assert len(learns.validation) > 2
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,11 @@ from workers.nn.optimizers import OPTIMIZERS
 
 # With calibrated pruning, the share of train_data fine-tuning holds back to pick its epoch by
 HELD_BACK = 0.1
+# The gain in validation cosine that resets the patience count (Keras' min_delta): on conv nets
+# and transformers the cosine creeps up by 1e-4 an epoch for dozens of epochs, so without it
+# early stopping almost never triggered and the default 100 epochs ran out (a conv-net search:
+# 317 s instead of 36 s). Smaller gains still count when the best epoch is picked.
+MIN_GAIN = 1e-3
 
 
 def fine_tune(
@@ -370,7 +375,7 @@ def fine_tune_graph(
     inputs (no labels needed), with clipped gradients; pruned weights stay zero. Class logits
     are distilled at `settings.temperature`; with class labels, the loss is (1 - alpha)
     distillation + alpha cross-entropy. Training stops when the cosine to the original on the
-    validation inputs has not improved for `settings.patience` epochs (None: never), and the
+    validation inputs has not gained MIN_GAIN for `settings.patience` epochs (None: never), and the
     best weights are kept."""
     if settings.schedule != "one_shot":
         raise InputError(
@@ -388,7 +393,8 @@ def fine_tune_graph(
     step = OPTIMIZERS[settings.optimizer](params, settings.learning_rate)
     # the pruned weights before fine-tuning are the first candidate: never worse than one-shot
     start = student.agreement(batched_forward(student.executor, x_val, settings.batch_size), y_val)
-    best, since_best = (start, [p.copy() for p in params]), 0
+    best = (start, [p.copy() for p in params])
+    gained, since_gain = start, 0  # the last score that beat the one before by MIN_GAIN
     rows = len(next(iter(y_train.values())))
     rng = np.random.default_rng(0)
     for epoch in range(settings.epochs):
@@ -413,11 +419,14 @@ def fine_tune_graph(
         )
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)
-        if history.validation[-1] > best[0]:
-            best, since_best = (history.validation[-1], [p.copy() for p in params]), 0
+        score = history.validation[-1]
+        if score > best[0]:
+            best = (score, [p.copy() for p in params])
+        if score > gained + MIN_GAIN:
+            gained, since_gain = score, 0
         else:
-            since_best += 1
-            if settings.patience is not None and since_best >= settings.patience:
+            since_gain += 1
+            if settings.patience is not None and since_gain >= settings.patience:
                 history.stopped_early = True
                 break
     for p, saved in zip(params, best[1], strict=True):
