@@ -251,17 +251,26 @@ def clipped_by_definition(grads: list[np.ndarray], mode: str, eps: float) -> lis
     return [g * min(1.0, eps / (total + 1e-6)) for g in grads]
 
 
-@pytest.mark.parametrize(("mode", "eps"), [("value", 1e-3), ("norm", 1e-2), ("global_norm", 1e-2)])
-def test_one_sgd_step_moves_the_weights_by_the_clipped_masked_gradient(mode, eps) -> None:
-    rng = np.random.default_rng(10)
+def masked_gradients(
+    seed: int,
+) -> tuple[ModelProto, np.ndarray, PruneOutcome, Distiller, list[np.ndarray]]:
+    """A seeded conv net, 32 inputs, the net pruned to 50%, a distiller on a copy of it and its
+    masked distillation gradients on those inputs: one fine-tuning step computed by hand."""
+    rng = np.random.default_rng(seed)
     model = conv_net(rng)
     x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
     outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5))
-    # the gradient at the pruned weights, on the whole batch (one step per epoch below)
     teacher = {"y": Executor(model).forward({"x": x}, record=False)["y"]}
     reference = distiller(copy_outcome(outcome), teacher, None, 2.0, 0.0)
     _, grads = reference.loss_and_grads({"x": x}, teacher, None)
     reference.apply_masks(grads)
+    return model, x, outcome, reference, grads
+
+
+@pytest.mark.parametrize(("mode", "eps"), [("value", 1e-3), ("norm", 1e-2), ("global_norm", 1e-2)])
+def test_one_sgd_step_moves_the_weights_by_the_clipped_masked_gradient(mode, eps) -> None:
+    # the gradient at the pruned weights, on the whole batch (one step per epoch below)
+    model, x, outcome, reference, grads = masked_gradients(10)
     expected = clipped_by_definition(grads, mode, eps)
     before = [p.copy() for p in reference.params]
     fine_tune_graph(

@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 from test_executor import conv_net
-from test_fine_tune_graphs import copy_outcome, initializers
+from test_fine_tune_graphs import initializers, masked_gradients
 
 from schemas.params import FineTuneParams, PruneParams
 from schemas.report import TrainingReport
 from service.problems import field_problems
-from workers.compress.finetune import MIN_GAIN, distiller, fine_tune_graph, unit_axes
+from workers.compress.finetune import MIN_GAIN, fine_tune_graph, unit_axes
 from workers.compress.prune import copy_model, prune_model
 from workers.evaluate.data import EvalData
-from workers.graph.executor import Executor
 from workers.nn.clipping import clip_gradients
 
 
@@ -117,14 +116,7 @@ def test_each_parameter_gets_the_unit_axis_of_the_operator_that_reads_it() -> No
 
 
 def test_a_fine_tuning_step_with_adaptive_clipping_clips_each_output_channel() -> None:
-    rng = np.random.default_rng(15)
-    model = conv_net(rng)
-    x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
-    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5))
-    teacher = {"y": Executor(model).forward({"x": x}, record=False)["y"]}
-    reference = distiller(copy_outcome(outcome), teacher, None, 2.0, 0.0)
-    _, grads = reference.loss_and_grads({"x": x}, teacher, None)
-    reference.apply_masks(grads)
+    model, x, outcome, reference, grads = masked_gradients(15)
     before = {n: p.copy() for n, p in zip(reference.names, reference.params, strict=True)}
     eps = 0.01
     # by hand: conv.w and fc.w have their output units on axis 0; the biases are one unit each
