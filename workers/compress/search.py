@@ -177,17 +177,21 @@ class Compressor:
         only: str | None = None,
         bound: float | None = None,
         start: Start | None = None,
+        last: bool = False,
     ) -> Candidate:
         """Prune (the original, or further from `start`), fine-tune if asked, encode as asked
         (auto: every way, keeping the smallest file whose metric drops by at most `bound`, if
-        given) and measure."""
+        given) and measure. `last`: no other candidate follows, so the original is pruned in
+        place unless fine-tuning still needs it as its teacher (a copy of a large model is
+        the largest allocation of a prune job)."""
         source, pruning = self.model, params
         if start is not None:
             assert params.sparsity is not None
             source = start.candidate.outcome.model
             further = FURTHER[params.granularity](start.sparsity, params.sparsity)
             pruning = revalidated(params, sparsity=round(max(0.0, further), 6))
-        model = copy_model(source)  # pruning works in place
+        in_place = last and start is None and params.fine_tune is None
+        model = source if in_place else copy_model(source)  # pruning works in place
         calibration = None
         if params.calibrated:  # the eval inputs are the calibration inputs
             assert self.evaluation is not None

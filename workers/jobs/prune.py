@@ -165,7 +165,8 @@ def compress(
     sweep = None
     if params.max_accuracy_drop is None:
         progress("pruning", 0.05)
-        chosen = compressor.candidate(params, epoch_progress(progress, 0.1, 0.6))
+        last = not params.sensitivity  # the scan prunes the original again, layer by layer
+        chosen = compressor.candidate(params, epoch_progress(progress, 0.1, 0.6), last=last)
         data, accuracy = chosen.data, chosen.chosen.accuracy
     else:
         found, sparsity, sweep = search(compressor, params.max_accuracy_drop, progress)
