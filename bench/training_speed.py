@@ -449,7 +449,7 @@ def mlp_rows(torch: Any) -> None:
         rate / 1e9,
         achieved / 1e9,
         share,
-        f">= 0.70 {'PASS' if share >= 0.7 else 'MISS'}",
+        f">= 0.60 {'PASS' if share >= 0.6 else 'MISS'}",  # issue 18 (issue 7 asked 0.70)
     )
     row(
         "epoch with clipping (s)",
