@@ -57,10 +57,13 @@ class ClipParams(_Params):
     threshold: float = Field(1.0, gt=0, description="The clipping threshold ε (> 0).")
 
 
+MAX_FINE_TUNE_EPOCHS = 1000
+
+
 class FineTuneParams(_Params):
     """Fine-tuning of the surviving weights after pruning; pruned weights stay zero."""
 
-    epochs: int = Field(100, ge=1, le=1000)
+    epochs: int = Field(100, ge=1, le=MAX_FINE_TUNE_EPOCHS)
     learning_rate: float = Field(1e-3, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=65536)
     optimizer: Optimizer = "adam"
@@ -90,8 +93,9 @@ class FineTuneParams(_Params):
         ge=1,
         le=1000,
         description="Early stopping, 1 to 1000 epochs or null, default 10: stop after this many "
-        "epochs without a better validation score (cosine to the original on the graph path, "
-        "the metric on the MLP fast path) and keep the best weights; null trains every epoch.",
+        "epochs without a better validation score (the metric on the MLP fast path; on the "
+        "graph path the cosine to the original, class logits as softened probabilities, a "
+        "gain of at least 0.001) and keep the best weights; null trains every epoch.",
     )
 
 
@@ -269,7 +273,8 @@ class TrainPruneParams(_Params):
         "unstructured",
         description="unstructured: single weights zeroed; structured: whole hidden neurons "
         "removed after training (ranked as a prune job ranks them), then the smaller network "
-        "trained again for the same epochs (early stopping by patience), so the file shrinks.",
+        "trained again for the same epochs, learning rate, batch size, optimizer, clipping and "
+        "patience (no weight decay), so the file shrinks. mlp models only.",
     )
     encoding: Encoding = Field(
         "dense",
@@ -356,5 +361,23 @@ class TrainParams(_Params):
             raise ValueError(
                 f"batch_size x the sum of model.hidden is {activations} activations a step; the "
                 f"limit is {MAX_BATCH_ACTIVATIONS}: lower batch_size or the hidden widths"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _structured_prune_fits(self) -> "TrainParams":
+        # Structured pruning removes hidden neurons, then trains the smaller network again for
+        # `epochs` as fine-tuning does (FineTuneParams.epochs: at most MAX_FINE_TUNE_EPOCHS).
+        if self.prune is None or self.prune.granularity != "structured":
+            return self
+        if self.model.type != "mlp":
+            raise ValueError(
+                "prune.granularity structured removes hidden neurons; model.type "
+                f"{self.model.type} has none: use model.type mlp or granularity unstructured"
+            )
+        if self.epochs > MAX_FINE_TUNE_EPOCHS:
+            raise ValueError(
+                f"prune.granularity structured trains the pruned network again for epochs; "
+                f"give epochs at most {MAX_FINE_TUNE_EPOCHS} (got {self.epochs})"
             )
         return self

@@ -161,7 +161,9 @@ class TrainingReport(_ReportPart):
 
     loss: list[float] = Field(description="Mean training loss per epoch.")
     metric: Metric = Field(
-        description='The validation metric: "accuracy" (classification) or "r2" (regression).'
+        description='The validation metric: "accuracy" (classification) or "r2" (regression) '
+        'on the MLP path; "cosine" to the original on the graph path (class logits compared as '
+        "probabilities softened by the temperature)."
     )
     validation: list[float] = Field(description="The metric on the validation data, per epoch.")
     clip: ClipStats = Field(description="Gradient clipping: its settings and what it did.")

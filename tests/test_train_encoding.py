@@ -81,3 +81,17 @@ def test_structured_train_pruning_refuses_the_gradual_schedule():
         TrainParams.model_validate(
             {"prune": {"sparsity": 0.5, "granularity": "structured", "schedule": "gradual"}}
         )
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"model": {"type": "softmax"}}, "model.type softmax has none"),
+        ({"epochs": 1500}, "give epochs at most 1000"),
+    ],
+)
+def test_structured_train_pruning_is_refused_before_training_where_it_cannot_run(params, words):
+    with pytest.raises(ValidationError, match=words):
+        TrainParams.model_validate(
+            {**params, "prune": {"sparsity": 0.5, "granularity": "structured"}}
+        )

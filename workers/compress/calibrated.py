@@ -1,5 +1,5 @@
-"""Unstructured pruning with calibration inputs (issue 16): masks by a criterion that may look at
-each layer's inputs (Wanda), and layer-wise reconstruction of the surviving weights.
+"""Pruning with calibration inputs (issue 16): masks by a criterion that may look at each
+layer's inputs (Wanda), and layer-wise reconstruction of the surviving weights.
 
 Layers go in graph order, as SparseGPT does: each layer's inputs X̃ come from running the model
 as pruned (and reconstructed) so far. Its target is its output in the original model, W X, not
@@ -7,13 +7,14 @@ SparseGPT's W X̃, so a layer also corrects for what the layers before it lost (
 of the digits MLP at 80%: 96.5% against 94.6%; bench/frontier.py). Layers that read one input
 tensor (an attention block's Q, K and V) share one calibration run.
 
-Structured pruning with reconstruct removes channels as plain structured pruning does, then,
+Structured pruning removes channels as plain structured pruning does, then, with reconstruct,
 as ThiNet (Luo et al., 2017) and He et al. (2017) do, re-fits each layer that read removed
 channels by least squares over its remaining inputs: min ‖W X - Ŵ X̃‖ with W, X the layer and
 its inputs in the original model (its surviving output rows only) and X̃ its narrower inputs in
-the model as pruned and re-fitted so far. With criterion activation the units are ranked by the
-output error their removal alone causes in the layers that read them (criteria.py
-OutputContribution), measured on the original model, all groups at once.
+the model as pruned and re-fitted so far, the layer's bias fitted with its weights. With
+criterion activation the units are ranked by the output error their removal alone causes in
+the layers that read them (criteria.py OutputContribution), measured on the original model,
+all groups at once; without reconstruct only those layers' biases are re-fitted.
 """
 
 import time
@@ -48,7 +49,6 @@ from workers.graph.weights import WeightSlot, find_weights
 from workers.nn.reconstruct import (
     LayerInputs,
     accumulate_gram,
-    damped,
     damping,
     output_errors,
     reconstruct,
@@ -59,9 +59,9 @@ from workers.nn.reconstruct import (
 def prune_calibrated(
     model: ModelProto, params: PruneParams, runs: list[Feeds], only: str | None = None
 ) -> tuple[PruneOutcome, CalibrationReport]:
-    """Prune `model` in place (unstructured) by params.criterion, reconstructing the surviving
-    weights when params.reconstruct; `runs` are the calibration inputs (the eval_data's).
-    `only` as in prune_model."""
+    """Prune `model` in place by params.criterion (single weights, or units with granularity
+    structured), reconstructing the surviving weights when params.reconstruct; `runs` are the
+    calibration inputs (the eval_data's). `only` as in prune_model."""
     started = time.perf_counter()
     if params.granularity == "structured":
         return _prune_structured(model, params, runs, only, started)
@@ -240,6 +240,8 @@ def _refit_consumers(
         if isinstance(before, str):
             skipped.append((slot.name, before))
             continue
+        if not solve and layer_bias(model, view) is None:
+            continue  # criterion activation without reconstruct re-fits biases only
         if view.groups != 1 or before.groups != 1:
             # a grouped Conv's groups change width with the cut: no one-matrix least squares
             skipped.append((slot.name, "a grouped Conv is not re-fitted"))
@@ -283,14 +285,16 @@ def _refit(
         current = np.column_stack([current, _initializer(model, bias).reshape(-1)])
     inputs = _paired_inputs(model, original, view, before, runs, ones=bias is not None)
     if solve:
-        right = target @ inputs.cross.T + damping(inputs.gram) * current
-        solved = np.linalg.solve(damped(inputs.gram), right.T).T
-    elif bias is not None:
+        # λ from the inputs alone: the ones column's n would swamp a narrow layer's small ones
+        weights_only = inputs.gram[:-1, :-1] if bias is not None else inputs.gram
+        damp = damping(weights_only)
+        right = target @ inputs.cross.T + damp * current
+        solved = np.linalg.solve(inputs.gram + damp * np.eye(len(inputs.gram)), right.T).T
+    else:  # the bias alone: _refit_consumers skips readers without one when not solving
+        assert bias is not None
         solved = current.copy()
         rows = inputs.gram[-1, -1]  # Σ 1·1
         solved[:, -1] = (target @ inputs.cross[-1] - current[:, :-1] @ inputs.gram[-1, :-1]) / rows
-    else:
-        solved = current
     lost_before = output_errors(target, current, inputs)
     lost_after = output_errors(target, solved, inputs)
     worse = lost_after > lost_before
@@ -300,7 +304,7 @@ def _refit(
         solved = solved[:, :-1]
     _write(view.slot, view.restore(solved), outcome)
     base = float(output_errors(target, np.zeros_like(current), inputs).sum())
-    method = "least_squares" if solve else "bias" if bias is not None else None
+    method = "least_squares" if solve else "bias"
     return CalibratedLayer(
         name=view.slot.name,
         op=view.node.op_type,

@@ -147,11 +147,13 @@ def layer_view(slot: WeightSlot, model: ModelProto, positions: dict[str, int]) -
 
 
 def layer_bias(model: ModelProto, view: LayerView) -> str | None:
-    """The initializer added to the layer's outputs one value per output channel: Gemm's C or
-    Conv's B, or the constant of the one Add that reads a MatMul's output. None when there is
-    none, or when it is shaped otherwise or read by other nodes too (then it is not the
-    layer's alone to adjust)."""
+    """The initializer added to the layer's outputs one value per output channel: Gemm's C (when
+    alpha equals beta) or Conv's B, or the constant of the one Add that reads a MatMul's
+    output. None when there is none, or when it is shaped otherwise or read by other nodes too
+    (then it is not the layer's alone to adjust)."""
     node, graph = view.node, model.graph
+    if node.op_type == "Gemm" and attribute(node, "alpha", 1.0) != attribute(node, "beta", 1.0):
+        return None  # alpha·W·X + beta·C: C is not a column of W on an input of 1
     bias = node.input[2] if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 else ""
     graph_readers = readers(graph)
     if node.op_type == "MatMul":

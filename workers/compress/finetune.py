@@ -124,6 +124,7 @@ UNIT_AXES: dict[tuple[str, int], Callable[[NodeProto], int]] = {
     ("ConvTranspose", 1): lambda node: 1,  # [in, out / groups, kh, kw]
     ("Gemm", 1): lambda node: 0 if attribute(node, "transB", 0) else 1,  # B^T [out, in] or B
     ("MatMul", 1): lambda node: -1,  # [..., in, out]
+    ("MatMul", 0): lambda node: -2,  # a weight on the left, W @ x: [..., out, in]
     ("Gather", 0): lambda node: 0,  # an embedding table: a row per token
 }
 Distillation = Callable[[np.ndarray, np.ndarray, float], tuple[float, np.ndarray]]
@@ -392,9 +393,11 @@ def fine_tune_graph(
     params = student.params
     step = OPTIMIZERS[settings.optimizer](params, settings.learning_rate)
     # the pruned weights before fine-tuning are the first candidate: never worse than one-shot
-    start = student.agreement(batched_forward(student.executor, x_val, settings.batch_size), y_val)
-    best = (start, [p.copy() for p in params])
-    gained, since_gain = start, 0  # the last score that beat the one before by MIN_GAIN
+    unchanged = student.agreement(
+        batched_forward(student.executor, x_val, settings.batch_size), y_val
+    )
+    best = (unchanged, [p.copy() for p in params])
+    gained, since_gain = unchanged, 0  # the last score that beat the one before by MIN_GAIN
     rows = len(next(iter(y_train.values())))
     rng = np.random.default_rng(0)
     for epoch in range(settings.epochs):

@@ -227,8 +227,9 @@ def train_model(
 
 def _structured(outcome: TrainOutcome, params: TrainParams) -> TrainOutcome:
     """Remove hidden neurons from the trained model as a structured prune job does, then
-    train the smaller network again on the same split with the same settings (Han et al.
-    2015: prune, retrain), by the fine-tuning a prune job runs."""
+    train the smaller network again on the same split (Han et al. 2015: prune, retrain), by
+    the fine-tuning a prune job runs: the job's epochs, learning rate, batch size, optimizer,
+    clipping and patience; fine-tuning has no weight decay and its own seed."""
     prune = params.prune
     assert prune is not None
     settings = FineTuneParams(

@@ -3,9 +3,8 @@
 Every update is computed in the parameters' own dtype (float32), as PyTorch and optax do, and
 written through preallocated scratch buffers: the training hot path allocates nothing.
 The optimizer's state for all parameters lives in one flat array per quantity, with a view per
-parameter, so each elementwise pass runs once over every parameter rather than once per tensor:
-the same operations on the same elements in the same order, so the same bits, with a sixth of
-the calls.
+parameter, so each elementwise pass runs once over every parameter rather than once per tensor,
+with a sixth of the calls.
 """
 
 import math
