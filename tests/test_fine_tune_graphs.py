@@ -267,25 +267,21 @@ def masked_gradients(
     return model, x, outcome, reference, grads
 
 
+def one_sgd_step(model: ModelProto, outcome: PruneOutcome, x: np.ndarray, clip: dict) -> None:
+    """One fine-tuning epoch of one batch: a single SGD step at learning rate 0.1, clipped."""
+    settings = FineTuneParams(
+        epochs=1, batch_size=len(x), learning_rate=0.1, optimizer="sgd", clip=clip, patience=None
+    )
+    fine_tune_graph(model, outcome, settings, EvalData([{"x": x}], None), None)
+
+
 @pytest.mark.parametrize(("mode", "eps"), [("value", 1e-3), ("norm", 1e-2), ("global_norm", 1e-2)])
 def test_one_sgd_step_moves_the_weights_by_the_clipped_masked_gradient(mode, eps) -> None:
     # the gradient at the pruned weights, on the whole batch (one step per epoch below)
     model, x, outcome, reference, grads = masked_gradients(10)
     expected = clipped_by_definition(grads, mode, eps)
     before = [p.copy() for p in reference.params]
-    fine_tune_graph(
-        model,
-        outcome,
-        FineTuneParams(
-            epochs=1,
-            batch_size=32,
-            learning_rate=0.1,
-            optimizer="sgd",
-            clip={"mode": mode, "threshold": eps},
-        ),
-        EvalData([{"x": x}], None),
-        None,
-    )
+    one_sgd_step(model, outcome, x, {"mode": mode, "threshold": eps})
     after = initializers(outcome.model)
     moved = [after[name] - w for name, w in zip(reference.names, before, strict=True)]
     assert any(np.any(m) for m in moved), "the step was undone: the test needs a better step"

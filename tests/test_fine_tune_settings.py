@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 from test_executor import conv_net
-from test_fine_tune_graphs import initializers, masked_gradients
+from test_fine_tune_graphs import initializers, masked_gradients, one_sgd_step
 
 from schemas.params import FineTuneParams, PruneParams
 from schemas.report import TrainingReport
@@ -128,20 +128,7 @@ def test_a_fine_tuning_step_with_adaptive_clipping_clips_each_output_channel() -
         budgets = eps * np.maximum(np.linalg.norm(rows[1].astype(np.float64), axis=1), 1e-3)
         scale = np.where(g_norms >= budgets, budgets / g_norms, 1.0)
         expected[name] = (rows[0] * scale[:, None]).reshape(g.shape)
-    fine_tune_graph(
-        model,
-        outcome,
-        FineTuneParams(
-            epochs=1,
-            batch_size=32,
-            learning_rate=0.1,
-            optimizer="sgd",
-            clip={"mode": "adaptive", "threshold": eps},
-            patience=None,
-        ),
-        EvalData([{"x": x}], None),
-        None,
-    )
+    one_sgd_step(model, outcome, x, {"mode": "adaptive", "threshold": eps})
     after = initializers(outcome.model)
     for name in reference.names:
         moved = after[name] - before[name]
