@@ -18,17 +18,18 @@ all groups at once; without reconstruct only those layers' biases are re-fitted.
 """
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto
 
 from schemas.params import PruneParams
 from schemas.report import CalibratedLayer, CalibrationReport
 from workers.compress.calibration import (
+    LayerBiases,
     LayerView,
     exposing,
     input_statistics,
-    layer_bias,
     layer_view,
     node_positions,
     run_exposed,
@@ -39,8 +40,8 @@ from workers.compress.prune import (
     SlotValues,
     copy_model,
     float_param_count,
-    layer_report,
     prunable_slots,
+    record_layers,
 )
 from workers.compress.structured import prune_channels
 from workers.errors import cut_list
@@ -89,20 +90,12 @@ def prune_calibrated(
         for index in group:
             layers[index] = _prune_layer(index, views[index], inputs, rule, params, outcome)
 
-    for slot, shape in zip(slots, shapes, strict=True):
-        outcome.layers.append(layer_report(slot.name, shape, slot.read()))
+    record_layers(outcome, slots, shapes)
     if skipped:
         outcome.notes.append(cut_list("pruned by magnitude alone, without calibration: ", skipped))
-    report = CalibrationReport(
-        criterion=params.criterion,
-        reconstructed=params.reconstruct,
-        runs=len(runs),
-        samples=sum(_rows(feeds) for feeds in runs),
-        seconds=time.perf_counter() - started,
-        layers=[layers[index] for index in sorted(layers)],
-        uncalibrated=[slots[index].name for index in range(len(slots)) if index not in views],
-    )
-    return outcome, report
+    uncalibrated = [slots[index].name for index in range(len(slots)) if index not in views]
+    calibrated = [layers[index] for index in sorted(layers)]
+    return outcome, _report(params, runs, started, calibrated, uncalibrated)
 
 
 def _shared_inputs(views: dict[int, LayerView]) -> list[list[int]]:
@@ -192,24 +185,29 @@ def _prune_structured(
     layers, skipped = _refit_consumers(
         model, original, found.removed, runs, outcome, solve=params.reconstruct
     )
-    for slot, shape in zip(slots, shapes, strict=True):
-        array = slot.read()
-        if array.shape != shape:
-            outcome.pruned.add(slot.name)
-        outcome.layers.append(layer_report(slot.name, shape, array))
+    record_layers(outcome, slots, shapes)
     if skipped:
         named = [f"{name} ({why})" for name, why in skipped]
         outcome.notes.append(cut_list("structured: not re-fitted after the cut: ", named))
-    report = CalibrationReport(
+    return outcome, _report(params, runs, started, layers, [name for name, _ in skipped])
+
+
+def _report(
+    params: PruneParams,
+    runs: list[Feeds],
+    started: float,
+    layers: list[CalibratedLayer],
+    uncalibrated: list[str],
+) -> CalibrationReport:
+    return CalibrationReport(
         criterion=params.criterion,
         reconstructed=params.reconstruct,
         runs=len(runs),
         samples=sum(_rows(feeds) for feeds in runs),
         seconds=time.perf_counter() - started,
         layers=layers,
-        uncalibrated=[name for name, _ in skipped],
+        uncalibrated=uncalibrated,
     )
-    return outcome, report
 
 
 def _refit_consumers(
@@ -225,7 +223,8 @@ def _refit_consumers(
     are."""
     positions, before_positions = node_positions(model), node_positions(original)
     before_slots = {slot.name: slot for slot in find_weights(original)}
-    consumers: list[tuple[LayerView, LayerView]] = []
+    biases, before_biases = LayerBiases(model), LayerBiases(original)
+    consumers: list[tuple[LayerView, LayerView, WeightSlot | None]] = []
     skipped: list[tuple[str, str]] = []
     for slot in find_weights(model):
         cut = removed.get(slot.name, {})
@@ -240,24 +239,37 @@ def _refit_consumers(
         if isinstance(before, str):
             skipped.append((slot.name, before))
             continue
-        if not solve and layer_bias(model, view) is None:
+        bias = biases.of(view)
+        if not solve and bias is None:
             continue  # criterion activation without reconstruct re-fits biases only
         if view.groups != 1 or before.groups != 1:
             # a grouped Conv's groups change width with the cut: no one-matrix least squares
             skipped.append((slot.name, "a grouped Conv is not re-fitted"))
             continue
-        consumers.append((view, before))
+        consumers.append((view, before, bias))
     layers = []
-    for view, before in sorted(consumers, key=lambda pair: pair[0].position):
-        layers.append(_refit(model, original, view, before, removed, runs, outcome, solve))
+    for view, before, bias in sorted(consumers, key=lambda found: found[0].position):
+        original_bias = before_biases.of(before) if bias is not None else None
+        refit = Refit(view, before, bias, original_bias)
+        layers.append(_refit(model, original, refit, removed, runs, outcome, solve))
     return layers, skipped
+
+
+@dataclass(frozen=True)
+class Refit:
+    """A layer that read removed channels: its view in the pruned model and in the original,
+    and its own bias in each (None: it has none to adjust)."""
+
+    view: LayerView
+    before: LayerView
+    bias: WeightSlot | None
+    original_bias: WeightSlot | None
 
 
 def _refit(
     model: ModelProto,
     original: ModelProto,
-    view: LayerView,
-    before: LayerView,
+    refit: Refit,
     removed: dict[str, dict[int, np.ndarray]],
     runs: list[Feeds],
     outcome: PruneOutcome,
@@ -269,6 +281,7 @@ def _refit(
     with the weights; without `solve` only that column is (the mean of what the cut removed
     added back: FLAP's bias compensation). A row the dampened solve would make worse keeps its
     cut weights, so the error never goes up."""
+    view, before, bias = refit.view, refit.before, refit.bias
     cut = removed[view.slot.name]
     output_axis = 1 - view.input_axis
     target_array = before.slot.read()
@@ -276,13 +289,13 @@ def _refit(
         target_array = np.delete(target_array, cut[output_axis], axis=output_axis)
     target = before.matrix(target_array).astype(np.float64)  # W [out, in before the cut]
     current = view.matrix(view.slot.read()).astype(np.float64)  # W' [out, in after]
-    bias = layer_bias(model, view)
     if bias is not None:  # [W | b]: the bias is the weight of a constant input 1
-        original_bias = _initializer(original, bias)  # [out] or [1, out]
-        for axis, positions in removed.get(bias, {}).items():
+        assert refit.original_bias is not None
+        original_bias = refit.original_bias.read()  # [out] or [1, out]
+        for axis, positions in removed.get(bias.name, {}).items():
             original_bias = np.delete(original_bias, positions, axis=axis)
-        target = np.column_stack([target, original_bias.reshape(-1)])
-        current = np.column_stack([current, _initializer(model, bias).reshape(-1)])
+        target = np.column_stack([target, original_bias.reshape(-1).astype(np.float64)])
+        current = np.column_stack([current, bias.read().reshape(-1).astype(np.float64)])
     inputs = _paired_inputs(model, original, view, before, runs, ones=bias is not None)
     if solve:
         # λ from the inputs alone: the ones column's n would swamp a narrow layer's small ones
@@ -300,7 +313,7 @@ def _refit(
     worse = lost_after > lost_before
     solved[worse] = current[worse]
     if bias is not None:
-        _write_initializer(model, bias, solved[:, -1])
+        bias.write(solved[:, -1].reshape(bias.shape))
         solved = solved[:, :-1]
     _write(view.slot, view.restore(solved), outcome)
     base = float(output_errors(target, np.zeros_like(current), inputs).sum())
@@ -312,18 +325,6 @@ def _refit(
         error_before=relative(float(lost_before.sum()), base),
         error_after=relative(float(np.minimum(lost_before, lost_after).sum()), base),
     )
-
-
-def _initializer(model: ModelProto, name: str) -> np.ndarray:
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    return numpy_helper.to_array(tensor).astype(np.float64)
-
-
-def _write_initializer(model: ModelProto, name: str, values: np.ndarray) -> None:
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    array = values.reshape(tuple(tensor.dims)).astype(dtype)
-    tensor.CopyFrom(numpy_helper.from_array(array, name))
 
 
 def _paired_inputs(

@@ -19,7 +19,7 @@ from workers.errors import InvalidDataError, first_line
 from workers.evaluate.runtime import Feeds, session
 from workers.graph.load import serialize
 from workers.graph.walk import attribute, readers
-from workers.graph.weights import WeightSlot
+from workers.graph.weights import WeightSlot, all_float_constants
 from workers.nn.reconstruct import LayerInputs, accumulate_gram, im2col
 
 IM2COL_BYTES = 1 << 26  # patches of one chunk of a Conv input: 64 MiB, however large the image
@@ -146,27 +146,35 @@ def layer_view(slot: WeightSlot, model: ModelProto, positions: dict[str, int]) -
     return f"{node.op_type} weights are not calibrated"
 
 
-def layer_bias(model: ModelProto, view: LayerView) -> str | None:
-    """The initializer added to the layer's outputs one value per output channel: Gemm's C (when
-    alpha equals beta) or Conv's B, or the constant of the one Add that reads a MatMul's
-    output. None when there is none, or when it is shaped otherwise or read by other nodes too
-    (then it is not the layer's alone to adjust)."""
-    node, graph = view.node, model.graph
-    if node.op_type == "Gemm" and attribute(node, "alpha", 1.0) != attribute(node, "beta", 1.0):
-        return None  # alpha·W·X + beta·C: C is not a column of W on an input of 1
-    bias = node.input[2] if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 else ""
-    graph_readers = readers(graph)
-    if node.op_type == "MatMul":
-        after = graph_readers.get(node.output[0], [])
-        if len(after) == 1 and after[0].op_type == "Add":
-            bias = next((name for name in after[0].input if name != node.output[0]), "")
-    tensor = next((t for t in graph.initializer if t.name == bias), None)
-    outputs = view.slot.shape[1 - view.input_axis]
-    if tensor is None or len(graph_readers.get(bias, [])) != 1:
-        return None
-    if int(np.prod(tensor.dims)) != outputs or max(tensor.dims, default=1) != outputs:
-        return None
-    return bias
+class LayerBiases:
+    """Each layer's own bias, with the model's readers and float constants indexed once."""
+
+    def __init__(self, model: ModelProto) -> None:
+        self._readers = readers(model.graph)
+        self._constants = {
+            slot.name: slot for slot in all_float_constants(model) if slot.graph is model.graph
+        }
+
+    def of(self, view: LayerView) -> WeightSlot | None:
+        """The constant added to the layer's outputs one value per output channel: Gemm's C
+        (when alpha equals beta) or Conv's B, or the constant of the one Add that reads a
+        MatMul's output. None when there is none, or when it is shaped otherwise or read by
+        other nodes too (then it is not the layer's alone to adjust)."""
+        node = view.node
+        if node.op_type == "Gemm" and attribute(node, "alpha", 1.0) != attribute(node, "beta", 1.0):
+            return None  # alpha·W·X + beta·C: C is not a column of W on an input of 1
+        bias = node.input[2] if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 else ""
+        if node.op_type == "MatMul":
+            after = self._readers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Add":
+                bias = next((name for name in after[0].input if name != node.output[0]), "")
+        slot = self._constants.get(bias)
+        outputs = view.slot.shape[1 - view.input_axis]
+        if slot is None or len(self._readers.get(bias, [])) != 1:
+            return None
+        if int(np.prod(slot.shape)) != outputs or max(slot.shape, default=1) != outputs:
+            return None
+        return slot
 
 
 def exposing(model: ModelProto, name: str) -> bytes:

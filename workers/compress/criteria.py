@@ -16,9 +16,9 @@ from onnx import ModelProto, TensorProto, numpy_helper
 from schemas.params import PruneParams
 from schemas.vocabulary import Criterion
 from workers.compress.calibration import (
+    LayerBiases,
     LayerView,
     exposing,
-    layer_bias,
     layer_view,
     node_positions,
     run_exposed,
@@ -102,6 +102,7 @@ class OutputContribution:
         self._slots = {slot.name: slot for slot in find_weights(self.model)}
         self._positions = node_positions(self.model)
         self._magnitude = WeightMagnitude(set(self._slots))
+        self._biases = LayerBiases(self.model)
 
     @property
     def wording(self) -> str:
@@ -145,7 +146,7 @@ class OutputContribution:
         stop = start + int(piece.span.size) * columns
         block = (stop - start) // units
         weights = matrix[:, start:stop].astype(np.float64).reshape(len(matrix), units, block)
-        centred = layer_bias(self.model, view) is not None
+        centred = self._biases.of(view) is not None
         gram = self._block_gram(view, start, stop, units, centred)  # [units, block, block]
         return np.einsum("oub,ubc,ouc->u", weights, gram, weights)
 

@@ -107,12 +107,20 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
     shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
     GRANULARITIES[params.granularity](model, slots, params, outcome)
+    record_layers(outcome, slots, shapes)
+    return outcome
+
+
+def record_layers(
+    outcome: PruneOutcome, slots: list[WeightSlot], shapes: list[tuple[int, ...]]
+) -> None:
+    """A layer report per prunable weight against its shape before pruning; a weight whose
+    shape changed (structured) counts as pruned."""
     for slot, shape in zip(slots, shapes, strict=True):
         array = slot.read()
         if array.shape != shape:
             outcome.pruned.add(slot.name)
         outcome.layers.append(layer_report(slot.name, shape, array))
-    return outcome
 
 
 def prune_weights(
