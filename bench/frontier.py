@@ -615,7 +615,7 @@ def verdict(passed: bool, short: float) -> str:
 
 # Distillation fine-tuning on the graph path (fine_tune_graph): the unlabelled training inputs,
 # the original's outputs as targets; with calibrated pruning the epoch is picked on held-back
-# training rows (fine_tune holds back 10%), else on the calibration rows (the job's eval_data)
+# training rows (the Compressor holds back 10%), else on the calibration rows (the eval_data)
 CONV_FINE_TUNE = {
     "epochs": 30,
     "learning_rate": 1e-3,

@@ -16,12 +16,12 @@ from workers.compress.finetune import (
     Distiller,
     distillation_kind,
     distiller,
-    fine_tune,
     fine_tune_graph,
     held_back,
     mean_cosine,
 )
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
+from workers.compress.search import Compressor
 from workers.errors import InputError
 from workers.evaluate.data import EvalData
 from workers.graph.executor import Executor
@@ -305,8 +305,9 @@ def test_held_back_rows_are_a_seeded_disjoint_share_with_their_labels() -> None:
 
 def test_after_reconstruction_fine_tuning_still_moves_the_weights() -> None:
     """Reconstruction fits each layer to the calibration inputs (eval_data); fine-tuning picks
-    its epoch on held-back training rows, so it does not hand back the reconstructed weights
-    merely because they fit the calibration inputs best."""
+    its epoch on held-back training rows (Compressor splits them once for every candidate), so
+    it does not hand back the reconstructed weights merely because they fit the calibration
+    inputs best."""
     rng = np.random.default_rng(0)
     model = conv_net(rng)
     calibration, train, held_out = (
@@ -316,12 +317,17 @@ def test_after_reconstruction_fine_tuning_still_moves_the_weights() -> None:
         sparsity=0.8,
         criterion="activation",
         reconstruct=True,
+        encoding="dense",
         fine_tune={"epochs": 15, "learning_rate": 0.01, "batch_size": 32},
     )
-    outcome, _ = prune_calibrated(copy_model(model), params, [{"x": calibration}])
-    reconstructed = copy_model(outcome.model)
+    reconstructed, _ = prune_calibrated(copy_model(model), params, [{"x": calibration}])
     training = EvalData([{"x": train}], None)
-    report = fine_tune(model, outcome, params, training, EvalData([{"x": calibration}], None))
+    # as a prune job runs it: eval_data calibrates, train_data fine-tunes
+    compressor = Compressor(
+        model, model.SerializeToString(), EvalData([{"x": calibration}], None), params, training
+    )
+    candidate = compressor.candidate(params)
+    outcome, report = candidate.outcome, candidate.training
     # the epoch kept was the best on the held-back training rows, not on the calibration rows
     spared = held_back(training, HELD_BACK)[1].runs[0]["x"]
     on_spared, on_calibration = (
@@ -334,6 +340,6 @@ def test_after_reconstruction_fine_tuning_still_moves_the_weights() -> None:
     assert max(report.validation) == pytest.approx(on_spared, abs=1e-4)
     assert max(report.validation) != pytest.approx(on_calibration, abs=1e-4)
     teacher = softened({"y": ort_output(model, held_out)}, 2.0)
-    before = mean_cosine(softened({"y": ort_output(reconstructed, held_out)}, 2.0), teacher)
+    before = mean_cosine(softened({"y": ort_output(reconstructed.model, held_out)}, 2.0), teacher)
     after = mean_cosine(softened({"y": ort_output(outcome.model, held_out)}, 2.0), teacher)
     assert after > before + 0.005, (before, after)

@@ -54,11 +54,6 @@ def fine_tune(
     """
     settings = params.fine_tune
     assert settings is not None
-    if params.calibrated:
-        # eval_data calibrated the pruning and reconstruction fitted the layers to it: judged
-        # there, the weights fine-tuning starts from always look best and come back unchanged
-        train, spared = held_back(train, HELD_BACK)
-        validation = spared if spared is not None else train
     try:
         mlp = read_mlp(outcome.model)
     except UnsupportedModelError:  # not an MLP chain: the general executor, by distillation
@@ -223,6 +218,19 @@ def class_output(
 
 def mean_cosine(outputs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> float:
     return float(np.mean([METRICS["cosine"].score(outputs[n], t) for n, t in targets.items()]))
+
+
+def tuning_data(
+    params: PruneParams, train: EvalData, evaluation: EvalData | None
+) -> tuple[EvalData, EvalData | None]:
+    """(training, validation) data for fine-tuning: train_data and eval_data, except when
+    pruning was calibrated on eval_data: reconstruction fitted the layers to it, so judged
+    there the weights fine-tuning starts from always look best and come back unchanged; then
+    a seeded HELD_BACK share of train_data is the validation instead."""
+    if not params.calibrated:
+        return train, evaluation
+    rest, spared = held_back(train, HELD_BACK)
+    return rest, spared if spared is not None else rest
 
 
 def held_back(data: EvalData, share: float) -> tuple[EvalData, EvalData | None]:

@@ -27,7 +27,7 @@ from schemas.report import (
 )
 from schemas.vocabulary import Encoding, Granularity
 from workers.compress.calibrated import prune_calibrated
-from workers.compress.finetune import fine_tune
+from workers.compress.finetune import fine_tune, tuning_data
 from workers.compress.prune import PruneOutcome, copy_model, prune_model
 from workers.errors import UnsupportedModelError, cut_list
 from workers.evaluate.data import EvalData
@@ -154,7 +154,10 @@ class Compressor:
         self.model = model
         self.evaluation = evaluation
         self.params = params
-        self.train = train
+        # fine-tuning's data, split once for every candidate
+        self.train, self.validation = (
+            tuning_data(params, train, evaluation) if train is not None else (None, evaluation)
+        )
         self.original: Outputs | None = None
         self.scoring: Scoring | None = None
         if evaluation is not None:
@@ -204,7 +207,7 @@ class Compressor:
         training = None
         if params.fine_tune is not None:  # after reconstruction: it starts from those weights
             assert self.train is not None
-            training = fine_tune(self.model, outcome, params, self.train, self.evaluation, on_epoch)
+            training = fine_tune(self.model, outcome, params, self.train, self.validation, on_epoch)
         assert params.encoding is not None
         if params.encoding != "auto":
             encoded = self._encoded(outcome, params.encoding)
