@@ -14,6 +14,7 @@ from schemas.vocabulary import Activation, Head, ModelType, Task
 from workers.compress.finetune import fine_tune
 from workers.compress.prune import (
     PruneOutcome,
+    copy_model,
     float_param_count,
     float_params,
     layer_report,
@@ -248,12 +249,13 @@ def _structured(outcome: TrainOutcome, params: TrainParams) -> TrainOutcome:
         fine_tune=settings,
     )
     original = parse_model(outcome.dense_onnx)
-    structured = prune_model(parse_model(outcome.dense_onnx), prune_params)
-    split = outcome.split
-    labels = outcome.classes if outcome.classes is not None else None
+    structured = prune_model(copy_model(original), prune_params)
+    split, classes = outcome.split, outcome.classes
 
     def data(x: np.ndarray, y: np.ndarray) -> EvalData:
-        return EvalData([{"X": x.astype(np.float32)}], labels[y] if labels is not None else y[:, 0])
+        """Rows as the exported model takes them, labels as its outputs name them."""
+        labels = classes[y] if classes is not None else y[:, 0]  # class values, or targets
+        return EvalData([{"X": x.astype(np.float32)}], labels)
 
     retraining = fine_tune(
         original, structured, prune_params, data(split.x_train, split.y_train),
