@@ -97,6 +97,16 @@ METHODS: list[tuple[str, dict]] = [
 ]
 
 
+def scratch() -> Path:
+    """A directory for a Compressor's candidate files, removed when the benchmark ends."""
+    directory = tempfile.TemporaryDirectory(prefix="clipprune-frontier-")
+    SCRATCH.append(directory)  # held, so it lives until exit
+    return Path(directory.name)
+
+
+SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
 def npz(features: np.ndarray, labels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, X=features.astype(np.float32), y=labels)
@@ -169,7 +179,9 @@ class Row:
 
 def table(name: str, model: bytes, train: bytes, held_out: bytes, task: str) -> list[Row]:
     validation, test = halves(held_out)
-    judge = Compressor(parse_model(model), model, test, PruneParams(sparsity=0.0, task=task), None)
+    judge = Compressor(
+        parse_model(model), model, test, PruneParams(sparsity=0.0, task=task), None, scratch()
+    )
     print(
         f"\n{name}: original {len(model):,} bytes; eval_data {len(test.labels)} held-out rows, "
         f"test the other {len(test.labels)}"
@@ -327,9 +339,9 @@ def held_out_score(
     parsed = parse_model(model)
     prune = PruneParams.model_validate(params)
     started = time.perf_counter()
-    candidate = Compressor(parsed, model, calibration, prune, None).candidate(prune)
+    candidate = Compressor(parsed, model, calibration, prune, None, scratch()).candidate(prune)
     seconds = time.perf_counter() - started
-    accuracy = Compressor(parsed, model, held_out, prune, None).measure(candidate.data)
+    accuracy = Compressor(parsed, model, held_out, prune, None, scratch()).measure(candidate.path)
     assert accuracy is not None
     scores = {score.name: score for score in accuracy.outputs}
     chosen = scores[output] if output is not None else accuracy
@@ -574,14 +586,13 @@ def judged(
     files on the held-out inputs (output `output`, else the deciding one)."""
     prune = PruneParams.model_validate({**params, "encoding": "dense"})
     started = time.perf_counter()
-    compressor = Compressor(parse_model(model), model, calibration, prune, train)
+    compressor = Compressor(parse_model(model), model, calibration, prune, train, scratch())
     candidate = compressor.candidate(prune)
     seconds = time.perf_counter() - started
     quantized, _ = encode(candidate.outcome.model, "int8", candidate.outcome.pruned)
-    dense_score, int8_score = (
-        output_score(held_out, data, output) for data in (candidate.data, quantized)
-    )
-    return Judged(label, len(candidate.data), dense_score, len(quantized), int8_score, seconds)
+    dense = candidate.path.read_bytes()
+    dense_score, int8_score = (output_score(held_out, data, output) for data in (dense, quantized))
+    return Judged(label, len(dense), dense_score, len(quantized), int8_score, seconds)
 
 
 def output_score(judge: Compressor, data: bytes, output: str | None) -> float:
@@ -647,7 +658,7 @@ def conv_section() -> bool:
     base = {"task": "classification"}
     held_out = Compressor(
         parse_model(model), model, EvalData([{"X": x_test}], y_test),
-        PruneParams.model_validate({**base, "sparsity": 0.0}), None,
+        PruneParams.model_validate({**base, "sparsity": 0.0}), None, scratch(),
     )  # fmt: skip
     calibration = EvalData(
         [{"X": x_train[:GRAPH_CALIBRATION_ROWS]}], y_train[:GRAPH_CALIBRATION_ROWS]
@@ -717,7 +728,7 @@ def transformer_section() -> bool:
     model = model_bytes("minilm")
     base = {"metric": "cosine", "sparsity": 0.5}
     held_out = Compressor(
-        parse_model(model), model, held_out_data, PruneParams.model_validate(base), None
+        parse_model(model), model, held_out_data, PruneParams.model_validate(base), None, scratch()
     )
     rows = [
         judged(label, model, calibration, train, held_out, {**base, **params}, "461")

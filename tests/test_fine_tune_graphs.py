@@ -2,6 +2,8 @@
 unlabelled inputs brings a pruned conv net and transformer layer back towards the original,
 pruned weights stay exactly zero, shapes stay, and onnxruntime runs the result."""
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -303,7 +305,7 @@ def test_held_back_rows_are_a_seeded_disjoint_share_with_their_labels() -> None:
     assert held_back(EvalData([{"x": x[:3]}], None), 0.1)[1] is None  # no row to spare
 
 
-def test_after_reconstruction_fine_tuning_still_moves_the_weights() -> None:
+def test_after_reconstruction_fine_tuning_still_moves_the_weights(tmp_path: Path) -> None:
     """Reconstruction fits each layer to the calibration inputs (eval_data); fine-tuning picks
     its epoch on held-back training rows (Compressor splits them once for every candidate), so
     it does not hand back the reconstructed weights merely because they fit the calibration
@@ -324,7 +326,12 @@ def test_after_reconstruction_fine_tuning_still_moves_the_weights() -> None:
     training = EvalData([{"x": train}], None)
     # as a prune job runs it: eval_data calibrates, train_data fine-tunes
     compressor = Compressor(
-        model, model.SerializeToString(), EvalData([{"x": calibration}], None), params, training
+        model,
+        model.SerializeToString(),
+        EvalData([{"x": calibration}], None),
+        params,
+        training,
+        tmp_path,
     )
     candidate = compressor.candidate(params)
     outcome, report = candidate.outcome, candidate.training

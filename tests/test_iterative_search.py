@@ -2,6 +2,8 @@
 defaults that reach issue 17's frontier: each sparsity starts from the fine-tuned candidate of the
 highest sparsity that met the bound, and the report still speaks of the original model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import run, weights
@@ -17,7 +19,7 @@ ORIGINAL_SHAPES = [[64, 300], [300, 100], [100, 10]]
 QUICK = {"epochs": 5}  # enough to move the weights; the tests below are about shapes and masks
 
 
-def compressor(digits_300_100, **params) -> Compressor:
+def compressor(digits_300_100, scratch: Path, **params) -> Compressor:
     model, (x_train, y_train), (x_test, y_test) = digits_300_100
     return Compressor(
         model,
@@ -25,13 +27,14 @@ def compressor(digits_300_100, **params) -> Compressor:
         EvalData([{"X": x_test}], y_test),
         PruneParams(sparsity=0.5, encoding="dense", fine_tune=QUICK, **params),
         EvalData([{"X": x_train}], y_train),
+        scratch,
     )
 
 
 def test_structured_candidate_pruned_further_has_the_one_shot_shapes_reported_against_the_original(
-    digits_300_100,
+    digits_300_100, tmp_path
 ):
-    pruning = compressor(digits_300_100, granularity="structured")
+    pruning = compressor(digits_300_100, tmp_path, granularity="structured")
     half = pruning.candidate(pruning.params)
     three_quarters = revalidated(pruning.params, sparsity=0.75)
     further = pruning.candidate(three_quarters, start=Start(0.5, half))
@@ -56,15 +59,17 @@ def test_structured_candidate_pruned_further_has_the_one_shot_shapes_reported_ag
     )
     assert note in further.notes
     # it starts from the fine-tuned weights, not the original's: the surviving neurons differ
-    first = [weights(item.data)["coefficient"] for item in (further, one_shot)]
+    first = [weights(item.path.read_bytes())["coefficient"] for item in (further, one_shot)]
     assert not np.array_equal(*first)
 
 
-def test_unstructured_candidate_pruned_further_keeps_every_zero_of_its_start(digits_300_100):
-    pruning = compressor(digits_300_100)
+def test_unstructured_candidate_pruned_further_keeps_every_zero_of_its_start(
+    digits_300_100, tmp_path
+):
+    pruning = compressor(digits_300_100, tmp_path)
     half = pruning.candidate(pruning.params)
     further = pruning.candidate(revalidated(pruning.params, sparsity=0.8), start=Start(0.5, half))
-    before, after = weights(half.data), weights(further.data)
+    before, after = weights(half.path.read_bytes()), weights(further.path.read_bytes())
     for name, start in before.items():
         assert np.all(after[name][start == 0] == 0)  # the masks nest
         assert np.mean(after[name] == 0) == pytest.approx(0.8, abs=1e-3)

@@ -9,6 +9,7 @@ from helpers import run
 
 from schemas import PruneParams
 from workers.jobs import run_prune_job
+from workers.jobs.files import CANDIDATES_DIR
 
 
 def stage(job_dir: Path, model: bytes, evaluate=None, train=None) -> None:
@@ -47,6 +48,25 @@ def test_the_search_never_returns_a_model_that_breaks_the_bound(job_dir, digits_
     x_test, y_test = held_out
     labels, _ = run((job_dir / "model.onnx").read_bytes(), {"X": x_test})
     assert np.mean(labels == y_test) == pytest.approx(report.accuracy.compressed)
+
+
+def test_a_search_keeps_one_candidate_file_on_disk_and_leaves_none(job_dir, digits_300_100):
+    """Candidates are judged as files: every one but the best so far is deleted as the search
+    goes (a large model's search would otherwise fill the disk), and none outlives the job."""
+    model, _, held_out = digits_300_100
+    stage(job_dir, model.SerializeToString(), evaluate=held_out)
+    scratch = job_dir / CANDIDATES_DIR
+    on_disk: list[list[str]] = []
+
+    def watch(stage: str, fraction: float) -> None:
+        if stage.startswith("candidate"):
+            on_disk.append(sorted(path.name for path in scratch.iterdir()))
+
+    report = run_prune_job(job_dir, PruneParams(max_accuracy_drop=0.02), watch)
+    assert len(on_disk) >= 5 and on_disk[0] == []
+    assert all(len(names) <= 1 for names in on_disk)
+    assert any(on_disk) and not scratch.exists()
+    assert (job_dir / "model.onnx").stat().st_size == report.size.compressed_bytes
 
 
 def test_a_bound_no_sparsity_meets_returns_the_original_model(job_dir):

@@ -12,6 +12,7 @@ met the bound, so every step repairs only the damage of its own cut.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from onnx import ModelProto
 
@@ -32,8 +33,8 @@ from workers.compress.prune import PruneOutcome, copy_model, prune_model
 from workers.errors import UnsupportedModelError, cut_list
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import Scoring, loss, plan_scoring, score_outputs
-from workers.evaluate.runtime import Outputs, run, session
-from workers.graph.encoding import encode
+from workers.evaluate.runtime import ModelSource, Outputs, run, session
+from workers.graph.encoding import encode_file
 from workers.graph.weights import find_weights
 from workers.nn.fit import EpochProgress
 
@@ -63,9 +64,14 @@ class Encoded:
     """One file a candidate was written as, and how it scored (None: not measured)."""
 
     encoding: Encoding
-    data: bytes
+    path: Path
+    size: int
     accuracy: AccuracyReport | None
     notes: list[str] = field(default_factory=list)
+
+    def discard(self) -> None:
+        """Delete the file: it can no longer be the one returned (its size stays known)."""
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -79,8 +85,12 @@ class Candidate:
     calibration: CalibrationReport | None = None
 
     @property
-    def data(self) -> bytes:
-        return self.chosen.data
+    def path(self) -> Path:
+        return self.chosen.path
+
+    def discard(self) -> None:
+        for item in self.tried:
+            item.discard()
 
     @property
     def notes(self) -> list[str]:
@@ -141,17 +151,22 @@ def iterative_note(sparsity: float, groups: list[GroupReport] | None) -> str:
 
 class Compressor:
     """Everything a candidate needs that does not change between candidates. `evaluation` (the
-    eval data; also fine-tuning's validation) None: candidates are not measured."""
+    eval data; also fine-tuning's validation) None: candidates are not measured. Candidates are
+    written as files into `scratch`, as they would be returned: onnxruntime reads them from
+    there, and a large model's encodings are never held in memory."""
 
     def __init__(
         self,
         model: ModelProto,
-        original: bytes,
+        original: ModelSource,
         evaluation: EvalData | None,
         params: PruneParams,
         train: EvalData | None,
+        scratch: Path,
     ) -> None:
         self.model = model
+        self.scratch = scratch
+        self.files = 0
         self.evaluation = evaluation
         self.params = params
         # fine-tuning's data, split once for every candidate
@@ -166,12 +181,13 @@ class Compressor:
                 self.original, evaluation.labels, params.metric, params.task
             )
 
-    def measure(self, data: bytes) -> AccuracyReport | None:
+    def measure(self, model: ModelSource) -> AccuracyReport | None:
         """The file's outputs on the eval inputs, scored against the original's."""
         if self.evaluation is None:
             return None
         assert self.original is not None and self.scoring is not None
-        return score_outputs(self.scoring, self.original, run(session(data), self.evaluation.runs))
+        outputs = run(session(model), self.evaluation.runs)
+        return score_outputs(self.scoring, self.original, outputs)
 
     def candidate(
         self,
@@ -219,17 +235,22 @@ class Compressor:
             except UnsupportedModelError as exc:  # int8 on weights the quantizer cannot take
                 outcome.notes.append(f"encoding auto: {encoding} not possible: {exc}")
         meeting = [item for item in tried if bound is None or self.meets(item.accuracy, bound)]
-        chosen = min(meeting or tried, key=lambda item: len(item.data))
+        chosen = min(meeting or tried, key=lambda item: item.size)
         chosen.notes.append(
             "encoding auto: "
-            + ", ".join(f"{item.encoding} {len(item.data)} B" for item in tried)
+            + ", ".join(f"{item.encoding} {item.size} B" for item in tried)
             + f"; {chosen.encoding} kept"
         )
+        for item in tried:  # a search only ever returns a candidate's chosen file
+            if item is not chosen:
+                item.discard()
         return Candidate(outcome, chosen, tried, training, calibration)
 
     def _encoded(self, outcome: PruneOutcome, encoding: Encoding) -> Encoded:
-        data, notes = encode(outcome.model, encoding, outcome.pruned)
-        return Encoded(encoding, data, self.measure(data), notes)
+        self.files += 1
+        path = self.scratch / f"candidate-{self.files}.{encoding}.onnx"
+        notes = encode_file(outcome.model, encoding, outcome.pruned, path)
+        return Encoded(encoding, path, path.stat().st_size, self.measure(path), notes)
 
     def meets(self, accuracy: AccuracyReport | None, bound: float) -> bool:
         return accuracy is not None and loss(accuracy) <= bound + TOLERANCE
@@ -269,6 +290,12 @@ def search(
         meets = compressor.meets(tried[sparsity].chosen.accuracy, bound)
         if meets:
             met.append(sparsity)
+        # The best file so far can only be beaten, never come back: the others go now, so a
+        # large model's search holds one file on disk beside the one being judged.
+        best = best_file(compressor, tried, bound)
+        for candidate in tried.values():
+            if best is None or candidate.chosen is not best[1]:
+                candidate.chosen.discard()
         return meets
 
     # Up the grid until SEARCH_PATIENCE sparsities in a row miss: fine-tuning makes the metric
@@ -290,29 +317,40 @@ def search(
                 passed = middle
             else:
                 failed = middle
-    meeting = [
-        (len(item.data), -sparsity, sparsity, item)
-        for sparsity, candidate in tried.items()
-        for item in candidate.tried
-        if compressor.meets(item.accuracy, bound)
-    ]
-    best = min(meeting, key=lambda entry: entry[:2]) if meeting else None
+    best = best_file(compressor, tried, bound)
     points = [
         SweepPoint(
             sparsity=sparsity,
             metric=item.accuracy.compressed if item.accuracy else float("nan"),
             encoding=item.encoding,
-            bytes=len(item.data),
-            chosen=best is not None and item is best[3],
+            bytes=item.size,
+            chosen=best is not None and item is best[1],
         )
         for sparsity, candidate in sorted(tried.items())
         for item in candidate.tried
     ]
     if best is None:
         return None, None, points
-    candidate = tried[best[2]]
-    candidate.chosen = best[3]
-    return candidate, best[2], points
+    sparsity, chosen = best
+    tried[sparsity].chosen = chosen
+    return tried[sparsity], sparsity, points
+
+
+def best_file(
+    compressor: Compressor, tried: dict[float, Candidate], bound: float
+) -> tuple[float, Encoded] | None:
+    """The smallest file that meets the bound (the higher sparsity among equal sizes), and its
+    sparsity; None when none does."""
+    meeting = [
+        (item.size, -sparsity, sparsity, item)
+        for sparsity, candidate in tried.items()
+        for item in candidate.tried
+        if compressor.meets(item.accuracy, bound)
+    ]
+    if not meeting:
+        return None
+    *_, sparsity, item = min(meeting, key=lambda entry: entry[:2])
+    return sparsity, item
 
 
 def sensitivity(
@@ -339,7 +377,9 @@ def sensitivity(
                 encoding="dense",
                 fine_tune=None,
             )
-            accuracy = compressor.candidate(params, only=name).chosen.accuracy
+            scanned = compressor.candidate(params, only=name)
+            scanned.discard()
+            accuracy = scanned.chosen.accuracy
             assert accuracy is not None
             points.append(
                 SensitivityPoint(name=name, sparsity=sparsity, metric=accuracy.compressed)

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
@@ -62,12 +62,22 @@ def encode(model: ModelProto, encoding: Encoding, pruned: set[str]) -> tuple[byt
 
     `pruned` names the weights that pruning touched: only those are stored sparse.
     """
-    return ENCODERS[encoding](model, pruned)
+    written, notes = ENCODERS[encoding](model, pruned)
+    return streamed(written), notes
 
 
-def dense(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+def encode_file(model: ModelProto, encoding: Encoding, pruned: set[str], path: Path) -> list[str]:
+    """`encode` written to `path` as it is made: the file is never held in memory, which for a
+    large model is the size of the model once more."""
+    written, notes = ENCODERS[encoding](model, pruned)
+    with path.open("wb") as out:
+        write_streamed(written, out)
+    return notes
+
+
+def dense(model: ModelProto, pruned: set[str]) -> tuple[ModelProto, list[str]]:
     """Zeros kept in place: the file is as large as the original, and gzips well."""
-    return streamed(model), []
+    return model, []
 
 
 # --- streaming serialization ------------------------------------------------------------------
@@ -159,7 +169,7 @@ def _parts(message: Message) -> list[_Part]:
     return parts
 
 
-def _write(part: _Part, out: io.BytesIO) -> None:
+def _write(part: _Part, out: BinaryIO) -> None:
     if isinstance(part, bytes):
         out.write(part)
     elif isinstance(part, _Deferred):
@@ -170,14 +180,19 @@ def _write(part: _Part, out: io.BytesIO) -> None:
             _write(inner, out)
 
 
-def streamed(model: ModelProto) -> bytes:
-    """The bytes serialize(model) returns, written one initializer at a time: serializing a
-    model whole holds it twice over beside the model (protobuf's buffer and the bytes), this
-    holds the bytes and one initializer's data. That data is read twice (its length, then its
+def write_streamed(model: ModelProto, out: BinaryIO) -> None:
+    """The bytes serialize(model) returns, written to `out` one initializer at a time:
+    serializing a model whole holds it twice over beside the model (protobuf's buffer and the
+    bytes), this holds one initializer's data. That data is read twice (its length, then its
     bytes), which costs less than the copy it saves."""
-    out = io.BytesIO()
     for part in _parts(model):
         _write(part, out)
+
+
+def streamed(model: ModelProto) -> bytes:
+    """write_streamed into memory: the bytes, and one initializer's data beside them."""
+    out = io.BytesIO()
+    write_streamed(model, out)
     # getvalue() hands over BytesIO's own buffer (grown in place by realloc), not a copy
     return out.getvalue()
 
@@ -278,7 +293,7 @@ def _to_sparse(graph: GraphProto, pruned: set[str], outcome: SparseOutcome) -> N
         del graph.initializer[position]
 
 
-def sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+def sparse(model: ModelProto, pruned: set[str]) -> tuple[ModelProto, list[str]]:
     """Pruned weights as ONNX sparse_initializer (COO), where that is smaller; pruned weights
     held in Constant nodes are hoisted into initializers first."""
     model = hoisted_copy(model, pruned)  # leave the caller's model dense
@@ -295,7 +310,7 @@ def sparse(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
     for slot in all_float_constants(model):
         if slot.name in pruned and slot.name not in met:
             left.setdefault(_sparse_unreached(slot, model), []).append(slot.name)
-    return serialize(model), _reason_notes(left)
+    return model, _reason_notes(left)
 
 
 def _sparse_unreached(slot: WeightSlot, model: ModelProto) -> str:
@@ -493,7 +508,7 @@ def _sort_topologically(model: ModelProto) -> ModelProto:
     return model
 
 
-def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+def int8(model: ModelProto, pruned: set[str]) -> tuple[ModelProto, list[str]]:
     """onnxruntime's dynamic quantization of the pruned model (float32 weights only): the
     weights of MatMul, Gemm (rewritten to MatMul by the quantizer) and Conv, wherever they sit."""
     _require_float32_weights(model)
@@ -508,7 +523,7 @@ def int8(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
         *_unquantized_notes(quantized, weights),
         *_float_left(quantized.model, weights),
     ]
-    return serialize(compact(quantized.model)), notes
+    return compact(quantized.model), notes
 
 
 # A note is worth it when tensors the quantizer does not take hold this share of the file.
@@ -640,7 +655,7 @@ def _halve_in_graph(graph: GraphProto, taken: set[str], left: dict[str, list[str
         graph.node.extend(nodes)
 
 
-def float16(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
+def float16(model: ModelProto, pruned: set[str]) -> tuple[ModelProto, list[str]]:
     """Weights at half the bytes and a relative error near 5e-4, computation unchanged: the
     encoding that shrinks a model whose int8 error is too large (conv nets, whose activations
     the dynamic quantizer rounds too)."""
@@ -655,7 +670,7 @@ def float16(model: ModelProto, pruned: set[str]) -> tuple[bytes, list[str]]:
     for graph, _ in iter_graphs(work.graph):
         _halve_in_graph(graph, taken, left)
     notes = [FLOAT16_NOTE.format(size=FLOAT16_MIN_ELEMENTS), *_reason_notes(left)]
-    return serialize(work), notes
+    return work, notes
 
 
 def _names(graph: GraphProto) -> set[str]:
@@ -668,7 +683,8 @@ def _names(graph: GraphProto) -> set[str]:
     return names
 
 
-ENCODERS: dict[Encoding, Callable[[ModelProto, set[str]], tuple[bytes, list[str]]]] = {
+# Each returns the model to write (the caller's own, or a changed copy) and its notes.
+ENCODERS: dict[Encoding, Callable[[ModelProto, set[str]], tuple[ModelProto, list[str]]]] = {
     "dense": dense,
     "sparse": sparse,
     "int8": int8,

@@ -4,7 +4,6 @@ A model comes from another service, so it is parsed from bytes only, never allow
 files (external data), checked by onnx's checker, and capped in size before any tensor is read.
 """
 
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -450,10 +449,6 @@ def _check_domains(model: ModelProto) -> None:
 
 def serialize(model: ModelProto) -> bytes:
     return model.SerializeToString()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def opsets(model: ModelProto) -> dict[str, int]:

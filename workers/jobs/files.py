@@ -16,6 +16,8 @@ EVAL_DATA = "eval_data"
 TRAIN_DATA = "train_data"
 MODEL_OUT = "model.onnx"
 REPORT_OUT = "report.json"
+# The files a prune job writes and judges on its way to the one it returns; gone when it ends.
+CANDIDATES_DIR = ".candidates"
 
 
 @contextmanager

@@ -1,5 +1,7 @@
 """The prune job: prune a model, optionally fine-tune, search or scan, and report."""
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +27,23 @@ from workers.evaluate.runtime import ModelSource, NotMeasurable, generated_runs,
 from workers.graph.load import parse_model, serialize
 from workers.graph.walk import drop_unused_initializers
 from workers.jobs.advice import Facts
-from workers.jobs.files import EVAL_DATA, INPUT_DIR, MODEL_IN, TRAIN_DATA, upload_field
+from workers.jobs.files import (
+    CANDIDATES_DIR,
+    EVAL_DATA,
+    INPUT_DIR,
+    MODEL_IN,
+    TRAIN_DATA,
+    upload_field,
+)
 from workers.jobs.memory import prune_peak_bytes, require_memory
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import (
+    STAGED_MODEL,
     finish_report,
     latency_pair,
     onnx_report,
     score_pair,
     size_report,
-    stage_model,
 )
 
 
@@ -51,15 +60,13 @@ class Reference:
     def source(self) -> ModelSource:
         return self.cleaned if self.cleaned is not None else self.path
 
-    def read(self) -> bytes:
-        return self.cleaned if self.cleaned is not None else self.path.read_bytes()
-
 
 @dataclass
 class Compressed:
-    """What the report needs of the compression beside the file, once the models it made are
-    let go."""
+    """The file chosen, and what the report needs of the compression beside it, once the models
+    it made are let go."""
 
+    path: Path
     accuracy: AccuracyReport | None
     layers: list[LayerReport]
     groups: list[GroupReport] | None
@@ -109,18 +116,23 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
-    data, compressed = compress(model, reference, validation, params, train, progress)
+    scratch = job_dir / CANDIDATES_DIR
+    scratch.mkdir()
+    try:
+        model_out = job_dir / STAGED_MODEL
+        compressed = compress(model, reference, validation, params, train, progress, scratch)
+        os.replace(compressed.path, model_out)
+    finally:
+        shutil.rmtree(scratch)
     del model  # the parsed model, the pruned copy and the Compressor went with compress()
 
+    # From here on no Python copy of either model is held: the sizes and facts are read from
+    # the files, and onnxruntime reads both from them, which peaks lower than from bytes.
     progress("writing", 0.9)
     size = size_report(
-        reference.path.read_bytes(), data, compressed.params_before, compressed.nonzero_after
+        reference.path, model_out, compressed.params_before, compressed.nonzero_after
     )
-    onnx_facts = onnx_report(data)
-    model_out = stage_model(job_dir, data)
-    # From here on no Python copy of either model is held: onnxruntime reads both from their
-    # files, which peaks lower than from bytes (no copy of the bytes beside its own).
-    del data
+    onnx_facts = onnx_report(model_out)
 
     progress("evaluating", 0.95)
     latency, check = None, None
@@ -154,20 +166,19 @@ def compress(
     params: PruneParams,
     train: EvalData | None,
     progress: Progress,
-) -> tuple[bytes, Compressed]:
-    """The file to return: one candidate as asked, or the smallest that max_accuracy_drop
-    allows (the original itself when none does); with sensitivity, each layer's scan too."""
-    # The Compressor runs the original only to score candidates, which takes eval data.
-    original = reference.read() if validation is not None else b""
-    compressor = Compressor(model, original, validation, params, train)
-    del original
+    scratch: Path,
+) -> Compressed:
+    """The file to return, in `scratch`: one candidate as asked, or the smallest that
+    max_accuracy_drop allows (a copy of the original when none does); with sensitivity, each
+    layer's scan too."""
+    compressor = Compressor(model, reference.source, validation, params, train, scratch)
     notes: list[str] = []
     sweep = None
     if params.max_accuracy_drop is None:
         progress("pruning", 0.05)
         last = not params.sensitivity  # the scan prunes the original again, layer by layer
         chosen = compressor.candidate(params, epoch_progress(progress, 0.1, 0.6), last=last)
-        data, accuracy = chosen.data, chosen.chosen.accuracy
+        path, accuracy = chosen.path, chosen.chosen.accuracy
     else:
         found, sparsity, sweep = search(compressor, params.max_accuracy_drop, progress)
         if found is None:
@@ -175,14 +186,17 @@ def compress(
                 params, sparsity=0.0, max_accuracy_drop=None, fine_tune=None, encoding="dense"
             )
             chosen = compressor.candidate(keep)
-            data, accuracy = reference.path.read_bytes(), compressor.measure(reference.read())
+            chosen.discard()
+            path = scratch / MODEL_IN
+            shutil.copyfile(reference.path, path)
+            accuracy = compressor.measure(reference.source)
             notes.append(
                 f"search: no sparsity tried kept the metric within {params.max_accuracy_drop}; "
                 "the original model is returned unchanged"
             )
         else:
             chosen = found
-            data, accuracy = chosen.data, chosen.chosen.accuracy
+            path, accuracy = chosen.path, chosen.chosen.accuracy
             notes.append(
                 f"search: sparsity {sparsity} with encoding {chosen.chosen.encoding} is the "
                 f"smallest file tried whose metric drops by at most {params.max_accuracy_drop} "
@@ -199,7 +213,8 @@ def compress(
             "inputs, so hold out rows of your own to judge the model on unseen ones"
         )
     _, nonzero_after = float_params(chosen.outcome.model)
-    return data, Compressed(
+    return Compressed(
+        path=path,
         accuracy=accuracy,
         layers=chosen.outcome.layers,
         groups=chosen.outcome.groups,

@@ -1,7 +1,9 @@
 """Report assembly shared by the job kinds: sizes, the ONNX facts, the two models evaluated
 side by side, and the files a finished job leaves."""
 
+import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -13,7 +15,7 @@ from schemas.vocabulary import MetricChoice, Task
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import plan_scoring, score_outputs
 from workers.evaluate.runtime import Feeds, ModelSource, latency, run, session
-from workers.graph.load import opsets, sha256
+from workers.graph.load import opsets
 from workers.jobs.advice import Facts, advise
 from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
 from workers.jobs.progress import Progress
@@ -26,22 +28,36 @@ GZIP_WBITS = 31  # deflate in a gzip wrapper (header and CRC), as `gzip` writes
 GZIP_CHUNK = 1 << 24  # compressed piece by piece: only the count is kept, never the output
 
 
-def gzip_size(data: bytes) -> int:
-    """Bytes of `data` as a gzip file, counted without holding the compressed copy."""
+def pieces(model: ModelSource) -> Iterator[bytes | memoryview]:
+    """The model's bytes in GZIP_CHUNK pieces, read from its file one at a time."""
+    if isinstance(model, Path):
+        with model.open("rb") as file:
+            while piece := file.read(GZIP_CHUNK):
+                yield piece
+        return
+    view = memoryview(model)
+    for start in range(0, len(view), GZIP_CHUNK):
+        yield view[start : start + GZIP_CHUNK]
+
+
+def source_size(model: ModelSource) -> int:
+    return model.stat().st_size if isinstance(model, Path) else len(model)
+
+
+def gzip_size(model: ModelSource) -> int:
+    """Bytes of the model as a gzip file, counted without holding the compressed copy."""
     deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, GZIP_WBITS)
-    view = memoryview(data)
-    size = sum(
-        len(deflate.compress(view[start : start + GZIP_CHUNK]))
-        for start in range(0, len(view), GZIP_CHUNK)
-    )
+    size = sum(len(deflate.compress(piece)) for piece in pieces(model))
     return size + len(deflate.flush())
 
 
-def size_report(original: bytes, compressed: bytes, params: int, nonzero: int) -> SizeReport:
+def size_report(
+    original: ModelSource, compressed: ModelSource, params: int, nonzero: int
+) -> SizeReport:
     return SizeReport(
-        original_bytes=len(original),
-        compressed_bytes=len(compressed),
-        ratio=len(original) / len(compressed),
+        original_bytes=source_size(original),
+        compressed_bytes=source_size(compressed),
+        ratio=source_size(original) / source_size(compressed),
         original_gzip_bytes=gzip_size(original),
         compressed_gzip_bytes=gzip_size(compressed),
         params=params,
@@ -50,22 +66,26 @@ def size_report(original: bytes, compressed: bytes, params: int, nonzero: int) -
     )
 
 
-def onnx_report(data: bytes) -> OnnxReport:
-    # The checker gets the bytes, which it parses in C++: given a ModelProto it would serialize
-    # a copy first. The facts are read before it runs, and the parsed model let go.
-    model = ModelProto.FromString(data)
-    ir_version, model_opsets = model.ir_version, opsets(model)
-    del model
+def onnx_report(model: ModelSource) -> OnnxReport:
+    # The checker gets the bytes or the file, which it parses in C++: given a ModelProto it
+    # would serialize a copy first. The facts are read before it runs, and the parsed model
+    # let go.
+    parsed = ModelProto.FromString(model.read_bytes() if isinstance(model, Path) else model)
+    ir_version, model_opsets = parsed.ir_version, opsets(parsed)
+    del parsed
     try:
-        onnx.checker.check_model(data)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
         checker = "passed"
     except onnx.checker.ValidationError as exc:
         checker = str(exc).strip().splitlines()[0]
+    digest = hashlib.sha256()
+    for piece in pieces(model):
+        digest.update(piece)
     return OnnxReport(
         ir_version=ir_version,
         opsets=model_opsets,
         checker=checker,
-        model_sha256=sha256(data),
+        model_sha256=digest.hexdigest(),
     )
 
 
@@ -92,17 +112,10 @@ def score_pair(
 STAGED_MODEL = ".model.onnx.unreported"
 
 
-def stage_model(job_dir: Path, model: bytes) -> Path:
-    """Write the compressed model where finish_report will put it in place; its path."""
-    path = job_dir / STAGED_MODEL
-    write_atomically(path, model)
-    return path
-
-
 def finish(job_dir: Path, model: bytes, report: Report, progress: Progress, facts: Facts) -> Report:
     """Write the model and its report, advice added to its notes, where the backend picks
     them up."""
-    stage_model(job_dir, model)
+    write_atomically(job_dir / STAGED_MODEL, model)
     return finish_report(job_dir, report, progress, facts)
 
 
