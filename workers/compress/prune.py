@@ -135,8 +135,8 @@ def prune_weights(
     )
     for slot, keep in zip(slots, masks, strict=True):  # slot i is written before i+1 is read
         if not keep.all():
-            array = slot.read()
-            slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
+            # the weight read is let go as soon as the pruned copy exists: one copy less held
+            slot.write(np.where(keep, slot.read(), np.zeros((), dtype=slot.dtype)))
             outcome.pruned.add(slot.name)
 
 

@@ -30,6 +30,9 @@ WEIGHT_ATTRIBUTES: dict[str, str] = {
     "LinearRegressor": "coefficients",
 }
 
+# Where a TensorProto may hold its values other than raw_data: a write clears them all.
+TYPED_DATA_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
 FLOAT_TYPES = frozenset(
     {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 )
@@ -45,6 +48,12 @@ class WeightSlot:
     graph: GraphProto  # the graph that stores it
     uses: list[NodeProto] = field(default_factory=list)  # nodes that take it as a weight
 
+    @property
+    def dtype(self) -> np.dtype:
+        if isinstance(self.holder, TensorProto):
+            return np.dtype(numpy_helper.helper.tensor_dtype_to_np_dtype(self.holder.data_type))
+        return np.dtype(np.float32)  # a float-list attribute
+
     def read(self) -> np.ndarray:
         if isinstance(self.holder, TensorProto):
             return numpy_helper.to_array(self.holder)
@@ -52,10 +61,13 @@ class WeightSlot:
 
     def write(self, array: np.ndarray) -> None:
         if isinstance(self.holder, TensorProto):
-            dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(self.holder.data_type)
-            self.holder.CopyFrom(
-                numpy_helper.from_array(array.astype(dtype, copy=False), self.holder.name)
-            )
+            # The values go straight into raw_data: building a whole TensorProto to copy over
+            # this one would hold the tensor once more, beside the copy the model keeps.
+            for typed in TYPED_DATA_FIELDS:
+                self.holder.ClearField(typed)
+            del self.holder.dims[:]
+            self.holder.dims.extend(array.shape)
+            self.holder.raw_data = array.astype(self.dtype, copy=False).tobytes()
         else:
             del self.holder.floats[:]
             self.holder.floats.extend(array.astype(np.float32).ravel().tolist())
