@@ -14,7 +14,7 @@ from schemas.report import AccuracyReport, LatencyReport, OnnxReport, Report, Si
 from schemas.vocabulary import MetricChoice, Task
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import plan_scoring, score_outputs
-from workers.evaluate.runtime import Feeds, ModelSource, latency, run, session
+from workers.evaluate.runtime import Feeds, ModelSource, latency, outputs
 from workers.graph.load import opsets
 from workers.jobs.advice import Facts, advise
 from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
@@ -102,9 +102,9 @@ def score_pair(
     task: Task,
 ) -> AccuracyReport:
     """Both models run on the same inputs, every output scored; one session at a time."""
-    reference = run(session(original), evaluation.runs)
+    reference = outputs(original, evaluation.runs)
     scoring = plan_scoring(reference, evaluation.labels, metric, task)
-    return score_outputs(scoring, reference, run(session(compressed), evaluation.runs))
+    return score_outputs(scoring, reference, outputs(compressed, evaluation.runs))
 
 
 # The compressed model while its report is made: onnxruntime reads it from here, and no
