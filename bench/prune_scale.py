@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from service.cli import with_huge_pages
+
 WIDTH, LAYERS = 4096, 4
 SETTINGS = {
     "global": {"sparsity": 0.9, "scope": "global"},
@@ -205,6 +207,8 @@ def service_1g() -> int:
 
 
 def main() -> int:
+    # As `clipprune` runs: the baseline and every setting inherit the same malloc tunable.
+    with_huge_pages()
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=sorted([*SETTINGS, "service-1g"]))
     args = parser.parse_args()

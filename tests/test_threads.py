@@ -4,8 +4,10 @@ job ran with (threadpoolctl's own report, read inside the worker)."""
 
 import json
 
+import psutil
 from server import accepted_id, submit, wait_for
 
+from service.cli import HUGE_PAGES_TUNABLE
 from service.settings import Settings, machine_cores
 
 
@@ -31,3 +33,18 @@ def test_the_default_shares_the_cores_between_the_workers():
     assert Settings(workers=2).worker_threads == max(1, cores // 2)
     assert Settings(workers=4 * cores).worker_threads == 1
     assert Settings(workers=2, worker_threads=3).worker_threads == 3
+
+
+def test_the_service_and_its_workers_put_large_blocks_on_huge_pages(make_server, digits_upload):
+    """The command line starts itself again with glibc's hugetlb tunable (service.cli), and
+    the workers the service forks inherit it; an operator's own GLIBC_TUNABLES would stand."""
+    server = make_server(workers=1)
+    with server.client() as client:  # a job run: the worker exists
+        job = wait_for(
+            client, accepted_id(submit(client, "prune", digits_upload, {"sparsity": 0.5}))
+        )
+        assert job["status"] == "succeeded", job
+    processes = [psutil.Process(server.process.pid), *server.job_processes()]
+    assert len(processes) == 2
+    for process in processes:
+        assert process.environ().get("GLIBC_TUNABLES") == HUGE_PAGES_TUNABLE
