@@ -33,7 +33,7 @@ from workers.compress.prune import PruneOutcome, copy_model, prune_model
 from workers.errors import UnsupportedModelError, cut_list
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import Scoring, loss, plan_scoring, score_outputs
-from workers.evaluate.runtime import ModelSource, Outputs, run, session
+from workers.evaluate.runtime import ModelSource, Outputs, outputs
 from workers.graph.encoding import encode_file
 from workers.graph.weights import find_weights
 from workers.nn.fit import EpochProgress
@@ -176,7 +176,7 @@ class Compressor:
         self.original: Outputs | None = None
         self.scoring: Scoring | None = None
         if evaluation is not None:
-            self.original = run(session(original), evaluation.runs)
+            self.original = outputs(original, evaluation.runs)
             self.scoring = plan_scoring(
                 self.original, evaluation.labels, params.metric, params.task
             )
@@ -186,8 +186,7 @@ class Compressor:
         if self.evaluation is None:
             return None
         assert self.original is not None and self.scoring is not None
-        outputs = run(session(model), self.evaluation.runs)
-        return score_outputs(self.scoring, self.original, outputs)
+        return score_outputs(self.scoring, self.original, outputs(model, self.evaluation.runs))
 
     def candidate(
         self,
