@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
 from workers import jobs
 from workers.errors import InputError
+from workers.jobs.memory import with_huge_pages
 
 P = TypeVar("P", bound=BaseModel)
 PARAM_FLAG = "param:"  # the dest prefix of the flags that set a params key
@@ -280,24 +280,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "worker": _worker,
     "ping-worker": _ping_worker,
 }
-
-
-# glibc's malloc puts the blocks it maps (every tensor-sized buffer) on transparent huge pages:
-# a 270 MB model's bytes are copied a dozen times on their way through a job, and each fresh
-# copy cost a page fault per 4 KiB. Measured on a 270 MB prune job: parsing 0.93 -> 0.53 s,
-# pruning 3.68 -> 2.45 s, encoding 0.70 -> 0.29 s (README "Pruning at scale"). Read by the
-# dynamic loader at process start only; a glibc before 2.35 ignores it.
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def with_huge_pages() -> None:
-    """Start this process again with HUGE_PAGES_TUNABLE (same pid, arguments, environment
-    besides), unless GLIBC_TUNABLES is already set: by this, or by an operator whose own
-    setting stands. Every process the command starts (the service's workers) inherits it."""
-    if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux"):
-        return
-    environment = {**os.environ, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
 
 
 def main(argv: list[str] | None = None) -> int:
