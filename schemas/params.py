@@ -75,27 +75,29 @@ class FineTuneParams(_Params):
         le=100,
         description="Distillation temperature T in (0, 100], default 2: the original's and the "
         "pruned model's class logits are softened by T before their KL divergence (times T², "
-        "Hinton et al. 2015); higher T weighs the small scores more. Graph path only (conv "
-        "nets, transformers: distillation from the original); the MLP fast path trains on the "
-        "labels and ignores it.",
+        "Hinton et al. 2015; a sigmoid's one logit as its two classes); higher T weighs the "
+        "small scores more. Both paths: conv nets and transformers, and the MLP fast path "
+        "when alpha < 1.",
     )
     alpha: float = Field(
         0.5,
         ge=0,
         le=1,
-        description="Share of the task loss in [0, 1], default 0.5: with class-index labels the "
-        "graph path minimises (1 - alpha) distillation + alpha cross-entropy on the labels; 0 "
-        "distils only, 1 trains on the labels only. The MLP fast path trains on the labels "
-        "alone and ignores it.",
+        description="Share of the task loss in [0, 1], default 0.5: with labels, fine-tuning "
+        "minimises (1 - alpha) distillation from the original + alpha the task loss on the "
+        "labels (cross-entropy; on the MLP fast path a regressor's squared error, distilled by "
+        "squared error to the original's outputs); 0 distils only, 1 trains on the labels only. "
+        "The graph path uses labels that are class indices for one class-score output.",
     )
     patience: int | None = Field(
         10,
         ge=1,
         le=1000,
         description="Early stopping, 1 to 1000 epochs or null, default 10: stop after this many "
-        "epochs without a better validation score (the metric on the MLP fast path; on the "
-        "graph path the cosine to the original, class logits as softened probabilities, a "
-        "gain of at least 0.001) and keep the best weights; null trains every epoch.",
+        "epochs without a better validation score (the cosine to the original, class logits "
+        "as softened probabilities, a gain of at least 0.001; on the MLP fast path with alpha "
+        "1 or a regressor, the metric on the labels) and keep the best weights; null trains "
+        "every epoch.",
     )
 
 

@@ -56,7 +56,8 @@ def test_ninety_percent_pruned_digits_mlp_recovers_within_one_and_a_half_points(
     clip = tuned.training.clip
     assert clip.mode == "global_norm" and 0 < clip.clipped_fraction <= 1
     assert clip.grad_norm_max >= clip.grad_norm_p50 > 0
-    assert len(tuned.training.loss) == 30 and tuned.training.metric == "accuracy"
+    # alpha < 1 (the default) distils from the original, and the epoch is picked by agreeing with it
+    assert len(tuned.training.loss) == 30 and tuned.training.metric == "cosine"
     # the fine-tuned file is the same graph with new numbers
     x_test, y_test = held_out
     labels, _ = run((tuned_dir / "model.onnx").read_bytes(), {"X": x_test})

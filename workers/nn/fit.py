@@ -3,17 +3,18 @@ gradual or one-shot pruning, early stopping, and the statistics the report shows
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from schemas.params import ClipParams, FineTuneParams, TrainParams
 from schemas.report import ClipStats, TrainingReport
-from schemas.vocabulary import Optimizer, PruneSchedule, Scope
+from schemas.vocabulary import Head, Optimizer, PruneSchedule, Scope
 from workers.errors import InputError
 from workers.nn.clipping import clip_gradients
 from workers.nn.masks import magnitude_masks
-from workers.nn.network import Network
+from workers.nn.network import HEADS, Loss, Network, distilled_loss
 from workers.nn.optimizers import OPTIMIZERS
 
 # Gradual pruning (Zhu & Gupta 2017) ramps sparsity up over this share of the epochs and
@@ -21,6 +22,7 @@ from workers.nn.optimizers import OPTIMIZERS
 GRADUAL_RAMP_SHARE = 0.75
 
 EpochProgress = Callable[[int, int], None]  # (epochs done, epochs in all)
+Validation = Callable[[np.ndarray], float]  # the validation rows' logits -> score, higher better
 
 
 TRAINING_ADVICE = (
@@ -51,6 +53,9 @@ class FitSettings:
     clip: ClipParams
     weight_decay: float = 0.0
     patience: int | None = None
+    # the gain in validation score over the last epoch that made one which resets the patience
+    # count (Keras' min_delta); smaller gains still pick the epoch kept
+    min_gain: float = 0.0
     prune: PruneTarget | None = None
 
     @classmethod
@@ -66,6 +71,29 @@ class FitSettings:
             clip=params.clip,
             prune=prune,
             **extra,
+        )
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A model to learn from beside the labels (Hinton et al. 2015): its logits on every training
+    row, computed once; the loss is (1 - alpha) distillation at `temperature` + alpha the
+    head's loss on the labels."""
+
+    logits: np.ndarray  # [rows, out], in the training rows' order
+    temperature: float
+    alpha: float
+
+    def loss(self, head: Head, batch: np.ndarray) -> Loss:
+        """The blended loss of the rows `batch` of the training data."""
+        rule = HEADS[head]
+        return partial(
+            distilled_loss,
+            rule.loss,
+            rule.distillation,
+            self.logits[batch],
+            self.temperature,
+            self.alpha,
         )
 
 
@@ -140,10 +168,14 @@ def fit(
     rng: np.random.Generator,
     masks: list[np.ndarray] | None = None,
     on_epoch: EpochProgress | None = None,
+    teacher: Teacher | None = None,
+    validate: Validation | None = None,
 ) -> History:
     """Train `network` in place on standardised inputs.
 
     `masks` (one per weight matrix, 1 keep / 0 pruned) hold pruned weights at zero throughout.
+    `teacher`: distil from its logits on x_train as well as learn y_train; None: the labels alone.
+    `validate`: scores the logits of x_val each epoch; None: the head's metric against y_val.
     """
     history = History()
     params = network.params
@@ -152,7 +184,7 @@ def fit(
     ramp = max(1, round(GRADUAL_RAMP_SHARE * settings.epochs))
     gradual = target is not None and target.schedule == "gradual"
     best: tuple[float, list[np.ndarray]] | None = None
-    since_best = 0
+    gained, since_gain = -np.inf, 0  # the last score that beat the one before by min_gain
     rows = len(x_train)
     for epoch in range(settings.epochs):
         if gradual and 0 < epoch <= ramp:
@@ -163,7 +195,8 @@ def fit(
         losses = []
         for start in range(0, rows, settings.batch_size):
             batch = order[start : start + settings.batch_size]
-            loss, grads = network.loss_and_grads(x_train[batch], y_train[batch])
+            loss_of = None if teacher is None else teacher.loss(network.head, batch)
+            loss, grads = network.loss_and_grads(x_train[batch], y_train[batch], loss_of)
             if masks is not None:
                 for g, mask in zip(network.weight_grads(grads), masks, strict=True):
                     g *= mask
@@ -182,15 +215,20 @@ def fit(
             apply_masks(network, masks)
             losses.append(loss)
         history.loss.append(float(np.mean(losses)))
-        history.validation.append(network.score(x_val, y_val))
+        history.validation.append(
+            network.score(x_val, y_val) if validate is None else validate(network.forward(x_val)[0])
+        )
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)
         if settings.patience is not None and (not gradual or epoch >= ramp):
-            if best is None or history.validation[-1] > best[0]:
-                best, since_best = (history.validation[-1], [p.copy() for p in params]), 0
+            score = history.validation[-1]
+            if best is None or score > best[0]:
+                best = (score, [p.copy() for p in params])
+            if score > gained + settings.min_gain:
+                gained, since_gain = score, 0
             else:
-                since_best += 1
-                if since_best >= settings.patience:
+                since_gain += 1
+                if since_gain >= settings.patience:
                     history.stopped_early = True
                     break
     if best is not None:

@@ -2,7 +2,9 @@
 
 Weights are [in, out] as in ONNX MatMul, biases [out]. The last layer's output goes through a
 head that is paired with its loss, so the gradient at the logits stays simple:
-softmax + cross-entropy, sigmoid + binary cross-entropy, identity + mean squared error.
+softmax + cross-entropy, sigmoid + binary cross-entropy, identity + mean squared error; and
+each head's distillation from a teacher's logits (Hinton et al. 2015), which fine-tuning blends
+with it.
 Inputs are standardised inside the model ((x - mean) * scale), so the exported ONNX file takes
 raw features.
 """
@@ -76,6 +78,62 @@ def squared_loss(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     return float(np.mean(diff * diff)), diff * (2 / diff.size)
 
 
+Loss = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]  # (logits, y) -> value, d/dz
+# (student, teacher, temperature) -> value, gradient at the student's output
+Distillation = Callable[[np.ndarray, np.ndarray, float], tuple[float, np.ndarray]]
+
+
+def mse_distillation(
+    student: np.ndarray, teacher: np.ndarray, _: float
+) -> tuple[float, np.ndarray]:
+    """Mean squared error to the teacher's output: embeddings, feature maps, regressions."""
+    diff = student - teacher
+    return float(np.mean(diff * diff)), diff * (2 / diff.size)
+
+
+def kl_distillation(
+    student: np.ndarray, teacher: np.ndarray, temperature: float
+) -> tuple[float, np.ndarray]:
+    """KL(teacher || student) of the class scores [N, C] softened by `temperature`, times T²
+    so the gradient's scale does not depend on T (Hinton et al. 2015)."""
+    log_q = log_softmax(student / temperature)  # [N, C]
+    log_p = log_softmax(teacher / temperature)
+    p = np.exp(log_p)
+    loss = float(np.sum(p * (log_p - log_q)) / len(student)) * temperature**2
+    grad = (np.exp(log_q) - p) * (temperature / len(student))
+    return loss, grad.astype(student.dtype, copy=False)
+
+
+def binary_kl_distillation(
+    student: np.ndarray, teacher: np.ndarray, temperature: float
+) -> tuple[float, np.ndarray]:
+    """kl_distillation of one logit z [N, 1]: a sigmoid is the softmax of the two logits (0, z),
+    so the same KL of those two classes, and the gradient at z alone."""
+    zero = np.zeros_like(student)
+    loss, grad = kl_distillation(
+        np.hstack([zero, student]), np.hstack([zero, teacher.astype(student.dtype)]), temperature
+    )
+    return loss, grad[:, 1:]
+
+
+def distilled_loss(
+    task: Loss,
+    distillation: Distillation,
+    teacher: np.ndarray,
+    temperature: float,
+    alpha: float,
+    logits: np.ndarray,
+    y: np.ndarray,
+) -> tuple[float, np.ndarray]:
+    """(1 - alpha) distillation from the teacher's logits + alpha the task loss on labels y, the
+    value and its gradient at the logits, as the graph path's Distiller weighs them."""
+    soft, d_soft = distillation(logits, teacher, temperature)
+    hard, d_hard = task(logits, y)
+    d_soft *= 1 - alpha  # both are fresh arrays: blend in place
+    d_soft += alpha * d_hard
+    return (1 - alpha) * soft + alpha * hard, d_soft
+
+
 def r2(predicted: np.ndarray, y: np.ndarray) -> float:
     total = float(np.sum((y - y.mean(axis=0)) ** 2))
     return 1.0 - float(np.sum((y - predicted) ** 2)) / total if total > 0 else 0.0
@@ -87,9 +145,10 @@ class HeadRule:
     logits stays simple), and the validation score on logits."""
 
     output: Callable[[np.ndarray], np.ndarray]
-    loss: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+    loss: Loss
     score: Callable[[np.ndarray, np.ndarray], float]
     metric: str  # the name of `score` in reports
+    distillation: Distillation  # learning a teacher's logits: softened classes, or its values
 
 
 HEADS: dict[Head, HeadRule] = {
@@ -98,11 +157,16 @@ HEADS: dict[Head, HeadRule] = {
         softmax_loss,
         lambda z, y: float(np.mean(np.argmax(z, axis=1) == y)),
         "accuracy",
+        kl_distillation,
     ),
     "sigmoid": HeadRule(
-        sigmoid, sigmoid_loss, lambda z, y: float(np.mean((z[:, 0] > 0) == (y > 0.5))), "accuracy"
+        sigmoid,
+        sigmoid_loss,
+        lambda z, y: float(np.mean((z[:, 0] > 0) == (y > 0.5))),
+        "accuracy",
+        binary_kl_distillation,
     ),
-    "identity": HeadRule(lambda z: z, squared_loss, r2, "r2"),
+    "identity": HeadRule(lambda z: z, squared_loss, r2, "r2", mse_distillation),
 }
 
 
@@ -150,13 +214,16 @@ class Network:
         logits, _ = self.forward(self.standardise(x))
         return self.output(logits)
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
+    def loss_and_grads(
+        self, x: np.ndarray, y: np.ndarray, loss_of: Loss | None = None
+    ) -> tuple[float, list[np.ndarray]]:
         """Mean loss on the standardised batch and its gradients, in `params` order.
 
         y: class indices [B] for softmax, {0, 1} [B] for sigmoid, targets [B, out] for identity.
+        loss_of: the loss at the logits; the head's own by default.
         """
         logits, inputs = self.forward(x)
-        loss, dz = HEADS[self.head].loss(logits, y)
+        loss, dz = (loss_of or HEADS[self.head].loss)(logits, y)
         grads: list[np.ndarray] = []
         for layer in reversed(range(len(self.weights))):
             grads.append(dz.sum(axis=0))  # db [out]

@@ -1,0 +1,93 @@
+"""The MLP fast path of fine-tuning distils from the original model as the graph path does:
+(1 - alpha) distillation at `temperature` + alpha the task loss on the labels."""
+
+import numpy as np
+import pytest
+from helpers import run
+from onnx import ModelProto
+
+from schemas import PruneParams
+from schemas.vocabulary import Head
+from workers.compress.finetune import fine_tune
+from workers.compress.prune import copy_model, prune_model
+from workers.evaluate.data import EvalData
+from workers.nn.network import HEADS, distilled_loss
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_the_distilled_loss_gradient_matches_finite_differences(head: Head) -> None:
+    rng = np.random.default_rng(21)
+    width = {"softmax": 4, "sigmoid": 1, "identity": 2}[head]
+    student, teacher = rng.standard_normal((6, width)), 3 * rng.standard_normal((6, width))
+    labels = {
+        "softmax": rng.integers(0, width, 6),
+        "sigmoid": rng.integers(0, 2, 6).astype(np.float64),
+        "identity": rng.standard_normal((6, width)),
+    }[head]
+    rule = HEADS[head]
+
+    def loss(logits: np.ndarray) -> tuple[float, np.ndarray]:
+        return distilled_loss(rule.loss, rule.distillation, teacher, 2.5, 0.3, logits, labels)
+
+    value, grad = loss(student)
+    soft, _ = rule.distillation(student, teacher, 2.5)
+    hard, _ = rule.loss(student, labels)
+    assert value == pytest.approx(0.7 * soft + 0.3 * hard)
+    numeric = np.zeros_like(student)
+    for index in np.ndindex(student.shape):
+        step = np.zeros_like(student)
+        step[index] = 1e-6
+        numeric[index] = (loss(student + step)[0] - loss(student - step)[0]) / 2e-6
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_a_sigmoid_is_distilled_as_the_softmax_of_its_two_logits() -> None:
+    rng = np.random.default_rng(22)
+    student, teacher = rng.standard_normal((5, 1)), rng.standard_normal((5, 1))
+    binary, binary_grad = HEADS["sigmoid"].distillation(student, teacher, 3.0)
+    two = np.hstack([np.zeros_like(student), student])
+    classes, classes_grad = HEADS["softmax"].distillation(
+        two, np.hstack([np.zeros_like(teacher), teacher]), 3.0
+    )
+    assert binary == pytest.approx(classes)
+    np.testing.assert_allclose(binary_grad[:, 0], classes_grad[:, 1])
+
+
+def tuned(
+    model: ModelProto, x: np.ndarray, labels: np.ndarray, held_out, **settings
+) -> tuple[np.ndarray, list[float]]:
+    """The digits MLP pruned to 50% of its neurons and fine-tuned for 8 epochs on `labels`
+    (judged each epoch on the true held-out labels): its predictions on the held-out rows
+    and its training loss per epoch."""
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5, granularity="structured"))
+    params = PruneParams(
+        sparsity=0.5,
+        granularity="structured",
+        fine_tune={"epochs": 8, "learning_rate": 3e-3, "patience": None, **settings},
+    )
+    x_test, y_test = held_out
+    report = fine_tune(
+        model, outcome, params, EvalData([{"X": x}], labels), EvalData([{"X": x_test}], y_test)
+    )
+    predicted, _ = run(outcome.model.SerializeToString(), {"X": x_test})
+    return predicted, report.loss
+
+
+def test_alpha_zero_follows_the_original_through_wrong_labels_and_alpha_one_learns_them(
+    digits_300_100,
+) -> None:
+    model, (x_train, y_train), held_out = digits_300_100
+    original, _ = run(model.SerializeToString(), {"X": held_out[0]})
+    wrong = np.random.default_rng(23).permutation(y_train)  # a label per row, mostly not its own
+    assert np.mean(wrong == y_train) < 0.2
+
+    distilled, _ = tuned(model, x_train, wrong, held_out, alpha=0.0)
+    assert np.mean(distilled == original) > 0.9  # the teacher, not the labels, is learnt
+    # alpha 1: the labels alone, as before the MLP path distilled; the temperature, which
+    # acts only on the distillation term, changes nothing, and the shuffled labels are learnt
+    labelled, cold = tuned(model, x_train, wrong, held_out, alpha=1.0, temperature=1.0)
+    _, hot = tuned(model, x_train, wrong, held_out, alpha=1.0, temperature=8.0)
+    assert cold == hot
+    assert np.mean(labelled == original) < 0.5
+    _, half = tuned(model, x_train, wrong, held_out)  # the defaults blend the two
+    assert len({tuple(cold), tuple(half)}) == 2
