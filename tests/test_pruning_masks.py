@@ -64,6 +64,9 @@ def test_masks_equal_the_plain_partition_across_chunks_ties_and_dtypes(scope, sp
         np.round(rng.standard_normal((33, 7)), 1),  # float64
         np.round(rng.standard_normal(300), 2).astype(np.float16),
         np.array([-0.0, 0.0, 1e-30, -1e-30, 3e38], dtype=np.float32),
+        # float64 magnitudes that float32 cannot tell apart (the buckets' precision), and
+        # beyond float32's range
+        np.array([1.0, 1.0 + 1e-12, -(1.0 - 1e-12), 1.0 + 2e-12, 1e300, -1e300, 0.5]),
     ]
     got = list(magnitude_masks(weights, sparsity=sparsity, scope=scope))
     for keep, expected in zip(got, reference_masks(weights, sparsity, scope), strict=True):

@@ -41,9 +41,14 @@ def _chunks(weights: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
 
 
 def _buckets(magnitudes: np.ndarray) -> np.ndarray:
-    """The leading bits of each magnitude's float64 pattern. For floats >= 0 the pattern orders
-    as the value does, so bucket b holds only magnitudes smaller than those of bucket b + 1."""
-    return (magnitudes.astype(np.float64).view(np.uint64) >> (64 - BUCKET_BITS)).astype(np.intp)
+    """The leading bits of each magnitude's float32 pattern. For floats >= 0 the pattern orders
+    as the value does, and rounding to float32 keeps that order (never reverses it), so bucket b
+    holds only magnitudes smaller than those of bucket b + 1. Float32 weights, nearly all of
+    them, are viewed without a copy; a float64 beyond float32's range becomes inf, the top
+    bucket, where it still orders above every finite one."""
+    with np.errstate(over="ignore"):
+        patterns = magnitudes.astype(np.float32, copy=False).view(np.uint32)
+    return patterns >> (32 - BUCKET_BITS)
 
 
 def smallest_cut(weights: Sequence[np.ndarray], sparsity: float) -> Cut:
