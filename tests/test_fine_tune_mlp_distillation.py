@@ -7,8 +7,9 @@ from helpers import run
 from onnx import ModelProto
 
 from schemas import PruneParams
+from schemas.report import TrainingReport
 from schemas.vocabulary import Head
-from workers.compress.finetune import fine_tune
+from workers.compress.finetune import MIN_GAIN, fine_tune
 from workers.compress.prune import copy_model, prune_model
 from workers.evaluate.data import EvalData
 from workers.nn.network import HEADS, distilled_loss
@@ -55,10 +56,10 @@ def test_a_sigmoid_is_distilled_as_the_softmax_of_its_two_logits() -> None:
 
 def tuned(
     model: ModelProto, x: np.ndarray, labels: np.ndarray, held_out, **settings
-) -> tuple[np.ndarray, list[float]]:
+) -> tuple[np.ndarray, TrainingReport]:
     """The digits MLP pruned to 50% of its neurons and fine-tuned for 8 epochs on `labels`
-    (judged each epoch on the true held-out labels): its predictions on the held-out rows
-    and its training loss per epoch."""
+    (the held-out rows and their true labels as validation): its predictions on the held-out
+    rows and the training report."""
     outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5, granularity="structured"))
     params = PruneParams(
         sparsity=0.5,
@@ -70,7 +71,7 @@ def tuned(
         model, outcome, params, EvalData([{"X": x}], labels), EvalData([{"X": x_test}], y_test)
     )
     predicted, _ = run(outcome.model.SerializeToString(), {"X": x_test})
-    return predicted, report.loss
+    return predicted, report
 
 
 def test_alpha_zero_follows_the_original_through_wrong_labels_and_alpha_one_learns_them(
@@ -87,7 +88,23 @@ def test_alpha_zero_follows_the_original_through_wrong_labels_and_alpha_one_lear
     # acts only on the distillation term, changes nothing, and the shuffled labels are learnt
     labelled, cold = tuned(model, x_train, wrong, held_out, alpha=1.0, temperature=1.0)
     _, hot = tuned(model, x_train, wrong, held_out, alpha=1.0, temperature=8.0)
-    assert cold == hot
+    assert cold.loss == hot.loss and cold.metric == "accuracy"
     assert np.mean(labelled == original) < 0.5
     _, half = tuned(model, x_train, wrong, held_out)  # the defaults blend the two
-    assert len({tuple(cold), tuple(half)}) == 2
+    assert half.loss != cold.loss
+
+
+def test_with_distillation_the_epoch_is_picked_by_cosine_to_the_original_as_on_the_graph_path(
+    digits_300_100,
+) -> None:
+    """At a learning rate too small to matter the softened cosine still creeps up: creeping is
+    not a gain of MIN_GAIN, so patience ends it; a real learning rate gains and goes on."""
+    model, (x_train, y_train), held_out = digits_300_100
+    _, crawl = tuned(model, x_train, y_train, held_out, learning_rate=1e-7, patience=2)
+    assert crawl.metric == "cosine" and all(0 < v <= 1 for v in crawl.validation)
+    assert 0 < crawl.validation[-1] - crawl.validation[0] < MIN_GAIN  # it does creep
+    # the first epoch sets the score to beat; the two after it gain too little
+    assert crawl.stopped_early and len(crawl.validation) == 3
+    _, learns = tuned(model, x_train, y_train, held_out, patience=2)
+    assert max(learns.validation) - learns.validation[0] > MIN_GAIN
+    assert len(learns.validation) > 3
