@@ -161,9 +161,10 @@ class TrainingReport(_ReportPart):
 
     loss: list[float] = Field(description="Mean training loss per epoch.")
     metric: Metric = Field(
-        description='The validation metric: "accuracy" (classification) or "r2" (regression) '
-        'on the MLP path; "cosine" to the original on the graph path (class logits compared as '
-        "probabilities softened by the temperature)."
+        description='The validation metric: "cosine" to the original when fine-tuning distils '
+        '(class logits compared as probabilities softened by the temperature); "accuracy" '
+        '(classification) or "r2" (regression) for train jobs, and on the MLP path with alpha 1 '
+        "or a regressor."
     )
     validation: list[float] = Field(description="The metric on the validation data, per epoch.")
     clip: ClipStats = Field(description="Gradient clipping: its settings and what it did.")
