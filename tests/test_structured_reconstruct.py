@@ -11,6 +11,7 @@ from test_structured_patterns import concat_and_split, residual_block, zero_at
 
 from schemas import PruneParams
 from workers.compress.calibrated import prune_calibrated
+from workers.compress.calibration import add_zero_biases
 from workers.compress.criteria import OutputContribution
 from workers.compress.prune import copy_model, prunable_slots, prune_model
 from workers.compress.structured import prune_channels
@@ -151,8 +152,22 @@ def test_structured_activation_keeps_the_channels_that_matter_most():
     assert any("output error" in note for note in pruned.notes)
 
 
-def test_activation_without_reconstruct_puts_the_removed_means_back_into_the_biases():
+def without_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every Gemm's C taken away (as a Conv + BatchNorm export has none)."""
+    for node in model.graph.node:
+        del node.input[2:]
+    kept = [tensor for tensor in model.graph.initializer if tensor.name.startswith("W")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+@pytest.mark.parametrize("biased", [True, False], ids=["own-biases", "no-biases"])
+def test_activation_without_reconstruct_puts_the_removed_means_back_into_the_biases(biased):
+    """Readers without a bias get one to put the means into; one left at zero (the first
+    layer's, whose inputs stay whole) is taken away again."""
     model = gemm_mlp([8, 16, 16, 4], trans_b=1)
+    model = model if biased else without_biases(model)
     calibration = [{"X": inputs((8,), 200, 1) + 1.0}]  # inputs off zero: means to put back
     held_out = inputs((8,), 200, 2) + 1.0
     params = PruneParams.model_validate({**STRUCTURED, "criterion": "activation"})
@@ -160,18 +175,24 @@ def test_activation_without_reconstruct_puts_the_removed_means_back_into_the_bia
     assert [layer.method for layer in report.layers] == ["bias", "bias"]
     for layer in report.layers:
         assert layer.error_after < layer.error_before
-    # the same channels cut, biases left as they were
+    # the same channels cut (scored with the same biases, zero ones added too), biases left
     uncompensated = copy_model(model)
+    add_zero_biases(uncompensated)
     slots = prunable_slots(uncompensated, params, None)
-    scorer = OutputContribution(copy_model(model), calibration)
+    scorer = OutputContribution(copy_model(uncompensated), calibration)
     prune_channels(uncompensated, slots, sparsity=0.5, threshold=None, scope="layer", scorer=scorer)
-    assert [t.dims for t in uncompensated.graph.initializer] == [
-        t.dims for t in compensated.model.graph.initializer
+    assert [t.dims for t in uncompensated.graph.initializer if len(t.dims) == 2] == [
+        t.dims for t in compensated.model.graph.initializer if len(t.dims) == 2
     ]
     expected = outputs(model, held_out)
     compensated_error = np.linalg.norm(outputs(compensated.model, held_out) - expected)
     uncompensated_error = np.linalg.norm(outputs(uncompensated, held_out) - expected)
     assert compensated_error < 0.8 * uncompensated_error
+    if not biased:
+        assert [
+            len(node.input) for node in compensated.model.graph.node if node.op_type == "Gemm"
+        ] == [2, 3, 3]
+        assert compensated.params_before == sum(np.prod(t.dims) for t in model.graph.initializer)
 
 
 def test_structured_activation_job_on_digits(tmp_path, mlp_classifier, digits):
@@ -182,3 +203,17 @@ def test_structured_activation_job_on_digits(tmp_path, mlp_classifier, digits):
     assert [layer.method for layer in report.calibration.layers] == ["least_squares"] * 2
     assert report.accuracy.compressed >= report.accuracy.original - 0.05
     assert any("output error" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("level", [0.1, 3.3, 1e3, 12345.678])
+def test_a_constant_input_scores_zero_not_nan(level):
+    """Centred, a channel that never varies leaves no error; its Gram less its mean can come
+    out a rounding error below zero, whose square root was NaN and ranked anywhere."""
+    model = gemm_mlp([8, 16, 16, 4], trans_b=1)
+    runs = [{"X": np.full((200, 8), level, dtype=np.float32)}]
+    scorer = OutputContribution(copy_model(model), runs)
+    graph = ChannelGraph(model)
+    for group in graph.groups():
+        scores = scorer(group, graph.constants)
+        assert np.all(np.isfinite(scores)) and np.all(scores >= 0)
+        assert np.all(scores <= 1e-3 * level * np.sqrt(200)), scores

@@ -28,6 +28,8 @@ from schemas.report import CalibratedLayer, CalibrationReport
 from workers.compress.calibration import (
     LayerBiases,
     LayerView,
+    add_zero_biases,
+    drop_zero_biases,
     exposing,
     input_statistics,
     layer_view,
@@ -165,9 +167,11 @@ def _prune_structured(
 ) -> tuple[PruneOutcome, CalibrationReport]:
     """Structured pruning with units ranked by params.criterion, then the readers of removed
     channels re-fitted in graph order: weights and bias with reconstruct, else the bias."""
+    params_before = float_param_count(model)  # before the zero biases, which add none
+    added = add_zero_biases(model)
     slots = prunable_slots(model, params, only)
     shapes = [slot.shape for slot in slots]
-    outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
+    outcome = PruneOutcome(model, layers=[], params_before=params_before)
     original = copy_model(model)
     scorer = UNIT_CRITERIA[params.criterion](original, runs)
     found = prune_channels(
@@ -185,6 +189,7 @@ def _prune_structured(
     layers, skipped = _refit_consumers(
         model, original, found.removed, runs, outcome, solve=params.reconstruct
     )
+    drop_zero_biases(model, added)
     record_layers(outcome, slots, shapes)
     if skipped:
         named = [f"{name} ({why})" for name, why in skipped]

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto, NodeProto, ValueInfoProto
+from onnx import ModelProto, NodeProto, ValueInfoProto, numpy_helper
 from onnxruntime import InferenceSession
 
 from workers.compress.prune import copy_model
@@ -19,7 +19,7 @@ from workers.errors import InvalidDataError, first_line
 from workers.evaluate.runtime import Feeds, session
 from workers.graph.load import serialize
 from workers.graph.walk import attribute, readers
-from workers.graph.weights import WeightSlot, all_float_constants
+from workers.graph.weights import WeightSlot, all_float_constants, find_weights
 from workers.nn.reconstruct import LayerInputs, accumulate_gram, im2col
 
 IM2COL_BYTES = 1 << 26  # patches of one chunk of a Conv input: 64 MiB, however large the image
@@ -175,6 +175,63 @@ class LayerBiases:
         if int(np.prod(slot.shape)) != outputs or max(slot.shape, default=1) != outputs:
             return None
         return slot
+
+
+# Readers whose bias is an optional input: one of zeros changes nothing the model computes.
+BIAS_INPUT = {"Conv": 2, "Gemm": 2}
+
+
+@dataclass(frozen=True)
+class AddedBias:
+    node: NodeProto
+    name: str
+
+
+def add_zero_biases(model: ModelProto) -> list[AddedBias]:
+    """A zero bias for every main-graph Conv, and Gemm whose alpha equals its beta, that reads
+    a weight and has none: the re-fit after a structured cut then has somewhere to put the
+    removed channels' means back (FLAP's compensation), as exporters that follow each Conv with
+    a BatchNormalization leave the Conv without one. drop_zero_biases takes back those the
+    re-fit left at zero."""
+    taken = {name for node in model.graph.node for name in (*node.input, *node.output)}
+    taken |= {tensor.name for tensor in model.graph.initializer}
+    added = []
+    for slot in find_weights(model):
+        node = slot.uses[0] if len(slot.uses) == 1 else None
+        if node is None or slot.graph is not model.graph or node.op_type not in BIAS_INPUT:
+            continue
+        if len(node.input) != BIAS_INPUT[node.op_type] or node.input[1] != slot.name:
+            continue
+        if node.op_type == "Gemm" and attribute(node, "alpha", 1.0) != attribute(node, "beta", 1.0):
+            continue
+        transposed = node.op_type == "Conv" or bool(attribute(node, "transB", 0))
+        outputs = slot.shape[0] if transposed else slot.shape[-1]
+        name = next(
+            f"{slot.name}_bias{suffix}"
+            for suffix in ("", *map(str, range(len(taken))))
+            if f"{slot.name}_bias{suffix}" not in taken
+        )
+        taken.add(name)
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.zeros(outputs, dtype=slot.dtype), name)
+        )
+        node.input.append(name)
+        added.append(AddedBias(node, name))
+    return added
+
+
+def drop_zero_biases(model: ModelProto, added: list[AddedBias]) -> None:
+    """Remove each bias add_zero_biases added that is still all zeros."""
+    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
+    unused = set()
+    for bias in added:
+        if not np.any(numpy_helper.to_array(tensors[bias.name])):
+            del bias.node.input[BIAS_INPUT[bias.node.op_type]]
+            unused.add(bias.name)
+    initializers = model.graph.initializer
+    for index in reversed(range(len(initializers))):
+        if initializers[index].name in unused:
+            del initializers[index]
 
 
 def exposing(model: ModelProto, name: str) -> bytes:

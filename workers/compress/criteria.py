@@ -124,7 +124,9 @@ class OutputContribution:
         squares = np.zeros(group.units)
         for view, piece in readers:
             squares += self._removal_errors(view, piece, group.units, constants)
-        return np.sqrt(squares)
+        # a centred quadratic form of a channel that barely varies can come out a rounding
+        # error below zero: its error is zero, not NaN (which would rank anywhere)
+        return np.sqrt(np.maximum(squares, 0.0))
 
     def _reader(self, piece: Slice) -> LayerView | None:
         """The view of the layer whose input channels `piece` slices, if it can be calibrated."""
