@@ -69,6 +69,17 @@ def test_a_search_keeps_one_candidate_file_on_disk_and_leaves_none(job_dir, digi
     assert (job_dir / "model.onnx").stat().st_size == report.size.compressed_bytes
 
 
+def test_a_retry_runs_over_the_candidates_a_dead_attempt_left(job_dir, digits_300_100):
+    """A worker killed mid-job leaves its candidate files; the retry in the same directory
+    must neither stop at them nor keep them."""
+    model, _, held_out = digits_300_100
+    stage(job_dir, model.SerializeToString(), evaluate=held_out)
+    (job_dir / CANDIDATES_DIR).mkdir()
+    (job_dir / CANDIDATES_DIR / "candidate-1.dense.onnx").write_bytes(b"half a file")
+    report = run_prune_job(job_dir, PruneParams(sparsity=0.5))
+    assert report.accuracy is not None and not (job_dir / CANDIDATES_DIR).exists()
+
+
 def test_a_bound_no_sparsity_meets_returns_the_original_model(job_dir):
     model = gemm_mlp([8, 32, 16, 2], trans_b=0)
     features = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)

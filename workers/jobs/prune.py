@@ -117,7 +117,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
     scratch = job_dir / CANDIDATES_DIR
-    scratch.mkdir()
+    scratch.mkdir(exist_ok=True)  # left by an attempt whose worker died: a retry writes over it
     try:
         model_out = job_dir / STAGED_MODEL
         compressed = compress(model, reference, validation, params, train, progress, scratch)
