@@ -135,8 +135,7 @@ def prune_weights(
     )
     for slot, keep in zip(slots, masks, strict=True):  # slot i is written before i+1 is read
         if not keep.all():
-            # the weight read is let go as soon as the pruned copy exists: one copy less held
-            slot.write(np.where(keep, slot.read(), np.zeros((), dtype=slot.dtype)))
+            slot.write_masked(keep)
             outcome.pruned.add(slot.name)
 
 

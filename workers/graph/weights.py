@@ -60,18 +60,35 @@ class WeightSlot:
         return np.asarray(self.holder.floats, dtype=np.float32).reshape(self.shape)
 
     def write(self, array: np.ndarray) -> None:
-        if isinstance(self.holder, TensorProto):
-            # The values go straight into raw_data: building a whole TensorProto to copy over
-            # this one would hold the tensor once more, beside the copy the model keeps.
-            for typed in TYPED_DATA_FIELDS:
-                self.holder.ClearField(typed)
-            del self.holder.dims[:]
-            self.holder.dims.extend(array.shape)
-            self.holder.raw_data = array.astype(self.dtype, copy=False).tobytes()
-        else:
+        if not isinstance(self.holder, TensorProto):
             del self.holder.floats[:]
             self.holder.floats.extend(array.astype(np.float32).ravel().tolist())
-        self.shape = tuple(array.shape)
+            self.shape = tuple(array.shape)
+            return
+        self._write_raw(array.astype(self.dtype, copy=False).tobytes(), array.shape)
+
+    def write_masked(self, keep: np.ndarray) -> None:
+        """The weight with every value where `keep` is False set to zero. The pruned copy is
+        let go once it is bytes, before protobuf copies those in: at the peak of pruning a large
+        model one tensor-sized array less than write(np.where(...)), whose caller holds it."""
+        pruned = np.where(keep, self.read(), np.zeros((), dtype=self.dtype))
+        if not isinstance(self.holder, TensorProto):
+            self.write(pruned)
+            return
+        raw = pruned.tobytes()
+        del pruned
+        self._write_raw(raw, keep.shape)
+
+    def _write_raw(self, raw: bytes, shape: tuple[int, ...]) -> None:
+        # The values go straight into raw_data: building a whole TensorProto to copy over
+        # this one would hold the tensor once more, beside the copy the model keeps.
+        assert isinstance(self.holder, TensorProto)
+        for typed in TYPED_DATA_FIELDS:
+            self.holder.ClearField(typed)
+        del self.holder.dims[:]
+        self.holder.dims.extend(shape)
+        self.holder.raw_data = raw
+        self.shape = tuple(shape)
 
 
 def _constant_slot(node: NodeProto, graph: GraphProto) -> WeightSlot | None:
