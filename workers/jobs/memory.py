@@ -17,8 +17,8 @@ MEMORY_LIMIT = resource.RLIMIT_DATA
 # A prune job's peak per byte of model: the parsed original (pruned in place), what protobuf
 # keeps of each weight it replaced, and one weight's pruned copies (the file is written to disk
 # as it is encoded). The leanest path (unstructured, dense, no eval data: bench/prune_scale.py
-# --only job, README "Pruning at scale") peaks at 3.06x the 268 MB file with the process's
-# imports, about 2.65x per model byte without them; rounded down to 2.5: other settings hold
+# --only job, README "Pruning at scale") peaks at 2.94x the 268 MB file with the process's
+# imports, about 2.53x per model byte without them; rounded down to 2.5: other settings hold
 # more, so a job refused could not have fit.
 PRUNE_PEAK_PER_MODEL_BYTE = 2.5
 # Eval and train data: the file's bytes, parsed into arrays at least as large.
