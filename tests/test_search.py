@@ -9,7 +9,7 @@ from helpers import run
 
 from schemas import PruneParams
 from workers.jobs import run_prune_job
-from workers.jobs.files import CANDIDATES_DIR
+from workers.jobs.files import CANDIDATES_PREFIX
 
 
 def stage(job_dir: Path, model: bytes, evaluate=None, train=None) -> None:
@@ -50,34 +50,39 @@ def test_the_search_never_returns_a_model_that_breaks_the_bound(job_dir, digits_
     assert np.mean(labels == y_test) == pytest.approx(report.accuracy.compressed)
 
 
+def candidate_dirs(job_dir: Path) -> list[Path]:
+    return sorted(job_dir.glob(f"{CANDIDATES_PREFIX}*"))
+
+
 def test_a_search_keeps_one_candidate_file_on_disk_and_leaves_none(job_dir, digits_300_100):
     """Candidates are judged as files: every one but the best so far is deleted as the search
     goes (a large model's search would otherwise fill the disk), and none outlives the job."""
     model, _, held_out = digits_300_100
     stage(job_dir, model.SerializeToString(), evaluate=held_out)
-    scratch = job_dir / CANDIDATES_DIR
     on_disk: list[list[str]] = []
 
     def watch(stage: str, fraction: float) -> None:
         if stage.startswith("candidate"):
+            (scratch,) = candidate_dirs(job_dir)
             on_disk.append(sorted(path.name for path in scratch.iterdir()))
 
     report = run_prune_job(job_dir, PruneParams(max_accuracy_drop=0.02), watch)
     assert len(on_disk) >= 5 and on_disk[0] == []
     assert all(len(names) <= 1 for names in on_disk)
-    assert any(on_disk) and not scratch.exists()
+    assert any(on_disk) and not candidate_dirs(job_dir)
     assert (job_dir / "model.onnx").stat().st_size == report.size.compressed_bytes
 
 
-def test_a_retry_runs_over_the_candidates_a_dead_attempt_left(job_dir, digits_300_100):
+def test_a_retry_is_not_stopped_by_the_candidates_a_dead_attempt_left(job_dir, digits_300_100):
     """A worker killed mid-job leaves its candidate files; the retry in the same directory
-    must neither stop at them nor keep them."""
+    works in its own and removes it, leaving the dead attempt's to the job directory's end."""
     model, _, held_out = digits_300_100
     stage(job_dir, model.SerializeToString(), evaluate=held_out)
-    (job_dir / CANDIDATES_DIR).mkdir()
-    (job_dir / CANDIDATES_DIR / "candidate-1.dense.onnx").write_bytes(b"half a file")
+    stale = job_dir / f"{CANDIDATES_PREFIX}dead"
+    stale.mkdir()
+    (stale / "candidate-1.dense.onnx").write_bytes(b"half a file")
     report = run_prune_job(job_dir, PruneParams(sparsity=0.5))
-    assert report.accuracy is not None and not (job_dir / CANDIDATES_DIR).exists()
+    assert report.accuracy is not None and candidate_dirs(job_dir) == [stale]
 
 
 def test_a_bound_no_sparsity_meets_returns_the_original_model(job_dir):

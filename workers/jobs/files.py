@@ -16,8 +16,10 @@ EVAL_DATA = "eval_data"
 TRAIN_DATA = "train_data"
 MODEL_OUT = "model.onnx"
 REPORT_OUT = "report.json"
-# The files a prune job writes and judges on its way to the one it returns; gone when it ends.
-CANDIDATES_DIR = ".candidates"
+# The files a prune job writes and judges on its way to the one it returns, in a directory of
+# this prefix per attempt; gone when the attempt ends (one whose worker died leaves its own,
+# which goes with the job directory).
+CANDIDATES_PREFIX = ".candidates-"
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from workers.graph.load import parse_model, serialize
 from workers.graph.walk import drop_unused_initializers
 from workers.jobs.advice import Facts
 from workers.jobs.files import (
-    CANDIDATES_DIR,
+    CANDIDATES_PREFIX,
     EVAL_DATA,
     INPUT_DIR,
     MODEL_IN,
@@ -116,14 +117,15 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
             notes.append("no eval_data: the fine-tuning curve is measured on train_data")
     elif train_path.exists():
         notes.append("train_data was sent without fine_tune, so it was not used")
-    scratch = job_dir / CANDIDATES_DIR
-    scratch.mkdir(exist_ok=True)  # left by an attempt whose worker died: a retry writes over it
+    # Each attempt its own directory: a job delivered twice may run twice at once (a lease
+    # that lapsed while its worker lived), and one attempt must not delete the other's files.
+    scratch = Path(tempfile.mkdtemp(prefix=CANDIDATES_PREFIX, dir=job_dir))
     try:
         model_out = job_dir / STAGED_MODEL
         compressed = compress(model, reference, validation, params, train, progress, scratch)
         os.replace(compressed.path, model_out)
     finally:
-        shutil.rmtree(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
     del model  # the parsed model, the pruned copy and the Compressor went with compress()
 
     # From here on no Python copy of either model is held: the sizes and facts are read from
