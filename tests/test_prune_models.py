@@ -262,3 +262,23 @@ def test_pruned_bytes_equal_the_plain_path_bit_for_bit(digits_300_100, fields):
     for slot, array, keep in zip(slots, arrays, masks, strict=True):
         slot.write(np.where(keep, array, np.zeros((), dtype=array.dtype)))
     assert prune_bytes(model, **fields) == expected.SerializeToString()
+
+
+@pytest.mark.parametrize("stored", ["raw_data", "float_data", "float16"])
+def test_a_pruned_tensor_is_written_as_numpy_helper_writes_one(stored):
+    """Issue 18: outputs bit-identical to before, when pruning wrote each weight through
+    numpy_helper.from_array: name, type, dims and raw_data; a doc string does not survive, and
+    typed storage becomes raw_data."""
+    model = gemm_mlp([8, 16, 4], trans_b=0)
+    (weight,) = [t for t in model.graph.initializer if t.name == "W0"]
+    values = numpy_helper.to_array(weight).astype(np.float16 if stored == "float16" else np.float32)
+    weight.CopyFrom(numpy_helper.from_array(values, "W0"))
+    if stored == "float_data":
+        weight.ClearField("raw_data")
+        weight.float_data.extend(values.ravel().tolist())
+    weight.doc_string = "the first layer"
+    outcome = prune_model(model, PruneParams(sparsity=0.5, include=["W0"], exclude=["W1"]))
+    (pruned,) = [t for t in outcome.model.graph.initializer if t.name == "W0"]
+    keep = np.abs(values) > np.sort(np.abs(values).ravel())[values.size // 2 - 1]
+    expected = numpy_helper.from_array(np.where(keep, values, np.zeros((), values.dtype)), "W0")
+    assert pruned.SerializeToString() == expected.SerializeToString()

@@ -30,9 +30,6 @@ WEIGHT_ATTRIBUTES: dict[str, str] = {
     "LinearRegressor": "coefficients",
 }
 
-# Where a TensorProto may hold its values other than raw_data: a write clears them all.
-TYPED_DATA_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
-
 FLOAT_TYPES = frozenset(
     {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 )
@@ -80,12 +77,13 @@ class WeightSlot:
         self._write_raw(raw, keep.shape)
 
     def _write_raw(self, raw: bytes, shape: tuple[int, ...]) -> None:
-        # The values go straight into raw_data: building a whole TensorProto to copy over
-        # this one would hold the tensor once more, beside the copy the model keeps.
+        # The tensor as numpy_helper.from_array writes one (name, type, dims, raw_data; its doc
+        # string and other fields go, as they always did), set in place: building a whole
+        # TensorProto to copy over this one would hold the tensor once more.
         assert isinstance(self.holder, TensorProto)
-        for typed in TYPED_DATA_FIELDS:
-            self.holder.ClearField(typed)
-        del self.holder.dims[:]
+        name, data_type = self.holder.name, self.holder.data_type
+        self.holder.Clear()
+        self.holder.name, self.holder.data_type = name, data_type
         self.holder.dims.extend(shape)
         self.holder.raw_data = raw
         self.shape = tuple(shape)
