@@ -217,3 +217,17 @@ def test_a_constant_input_scores_zero_not_nan(level):
         scores = scorer(group, graph.constants)
         assert np.all(np.isfinite(scores)) and np.all(scores >= 0)
         assert np.all(scores <= 1e-3 * level * np.sqrt(200)), scores
+
+
+def test_the_zero_biases_are_no_weights_of_the_report():
+    """`include` that matches every name still picks only the model's own tensors: a zero bias
+    added for the re-fit, and taken away when left at zero, is never reported as a layer."""
+    model = without_biases(gemm_mlp([8, 16, 16, 4], trans_b=1))
+    params = PruneParams.model_validate(
+        {**STRUCTURED, "criterion": "activation", "include": [".*"]}
+    )
+    runs = [{"X": inputs((8,), 200, 1) + 1.0}]
+    outcome, _ = prune_calibrated(copy_model(model), params, runs)
+    names = {tensor.name for tensor in model.graph.initializer}
+    assert [layer.name for layer in outcome.layers] == sorted(names)
+    assert outcome.params_before == sum(np.prod(t.dims) for t in model.graph.initializer)

@@ -168,9 +168,9 @@ def _prune_structured(
     """Structured pruning with units ranked by params.criterion, then the readers of removed
     channels re-fitted in graph order: weights and bias with reconstruct, else the bias."""
     params_before = float_param_count(model)  # before the zero biases, which add none
-    added = add_zero_biases(model)
-    slots = prunable_slots(model, params, only)
+    slots = prunable_slots(model, params, only)  # before them too: `include` may not pick them
     shapes = [slot.shape for slot in slots]
+    added = add_zero_biases(model)
     outcome = PruneOutcome(model, layers=[], params_before=params_before)
     original = copy_model(model)
     scorer = UNIT_CRITERIA[params.criterion](original, runs)
