@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from workers.jobs.memory import with_huge_pages
+from workers.hugepages import with_huge_pages
 
 WIDTH, LAYERS = 4096, 4
 SETTINGS = {

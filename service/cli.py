@@ -19,7 +19,6 @@ from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
 from workers import jobs
 from workers.errors import InputError
-from workers.jobs.memory import with_huge_pages
 
 P = TypeVar("P", bound=BaseModel)
 PARAM_FLAG = "param:"  # the dest prefix of the flags that set a params key
@@ -283,8 +282,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # a process of its own, not a call from Python
-        with_huge_pages()
     args = _parser().parse_args(argv)
     try:
         status = COMMANDS[args.command](args)

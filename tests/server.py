@@ -84,7 +84,7 @@ def start_server(data_dir: Path, wrap: Sequence[str] = (), **settings: Any) -> S
     log = data_dir.parent / f"server-{port}.log"
     with log.open("ab") as sink:
         process = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [*wrap, sys.executable, "-m", "service.entry", "serve", "--port", str(port)],
             env=env,
             stdout=sink,
             stderr=sink,

@@ -8,7 +8,7 @@ import psutil
 from server import accepted_id, submit, wait_for
 
 from service.settings import Settings, machine_cores
-from workers.jobs.memory import HUGE_PAGES_TUNABLE
+from workers.hugepages import HUGE_PAGES_TUNABLE
 
 
 def job_logs(log_text: str) -> list[dict]:
@@ -36,7 +36,7 @@ def test_the_default_shares_the_cores_between_the_workers():
 
 
 def test_the_service_and_its_workers_put_large_blocks_on_huge_pages(make_server, digits_upload):
-    """The command line starts itself again with glibc's hugetlb tunable (service.cli), and
+    """The command line starts itself again with glibc's hugetlb tunable (service/entry.py), and
     the workers the service forks inherit it; an operator's own GLIBC_TUNABLES would stand."""
     server = make_server(workers=1)
     with server.client() as client:  # a job run: the worker exists

@@ -2,9 +2,7 @@
 of its files before any is read, so that a job that cannot fit is refused at once with what
 it needs rather than stopped by the limit halfway."""
 
-import os
 import resource
-import sys
 
 from workers.errors import UnsafeModelError
 
@@ -52,21 +50,3 @@ def require_memory(needed: int) -> None:
         "(CLIPPRUNE_WORKER_MEMORY_BYTES): raise it, or run fewer CLIPPRUNE_WORKERS (which raises "
         "its default), or send a smaller model"
     )
-
-
-# glibc's malloc puts the blocks it maps (every tensor-sized buffer) on transparent huge pages:
-# a 270 MB model's bytes are copied a dozen times on their way through a job, and each fresh
-# copy cost a page fault per 4 KiB. Measured on a 270 MB prune job: parsing 0.93 -> 0.53 s,
-# pruning 3.68 -> 2.45 s, encoding 0.70 -> 0.29 s (README "Pruning at scale"). Read by the
-# dynamic loader at process start only; a glibc before 2.35 ignores it.
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def with_huge_pages() -> None:
-    """Start this process again with HUGE_PAGES_TUNABLE (same pid, arguments, environment
-    besides), unless GLIBC_TUNABLES is already set: by this, or by an operator whose own
-    setting stands. Every process the command starts (the service's workers) inherits it."""
-    if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux"):
-        return
-    environment = {**os.environ, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
