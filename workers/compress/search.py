@@ -290,7 +290,8 @@ def search(
         if meets:
             met.append(sparsity)
         # The best file so far can only be beaten, never come back: the others go now, so a
-        # large model's search holds one file on disk beside the one being judged.
+        # large model's search holds one file on disk beside the candidate being judged (with
+        # encoding auto, its encodings until it has chosen one).
         best = best_file(compressor, tried, bound)
         for candidate in tried.values():
             if best is None or candidate.chosen is not best[1]:
