@@ -34,7 +34,7 @@ soak: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python bench/frontier.py
 	$(BIN)/python bench/training_speed.py
-	$(BIN)/python bench/service.py
+	$(BIN)/python bench/service_http.py
 	$(BIN)/python bench/prune_scale.py
 
 clean:

@@ -17,6 +17,7 @@ default memory limit; target: both jobs succeed and no worker is killed or repla
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from workers.hugepages import with_huge_pages
+from service.entry import HUGE_PAGES_TUNABLE
 
 WIDTH, LAYERS = 4096, 4
 SETTINGS = {
@@ -207,8 +208,9 @@ def service_1g() -> int:
 
 
 def main() -> int:
-    # As `clipprune` runs: the baseline and every setting inherit the same malloc tunable.
-    with_huge_pages()
+    # As `clipprune` runs (service/entry.py): the baseline and every setting, each a process
+    # of its own, start with the same malloc tunable.
+    os.environ.setdefault("GLIBC_TUNABLES", HUGE_PAGES_TUNABLE)
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=sorted([*SETTINGS, "service-1g"]))
     args = parser.parse_args()

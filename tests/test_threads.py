@@ -7,8 +7,8 @@ import json
 import psutil
 from server import accepted_id, submit, wait_for
 
+from service.entry import HUGE_PAGES_TUNABLE
 from service.settings import Settings, machine_cores
-from workers.hugepages import HUGE_PAGES_TUNABLE
 
 
 def job_logs(log_text: str) -> list[dict]:

@@ -1,6 +1,6 @@
 """The service against its own compute: throughput, job start latency, upload memory.
 
-Run: .venv/bin/python bench/service.py   (starts its own service on a free local port)
+Run: .venv/bin/python bench/service_http.py   (starts its own service on a free local port)
 
 3. 200 prune jobs of the skl2onnx digits MLP, each with 300 labelled eval rows (accuracy and
    latency measured, as a user's job runs), through HTTP, 16 concurrent clients, embedded
