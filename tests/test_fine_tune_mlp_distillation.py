@@ -108,3 +108,17 @@ def test_with_distillation_the_epoch_is_picked_by_cosine_to_the_original_as_on_t
     _, learns = tuned(model, x_train, y_train, held_out, patience=2)
     assert max(learns.validation) - learns.validation[0] > MIN_GAIN
     assert len(learns.validation) > 3
+
+
+def test_without_labels_the_mlp_path_distils_alone_as_the_graph_path_does(digits_300_100) -> None:
+    """DESIGN: fine-tuning needs no labels, the original is the teacher. train_data without a
+    label column fine-tunes an MLP classifier by distillation alone (alpha 0 whatever is set),
+    its epoch picked by agreement with the original."""
+    model, (x_train, _), held_out = digits_300_100
+    original, _ = run(model.SerializeToString(), {"X": held_out[0]})
+    pruned = prune_model(copy_model(model), PruneParams(sparsity=0.5, granularity="structured"))
+    before, _ = run(pruned.model.SerializeToString(), {"X": held_out[0]})
+    unlabelled, report = tuned(model, x_train, None, (held_out[0], None), alpha=1.0)
+    assert report.metric == "cosine" and max(report.validation) > report.validation[0]
+    assert np.mean(unlabelled == original) > 0.9
+    assert np.mean(before == original) < np.mean(unlabelled == original)

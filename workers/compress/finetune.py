@@ -71,16 +71,24 @@ def fine_tune(
     except UnsupportedModelError:  # not an MLP chain: the general executor, by distillation
         return fine_tune_graph(original, outcome, settings, train, validation, on_epoch)
     network = mlp.network
-    if train.labels is None:
-        raise InvalidDataError("train_data needs labels to fine-tune on")
+    labelled = train.labels is not None
+    if not labelled and network.head not in CLASS_LOGITS:
+        raise InvalidDataError(
+            "train_data needs labels to fine-tune a regressor on (its outputs are no class "
+            "scores to distil from): add a label column"
+        )
     x_train = mlp.prepare(train.stacked(mlp.input_name))
-    y_train = mlp.targets(train.labels)
-    check = validation if validation is not None and validation.labels is not None else train
-    assert check.labels is not None
-    x_val, y_val = mlp.prepare(check.stacked(mlp.input_name)), mlp.targets(check.labels)
+    y_train = mlp.targets(labels_or_placeholder(mlp, train, len(x_train)))
+    alpha = settings.alpha if labelled else 0.0  # no labels: the original the only teacher
+    # the epoch is picked on eval_data with labels, or without any when the labels' metric is
+    # not what picks it (distillation alone: agreement with the original)
+    usable = validation is not None and (validation.labels is not None or not labelled)
+    check = validation if usable and validation is not None else train
+    x_val = mlp.prepare(check.stacked(mlp.input_name))
+    y_val = mlp.targets(labels_or_placeholder(mlp, check, len(x_val)))
     source = read_mlp(original)
     # before gradual trains the source's weights: the teacher is the original as it came
-    teacher = mlp_teacher(source, train, settings)
+    teacher = mlp_teacher(source, train, settings.temperature, alpha)
     validate = None if teacher is None else mlp_agreement(source, check, settings.temperature)
 
     # Only the weights the pruning step chose (include/exclude) are masked or ramped.
@@ -123,12 +131,22 @@ def fine_tune(
     return training_report(metric, settings.clip, history)
 
 
-def mlp_teacher(original: OnnxMlp, train: EvalData, settings: FineTuneParams) -> Teacher | None:
+def labels_or_placeholder(mlp: OnnxMlp, data: EvalData, rows: int) -> np.ndarray:
+    """The data's labels; without any, the model's first class for every row, for a labels'
+    loss weighed 0 and a labels' metric not read (distillation alone)."""
+    if data.labels is not None:
+        return data.labels
+    return np.full(rows, mlp.classes[0] if mlp.classes is not None else 0)
+
+
+def mlp_teacher(
+    original: OnnxMlp, train: EvalData, temperature: float, alpha: float
+) -> Teacher | None:
     """The original MLP as the teacher: its logits on the training rows, once, through its own
     preprocessing. None when alpha is 1: the labels alone, and no forward pass spent."""
-    if settings.alpha == 1:
+    if alpha == 1:
         return None
-    return Teacher(mlp_logits(original, train), settings.temperature, settings.alpha)
+    return Teacher(mlp_logits(original, train), temperature, alpha)
 
 
 def mlp_logits(mlp: OnnxMlp, data: EvalData) -> np.ndarray:
