@@ -20,6 +20,7 @@ from workers.graph.walk import attribute
 from workers.graph.weights import all_float_constants
 from workers.nn.clipping import MATMUL_UNIT_AXIS, clip_gradients
 from workers.nn.fit import (
+    EarlyStopping,
     EpochProgress,
     FitSettings,
     History,
@@ -37,6 +38,7 @@ from workers.nn.network import (
     log_softmax,
     mse_distillation,
     softmax_loss,
+    two_class_logits,
 )
 from workers.nn.optimizers import OPTIMIZERS
 
@@ -158,7 +160,7 @@ def mlp_logits(mlp: OnnxMlp, data: EvalData) -> np.ndarray:
 # sigmoid is the softmax of the two logits (0, z). A regressor's outputs are not classes.
 CLASS_LOGITS: dict[Head, Callable[[np.ndarray], np.ndarray]] = {
     "softmax": lambda z: z,
-    "sigmoid": lambda z: np.hstack([np.zeros_like(z), z]),
+    "sigmoid": two_class_logits,
 }
 
 
@@ -460,8 +462,8 @@ def fine_tune_graph(
     unchanged = student.agreement(
         batched_forward(student.executor, x_val, settings.batch_size), y_val
     )
-    best = (unchanged, [p.copy() for p in params])
-    gained, since_gain = unchanged, 0  # the last score that beat the one before by MIN_GAIN
+    stopping = EarlyStopping(settings.patience, MIN_GAIN)
+    stopping.stop_after(unchanged, params)
     rows = len(next(iter(y_train.values())))
     rng = np.random.default_rng(0)
     for epoch in range(settings.epochs):
@@ -486,18 +488,10 @@ def fine_tune_graph(
         )
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)
-        score = history.validation[-1]
-        if score > best[0]:
-            best = (score, [p.copy() for p in params])
-        if score > gained + MIN_GAIN:
-            gained, since_gain = score, 0
-        else:
-            since_gain += 1
-            if settings.patience is not None and since_gain >= settings.patience:
-                history.stopped_early = True
-                break
-    for p, saved in zip(params, best[1], strict=True):
-        p[...] = saved
+        if stopping.stop_after(history.validation[-1], params):
+            history.stopped_early = True
+            break
+    stopping.restore_best(params)
     write_parameters(outcome.model, {n: student.executor.parameters[n] for n in student.names})
     refresh_layers(outcome)
     return training_report("cosine", settings.clip, history)

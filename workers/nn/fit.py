@@ -98,6 +98,33 @@ class Teacher:
 
 
 @dataclass
+class EarlyStopping:
+    """The best weights seen, and when to stop: after `patience` epochs (None: never) whose
+    score did not beat the last gain by `min_gain` (Keras' min_delta); a smaller gain still
+    makes its weights the best."""
+
+    patience: int | None
+    min_gain: float
+    best: tuple[float, list[np.ndarray]] | None = None
+    gained: float = -np.inf  # the last score that beat the one before by min_gain
+    since_gain: int = 0
+
+    def stop_after(self, score: float, params: list[np.ndarray]) -> bool:
+        if self.best is None or score > self.best[0]:
+            self.best = (score, [p.copy() for p in params])
+        if score > self.gained + self.min_gain:
+            self.gained, self.since_gain = score, 0
+            return False
+        self.since_gain += 1
+        return self.patience is not None and self.since_gain >= self.patience
+
+    def restore_best(self, params: list[np.ndarray]) -> None:
+        if self.best is not None:
+            for p, saved in zip(params, self.best[1], strict=True):
+                p[...] = saved
+
+
+@dataclass
 class History:
     loss: list[float] = field(default_factory=list)  # mean training loss per epoch
     validation: list[float] = field(default_factory=list)  # validation metric per epoch
@@ -183,8 +210,7 @@ def fit(
     target = settings.prune
     ramp = max(1, round(GRADUAL_RAMP_SHARE * settings.epochs))
     gradual = target is not None and target.schedule == "gradual"
-    best: tuple[float, list[np.ndarray]] | None = None
-    gained, since_gain = -np.inf, 0  # the last score that beat the one before by min_gain
+    stopping = EarlyStopping(settings.patience, settings.min_gain)
     rows = len(x_train)
     for epoch in range(settings.epochs):
         if gradual and 0 < epoch <= ramp:
@@ -220,20 +246,12 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)
-        if settings.patience is not None and (not gradual or epoch >= ramp):
-            score = history.validation[-1]
-            if best is None or score > best[0]:
-                best = (score, [p.copy() for p in params])
-            if score > gained + settings.min_gain:
-                gained, since_gain = score, 0
-            else:
-                since_gain += 1
-                if since_gain >= settings.patience:
-                    history.stopped_early = True
-                    break
-    if best is not None:
-        for p, saved in zip(params, best[1], strict=True):
-            p[...] = saved
+        # the best weights are kept and patience counted only once the ramp has ended
+        judged = settings.patience is not None and (not gradual or epoch >= ramp)
+        if judged and stopping.stop_after(history.validation[-1], params):
+            history.stopped_early = True
+            break
+    stopping.restore_best(params)
     if target is not None:
         final = weight_masks(network, target, target.sparsity)
         apply_masks(network, final)

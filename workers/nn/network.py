@@ -87,8 +87,7 @@ def mse_distillation(
     student: np.ndarray, teacher: np.ndarray, _: float
 ) -> tuple[float, np.ndarray]:
     """Mean squared error to the teacher's output: embeddings, feature maps, regressions."""
-    diff = student - teacher
-    return float(np.mean(diff * diff)), diff * (2 / diff.size)
+    return squared_loss(student, teacher)
 
 
 def kl_distillation(
@@ -109,11 +108,15 @@ def binary_kl_distillation(
 ) -> tuple[float, np.ndarray]:
     """kl_distillation of one logit z [N, 1]: a sigmoid is the softmax of the two logits (0, z),
     so the same KL of those two classes, and the gradient at z alone."""
-    zero = np.zeros_like(student)
     loss, grad = kl_distillation(
-        np.hstack([zero, student]), np.hstack([zero, teacher.astype(student.dtype)]), temperature
+        two_class_logits(student), two_class_logits(teacher.astype(student.dtype)), temperature
     )
     return loss, grad[:, 1:]
+
+
+def two_class_logits(z: np.ndarray) -> np.ndarray:
+    """A sigmoid's one logit [N, 1] as the two logits (0, z) [N, 2] whose softmax it is."""
+    return np.hstack([np.zeros_like(z), z])
 
 
 def distilled_loss(
