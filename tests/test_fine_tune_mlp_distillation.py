@@ -15,8 +15,9 @@ from workers.evaluate.data import EvalData
 from workers.nn.network import HEADS, distilled_loss
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_the_distilled_loss_gradient_matches_finite_differences(head: Head) -> None:
+def test_the_distilled_loss_gradient_matches_finite_differences(head: Head, alpha: float) -> None:
     rng = np.random.default_rng(21)
     width = {"softmax": 4, "sigmoid": 1, "identity": 2}[head]
     student, teacher = rng.standard_normal((6, width)), 3 * rng.standard_normal((6, width))
@@ -28,12 +29,12 @@ def test_the_distilled_loss_gradient_matches_finite_differences(head: Head) -> N
     rule = HEADS[head]
 
     def loss(logits: np.ndarray) -> tuple[float, np.ndarray]:
-        return distilled_loss(rule.loss, rule.distillation, teacher, 2.5, 0.3, logits, labels)
+        return distilled_loss(rule.loss, rule.distillation, teacher, 2.5, alpha, logits, labels)
 
     value, grad = loss(student)
     soft, _ = rule.distillation(student, teacher, 2.5)
     hard, _ = rule.loss(student, labels)
-    assert value == pytest.approx(0.7 * soft + 0.3 * hard)
+    assert value == pytest.approx((1 - alpha) * soft + alpha * hard)
     numeric = np.zeros_like(student)
     for index in np.ndindex(student.shape):
         step = np.zeros_like(student)

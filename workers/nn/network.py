@@ -131,6 +131,8 @@ def distilled_loss(
     """(1 - alpha) distillation from the teacher's logits + alpha the task loss on labels y, the
     value and its gradient at the logits, as the graph path's Distiller weighs them."""
     soft, d_soft = distillation(logits, teacher, temperature)
+    if alpha == 0:  # distillation alone: y are placeholders, their loss would weigh nothing
+        return soft, d_soft
     hard, d_hard = task(logits, y)
     d_soft *= 1 - alpha  # both are fresh arrays: blend in place
     d_soft += alpha * d_hard
