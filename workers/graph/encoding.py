@@ -93,7 +93,8 @@ STREAMED_FIELDS: dict[str, frozenset[str]] = {
 _WIRE_LENGTH_DELIMITED = 2
 
 
-def _varint(value: int) -> bytes:
+def varint_bytes(value: int) -> bytes:
+    """A non-negative integer as protobuf writes a varint."""
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -144,8 +145,8 @@ def _size(part: _Part) -> int:
 
 
 def _nested(number: int, inner: list[_Part]) -> _Nested:
-    tag = _varint(number << 3 | _WIRE_LENGTH_DELIMITED)
-    return _Nested(tag + _varint(sum(map(_size, inner))), inner)
+    tag = varint_bytes(number << 3 | _WIRE_LENGTH_DELIMITED)
+    return _Nested(tag + varint_bytes(sum(map(_size, inner))), inner)
 
 
 def _parts(message: Message) -> list[_Part]:

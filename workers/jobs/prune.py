@@ -40,11 +40,10 @@ from workers.jobs.memory import prune_peak_bytes, require_memory
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import (
     STAGED_MODEL,
+    file_report,
     finish_report,
     latency_pair,
-    onnx_report,
     score_pair,
-    size_report,
 )
 
 
@@ -131,10 +130,9 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     # From here on no Python copy of either model is held: the sizes and facts are read from
     # the files, and onnxruntime reads both from them, which peaks lower than from bytes.
     progress("writing", 0.9)
-    size = size_report(
+    size, onnx_facts = file_report(
         reference.path, model_out, compressed.params_before, compressed.nonzero_after
     )
-    onnx_facts = onnx_report(model_out)
 
     progress("evaluating", 0.95)
     latency, check = None, None

@@ -37,7 +37,7 @@ from workers.graph.load import parse_model, serialize
 from workers.jobs.advice import Facts
 from workers.jobs.files import EVAL_DATA, INPUT_DIR, TRAIN_DATA, upload_field
 from workers.jobs.progress import Progress, epoch_progress, no_progress
-from workers.jobs.report import finish, latency_pair, onnx_report, score_pair, size_report
+from workers.jobs.report import file_report, finish, latency_pair, score_pair
 from workers.nn.fit import (
     FitSettings,
     History,
@@ -312,13 +312,14 @@ def run_train_job(job_dir: Path, params: TrainParams, progress: Progress = no_pr
         notes.append(_retraining_note(outcome))
     params_before = float_param_count(dense)
     _, nonzero_after = float_params(parse_model(outcome.onnx))  # before int8 hides the floats
+    size, onnx_facts = file_report(outcome.dense_onnx, compressed, params_before, nonzero_after)
     report = Report(
         kind="train",
-        size=size_report(outcome.dense_onnx, compressed, params_before, nonzero_after),
+        size=size,
         layers=layers,
         accuracy=accuracy,
         latency_ms=latency,
-        onnx=onnx_report(compressed),
+        onnx=onnx_facts,
         training=training_report(HEADS[outcome.network.head].metric, params.clip, outcome.history),
         groups=outcome.structured.groups if outcome.structured is not None else None,
         notes=notes,
