@@ -2,12 +2,14 @@
 and a gzip apart, give."""
 
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 from onnx import ModelProto, helper
 
 from workers.graph.load import opsets
-from workers.jobs.report import file_report, gzip_size, model_header
+from workers.jobs.report import Beside, file_report, gzip_size, job_threads, model_header
 
 
 def _model_with_everything(mlp_classifier: ModelProto) -> ModelProto:
@@ -47,3 +49,23 @@ def test_file_report_matches_hashing_and_gzipping_each_file_apart(tmp_path: Path
         assert facts.ir_version == mlp_classifier.ir_version
         assert facts.opsets == opsets(mlp_classifier)
         assert facts.checker == "passed"
+
+
+def _thread_name() -> str:
+    return threading.current_thread().name
+
+
+def test_beside_runs_on_a_second_thread_only_when_the_job_may_use_two(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as a service worker given one thread
+    with Beside() as beside:
+        ran = beside.submit(_thread_name)
+        assert ran() == threading.current_thread().name  # put off, then run here
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with Beside() as beside:
+        first, second = beside.submit(_thread_name), beside.submit(_thread_name)
+        assert first() == second() != threading.current_thread().name
+
+
+def test_the_command_line_may_use_every_core(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert job_threads() == len(os.sched_getaffinity(0))

@@ -1,5 +1,7 @@
 """The prune job: prune a model, optionally fine-tune, search or scan, and report."""
 
+import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -40,10 +42,13 @@ from workers.jobs.memory import prune_peak_bytes, require_memory
 from workers.jobs.progress import Progress, epoch_progress, no_progress
 from workers.jobs.report import (
     STAGED_MODEL,
-    file_report,
+    Beside,
     finish_report,
+    gzip_size,
     latency_pair,
+    onnx_report,
     score_pair,
+    size_report,
 )
 
 
@@ -130,17 +135,22 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     # From here on no Python copy of either model is held: the sizes and facts are read from
     # the files, and onnxruntime reads both from them, which peaks lower than from bytes.
     progress("writing", 0.9)
-    size, onnx_facts = file_report(
-        reference.path, model_out, compressed.params_before, compressed.nonzero_after
-    )
-
-    progress("evaluating", 0.95)
     latency, check = None, None
-    if validation is not None:
+    if validation is not None:  # timed with nothing beside it, which would move the figures
+        progress("evaluating", 0.95)
         latency = latency_pair(reference.source, model_out, validation.runs[0])
-    else:
-        check, note = generated_check(reference.source, model_out, specs)
-        notes.append(note)
+    digest = hashlib.sha256()  # of the compressed file, fed by the read for its gzip size
+    with Beside() as beside:
+        original_gzip = beside.submit(functools.partial(gzip_size, reference.path))
+        compressed_gzip = beside.submit(functools.partial(gzip_size, model_out, digest))
+        if validation is None:
+            progress("evaluating", 0.95)
+            check, note = generated_check(reference.source, model_out, specs)
+            notes.append(note)
+        gzip_sizes = original_gzip(), compressed_gzip()
+    before, after = compressed.params_before, compressed.nonzero_after
+    size = size_report(reference.path, model_out, before, after, gzip_sizes)
+    onnx_facts = onnx_report(model_out, digest.hexdigest())
     report = Report(
         kind="prune",
         size=size,
