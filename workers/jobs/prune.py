@@ -101,8 +101,12 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     data_bytes = sum(path.stat().st_size for path in (train_path, eval_path) if path.exists())
     require_memory(prune_peak_bytes(model_path.stat().st_size, data_bytes))
     progress("loading", 0.0)
-    with upload_field("model"):
-        model = parse_model(model_path.read_bytes())
+    with Beside() as beside:  # the upload read for its gzip size while it is parsed
+        original = beside.submit(functools.partial(gzip_size, model_path))
+        with upload_field("model"):
+            model = parse_model(model_path.read_bytes())
+        # Waited for here: pruning's peak must not carry the gzip's 16 MB pieces as well.
+        original_gzip = original()
     specs = model_inputs(model)
     notes: list[str] = []
     reference = Reference(model_path)
@@ -141,13 +145,12 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         latency = latency_pair(reference.source, model_out, validation.runs[0])
     digest = hashlib.sha256()  # of the compressed file, fed by the read for its gzip size
     with Beside() as beside:
-        original_gzip = beside.submit(functools.partial(gzip_size, reference.path))
         compressed_gzip = beside.submit(functools.partial(gzip_size, model_out, digest))
         if validation is None:
             progress("evaluating", 0.95)
             check, note = generated_check(reference.source, model_out, specs)
             notes.append(note)
-        gzip_sizes = original_gzip(), compressed_gzip()
+        gzip_sizes = original_gzip, compressed_gzip()
     before, after = compressed.params_before, compressed.nonzero_after
     size = size_report(reference.path, model_out, before, after, gzip_sizes)
     onnx_facts = onnx_report(model_out, digest.hexdigest())
