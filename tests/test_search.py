@@ -8,6 +8,7 @@ from graphs import gemm_mlp
 from helpers import run
 
 from schemas import PruneParams
+from workers.compress.search import Candidate, Compressor
 from workers.jobs import run_prune_job
 from workers.jobs.files import CANDIDATES_PREFIX
 
@@ -71,6 +72,31 @@ def test_a_search_keeps_one_candidate_file_on_disk_and_leaves_none(job_dir, digi
     assert all(len(names) <= 1 for names in on_disk)
     assert any(on_disk) and not candidate_dirs(job_dir)
     assert (job_dir / "model.onnx").stat().st_size == report.size.compressed_bytes
+
+
+@pytest.mark.parametrize("fine_tune", [None, {"epochs": 3}])
+def test_a_search_holds_the_models_of_two_candidates_at_most(
+    job_dir, digits_300_100, monkeypatch, fine_tune
+):
+    """Each candidate holds a pruned copy of the model; one that can neither be returned nor
+    (iterative search, with fine-tuning) be pruned further lets it go, so a large model's search
+    does not grow by a model per sparsity tried."""
+    model, train, held_out = digits_300_100
+    stage(job_dir, model.SerializeToString(), evaluate=held_out, train=train)
+    made: list[Candidate] = []
+    judge = Compressor.candidate
+
+    def recorded(self: Compressor, *args, **kwargs) -> Candidate:
+        made.append(judge(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(Compressor, "candidate", recorded)
+    params = PruneParams(max_accuracy_drop=0.01, granularity="structured", fine_tune=fine_tune)
+    report = run_prune_job(job_dir, params)
+    held = [candidate for candidate in made if candidate.outcome.model.graph.node]
+    assert len(made) >= 5 and 1 <= len(held) <= (2 if fine_tune else 1)
+    (chosen,) = [point for point in report.sweep if point.chosen]
+    assert chosen.bytes in {candidate.chosen.size for candidate in held}
 
 
 def test_a_retry_is_not_stopped_by_the_candidates_a_dead_attempt_left(job_dir, digits_300_100):

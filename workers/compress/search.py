@@ -92,6 +92,11 @@ class Candidate:
         for item in self.tried:
             item.discard()
 
+    def release(self) -> None:
+        """Let go of the pruned model, the largest thing a candidate holds, once it can neither
+        be returned nor pruned further: its sizes and scores stay for the sweep."""
+        self.outcome.model = ModelProto()
+
     @property
     def notes(self) -> list[str]:
         return self.outcome.notes + self.chosen.notes
@@ -291,11 +296,16 @@ def search(
             met.append(sparsity)
         # The best file so far can only be beaten, never come back: the others go now, so a
         # large model's search holds one file on disk beside the candidate being judged (with
-        # encoding auto, its encodings until it has chosen one).
+        # encoding auto, its encodings until it has chosen one). Their models go too, but for
+        # the highest sparsity that met the bound: every later sparsity is above it, so an
+        # iterative search starts from it and from no other.
         best = best_file(compressor, tried, bound)
-        for candidate in tried.values():
+        start_from = max(met) if iterative and met else None
+        for done, candidate in tried.items():
             if best is None or candidate.chosen is not best[1]:
                 candidate.chosen.discard()
+                if done != start_from:
+                    candidate.release()
         return meets
 
     # Up the grid until SEARCH_PATIENCE sparsities in a row miss: fine-tuning makes the metric
