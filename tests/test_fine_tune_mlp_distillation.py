@@ -123,3 +123,24 @@ def test_without_labels_the_mlp_path_distils_alone_as_the_graph_path_does(digits
     assert report.metric == "cosine" and max(report.validation) > report.validation[0]
     assert np.mean(unlabelled == original) > 0.9
     assert np.mean(before == original) < np.mean(unlabelled == original)
+
+
+def test_eval_data_without_labels_picks_the_epoch_when_the_score_needs_none(digits_300_100) -> None:
+    """Agreement with the original needs no labels: labelled train_data and unlabelled eval_data
+    measure the curve on eval_data, as with its labels. alpha 1 scores the labels, so unlabelled
+    eval_data cannot pick the epoch: the curve is measured on train_data, and a note says so."""
+    model, (x_train, y_train), (x_test, y_test) = digits_300_100
+    _, labelled = tuned(model, x_train, y_train, (x_test, y_test))
+    _, unlabelled = tuned(model, x_train, y_train, (x_test, None))
+    _, other_rows = tuned(model, x_train, y_train, (x_test[::2], None))
+    assert unlabelled.metric == "cosine" and unlabelled.validation == labelled.validation
+    assert other_rows.validation != unlabelled.validation
+
+    params = PruneParams(
+        sparsity=0.5, granularity="structured", fine_tune={"epochs": 2, "alpha": 1.0}
+    )
+    outcome = prune_model(copy_model(model), params)
+    train, held_out = EvalData([{"X": x_train}], y_train), EvalData([{"X": x_test}], None)
+    report = fine_tune(model, outcome, params, train, held_out)
+    assert report.metric == "accuracy"
+    assert any("curve is measured on train_data" in note for note in outcome.notes)

@@ -82,16 +82,23 @@ def fine_tune(
     x_train = mlp.prepare(train.stacked(mlp.input_name))
     y_train = mlp.targets(labels_or_placeholder(mlp, train, len(x_train)))
     alpha = settings.alpha if labelled else 0.0  # no labels: the original the only teacher
-    # the epoch is picked on eval_data with labels, or without any when the labels' metric is
-    # not what picks it (distillation alone: agreement with the original)
-    usable = validation is not None and (validation.labels is not None or not labelled)
-    check = validation if usable and validation is not None else train
-    x_val = mlp.prepare(check.stacked(mlp.input_name))
-    y_val = mlp.targets(labels_or_placeholder(mlp, check, len(x_val)))
     source = read_mlp(original)
     # before gradual trains the source's weights: the teacher is the original as it came
     teacher = mlp_teacher(source, train, settings.temperature, alpha)
-    validate = None if teacher is None else mlp_agreement(source, check, settings.temperature)
+    # The epoch is picked by agreement with the original, which needs no labels, or (alpha 1, a
+    # regressor) by the labels' metric: then eval_data without labels cannot pick it.
+    by_agreement = teacher is not None and network.head in CLASS_LOGITS
+    check = train
+    if validation is not None and (by_agreement or validation.labels is not None):
+        check = validation
+    elif validation is not None:
+        outcome.notes.append(
+            "eval_data has no labels to pick fine-tuning's epoch by (alpha 1 or a regressor "
+            "scores the labels): the curve is measured on train_data"
+        )
+    x_val = mlp.prepare(check.stacked(mlp.input_name))
+    y_val = mlp.targets(labels_or_placeholder(mlp, check, len(x_val)))
+    validate = mlp_agreement(source, check, settings.temperature) if by_agreement else None
 
     # Only the weights the pruning step chose (include/exclude) are masked or ramped.
     chosen = {layer.name for layer in outcome.layers}
@@ -164,15 +171,13 @@ CLASS_LOGITS: dict[Head, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def mlp_agreement(original: OnnxMlp, validation: EvalData, temperature: float) -> Validation | None:
-    """The validation score when the original is a teacher, as the graph path picks its epoch:
-    the cosine of the class probabilities softened by the temperature to the original's on the
-    validation rows. It moves with every row's scores, where accuracy moves in steps of one row
-    (on 270 eval rows, 0.37 points) and the epoch that scored one row more was kept by chance.
-    None for a regressor: its metric on the labels."""
-    as_classes = CLASS_LOGITS.get(original.network.head)
-    if as_classes is None:
-        return None
+def mlp_agreement(original: OnnxMlp, validation: EvalData, temperature: float) -> Validation:
+    """The validation score when the original is a teacher and has class scores, as the graph
+    path picks its epoch: the cosine of the class probabilities softened by the temperature to
+    the original's on the validation rows. It moves with every row's scores, where accuracy
+    moves in steps of one row (on 270 eval rows, 0.37 points) and the epoch that scored one row
+    more was kept by chance."""
+    as_classes = CLASS_LOGITS[original.network.head]
     target = softened(as_classes(mlp_logits(original, validation)), temperature)
 
     def agreement(logits: np.ndarray) -> float:
