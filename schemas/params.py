@@ -97,7 +97,7 @@ class FineTuneParams(_Params):
         "epochs without a better validation score (the cosine to the original, class logits "
         "as softened probabilities, a gain of at least 0.001; on the MLP fast path with alpha "
         "1 or a regressor, the metric on the labels) and keep the best weights; null trains "
-        "every epoch.",
+        "every epoch and keeps the last.",
     )
 
 

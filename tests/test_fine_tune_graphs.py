@@ -350,3 +350,24 @@ def test_after_reconstruction_fine_tuning_still_moves_the_weights(tmp_path: Path
     before = mean_cosine(softened({"y": ort_output(reconstructed.model, held_out)}, 2.0), teacher)
     after = mean_cosine(softened({"y": ort_output(outcome.model, held_out)}, 2.0), teacher)
     assert after > before + 0.005, (before, after)
+
+
+@pytest.mark.parametrize("patience", [None, 1])
+def test_patience_null_keeps_the_last_epoch_and_patience_the_best(patience) -> None:
+    """One vocabulary with the MLP path and train jobs: patience null trains every epoch and keeps
+    the last; with patience the best epoch is kept, here the pruned start that a learning rate
+    far too large only made worse."""
+    rng = np.random.default_rng(31)
+    model = conv_net(rng)
+    x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5))
+    start = initializers(outcome.model)
+    settings = FineTuneParams(
+        epochs=1, learning_rate=5.0, optimizer="sgd", clip={"mode": "none"}, patience=patience
+    )
+    data = EvalData([{"x": x}], None)
+    report = fine_tune_graph(model, outcome, settings, data, data)
+    after = initializers(outcome.model)
+    moved = any(not np.array_equal(after[name], start[name]) for name in start)
+    assert moved == (patience is None)
+    assert len(report.validation) == 1

@@ -99,9 +99,9 @@ class Teacher:
 
 @dataclass
 class EarlyStopping:
-    """The best weights seen, and when to stop: after `patience` epochs (None: never) whose
-    score did not beat the last gain by `min_gain` (Keras' min_delta); a smaller gain still
-    makes its weights the best."""
+    """The best weights seen, and when to stop: after `patience` epochs whose score did not
+    beat the last gain by `min_gain` (Keras' min_delta); a smaller gain still makes its weights
+    the best. patience None: every epoch is trained and the last one kept, nothing chosen."""
 
     patience: int | None
     min_gain: float
@@ -110,6 +110,8 @@ class EarlyStopping:
     since_gain: int = 0
 
     def stop_after(self, score: float, params: list[np.ndarray]) -> bool:
+        if self.patience is None:
+            return False
         if self.best is None or score > self.best[0]:
             self.best = (score, [p.copy() for p in params])
         if score > self.gained + self.min_gain:
@@ -247,7 +249,7 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)
         # the best weights are kept and patience counted only once the ramp has ended
-        judged = settings.patience is not None and (not gradual or epoch >= ramp)
+        judged = not gradual or epoch >= ramp
         if judged and stopping.stop_after(history.validation[-1], params):
             history.stopped_early = True
             break
