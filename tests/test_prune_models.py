@@ -12,7 +12,7 @@ from workers.compress.prune import copy_model, prune_model
 from workers.errors import UnsupportedModelError
 from workers.graph.encoding import encode
 from workers.graph.load import parse_model
-from workers.graph.weights import find_weights
+from workers.graph.weights import WeightSlot, find_weights
 
 
 def prune_bytes(model: onnx.ModelProto, encoding: str = "dense", **fields) -> bytes:
@@ -282,3 +282,29 @@ def test_a_pruned_tensor_is_written_as_numpy_helper_writes_one(stored):
     keep = np.abs(values) > np.sort(np.abs(values).ravel())[values.size // 2 - 1]
     expected = numpy_helper.from_array(np.where(keep, values, np.zeros((), values.dtype)), "W0")
     assert pruned.SerializeToString() == expected.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("fields", "reads"),
+    [
+        # finite check, histogram, bucket, mask, layer report: the write takes the mask's
+        ({"sparsity": 0.5, "scope": "global"}, 5),
+        # finite check, one read for the cut and the mask, layer report
+        ({"sparsity": 0.5, "scope": "layer"}, 3),
+        ({"threshold": 0.1}, 3),
+    ],
+)
+def test_each_weight_is_read_out_of_protobuf_once_per_pass(monkeypatch, fields, reads):
+    """A read copies a weight out of protobuf (64 MB apiece in a 270 MB model): the write
+    prunes the values the mask was made from rather than reading them again."""
+    counts: dict[str, int] = {}
+    read = WeightSlot.read
+
+    def counted(slot: WeightSlot) -> np.ndarray:
+        counts[slot.name] = counts.get(slot.name, 0) + 1
+        return read(slot)
+
+    monkeypatch.setattr(WeightSlot, "read", counted)
+    outcome = prune_model(gemm_mlp([8, 16, 12, 4], trans_b=0), PruneParams(**fields))
+    assert outcome.pruned == {"W0", "W1", "W2"}
+    assert counts == {"W0": reads, "W1": reads, "W2": reads}

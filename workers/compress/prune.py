@@ -68,16 +68,29 @@ def layer_report(name: str, original_shape: tuple[int, ...], array: np.ndarray) 
 
 class SlotValues(Sequence[np.ndarray]):
     """The weights' current values, each read from the model when indexed: a pass over them
-    holds one tensor at a time, not a second copy of the model."""
+    holds one tensor at a time, not a second copy of the model. With `keep_last`, the last
+    one read is kept for `take`: the tensor a mask was just made from is the one it prunes."""
 
-    def __init__(self, slots: list[WeightSlot]) -> None:
+    def __init__(self, slots: list[WeightSlot], keep_last: bool = False) -> None:
         self.slots = slots
+        self.keep_last = keep_last
+        self.last: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.slots)
 
     def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
-        return self.slots[index].read()
+        self.last = None  # the previous tensor let go before the next is read
+        array = self.slots[index].read()
+        if self.keep_last:
+            self.last = (index, array)
+        return array
+
+    def take(self, index: int) -> np.ndarray:
+        """Weight `index` as last read, handed over (not kept here: its taker lets it go),
+        or read again when another was read since."""
+        last, self.last = self.last, None
+        return last[1] if last is not None and last[0] == index else self.slots[index].read()
 
 
 def prunable_slots(model: ModelProto, params: PruneParams, only: str | None) -> list[WeightSlot]:
@@ -127,15 +140,17 @@ def prune_weights(
     model: ModelProto, slots: list[WeightSlot], params: PruneParams, outcome: PruneOutcome
 ) -> None:
     """Unstructured: single weights set to zero, shapes unchanged."""
+    values = SlotValues(slots, keep_last=True)
     masks = magnitude_masks(
-        SlotValues(slots),
-        sparsity=params.sparsity,
-        threshold=params.threshold,
-        scope=params.scope,
+        values, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
     )
-    for slot, keep in zip(slots, masks, strict=True):  # slot i is written before i+1 is read
-        if not keep.all():
-            slot.write_masked(keep)
+    # Slot i is written before i+1 is read, from the values its mask was made from: a 64 MB
+    # weight read out of protobuf once less.
+    for index, (slot, keep) in enumerate(zip(slots, masks, strict=True)):
+        if keep.all():
+            values.take(index)  # let it go
+        else:
+            slot.write_masked(keep, values.take(index))
             outcome.pruned.add(slot.name)
 
 

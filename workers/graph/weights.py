@@ -64,11 +64,16 @@ class WeightSlot:
             return
         self._write_raw(array.astype(self.dtype, copy=False).tobytes(), array.shape)
 
-    def write_masked(self, keep: np.ndarray) -> None:
+    def write_masked(self, keep: np.ndarray, values: np.ndarray | None = None) -> None:
         """The weight with every value where `keep` is False set to zero. The pruned copy is
         let go once it is bytes, before protobuf copies those in: at the peak of pruning a large
-        model one tensor-sized array less than write(np.where(...)), whose caller holds it."""
-        pruned = np.where(keep, self.read(), np.zeros((), dtype=self.dtype))
+        model one tensor-sized array less than write(np.where(...)), whose caller holds it.
+        `values`: the weight as the caller just read it (handed over: let go here), else it is
+        read."""
+        current = self.read() if values is None else values
+        del values
+        pruned = np.where(keep, current, np.zeros((), dtype=self.dtype))
+        del current
         if not isinstance(self.holder, TensorProto):
             self.write(pruned)
             return
