@@ -28,6 +28,7 @@ from workers.jobs.memory import MEMORY_LIMIT, memory_limit
 log = logging.getLogger("clipprune.job")
 
 MAX_ATTEMPTS = 2  # a job whose worker was lost is retried once, then failed
+ENDED = ("succeeded", "failed")  # what run_job returns when this run ended the job
 STAGE_TIMEOUT_EXIT = 75  # a worker ends itself with this status after failing a stuck stage
 PROGRESS_INTERVAL_S = 0.5  # at most two progress writes a second; stage changes always go
 
@@ -141,6 +142,7 @@ def _progress_writer(store: JobStore, job_id: str, token: str, clock: StageClock
 
 def _stage_watchdog(
     store: JobStore,
+    job_dir: Path,
     job_id: str,
     token: str,
     clock: StageClock,
@@ -159,7 +161,8 @@ def _stage_watchdog(
             "(CLIPPRUNE_STAGE_TIMEOUT_S) and was stopped; send a smaller model or data"
         )
         try:
-            store.fail(job_id, problem(422, "Stage time limit", detail), {"running"}, token)
+            if store.fail(job_id, problem(422, "Stage time limit", detail), {"running"}, token):
+                jobs.remove_attempt_files(job_dir)  # the job is over: no attempt needs them
         finally:
             log.info("job failed: %s", detail, extra={"job_id": job_id})
             logging.shutdown()
@@ -184,7 +187,8 @@ def run_job(
     time_limit_errors: tuple[type[BaseException], ...] = (),
     stage_timeout_s: float | None = None,
 ) -> str:
-    """Claim and run one job; returns its final status (or "skipped" if it was not queued).
+    """Claim and run one job; returns its final status ("skipped" if it was not queued,
+    "superseded" if its claim lapsed and another run holds the job).
 
     The claim carries a token of this run; every later write to the job row names it, so a
     run that a lease expiry replaced can no longer change the job. While it runs, the row's
@@ -204,14 +208,20 @@ def run_job(
     if stage_timeout_s is not None:
         watchdog = threading.Thread(
             target=_stage_watchdog,
-            args=(store, job_id, token, clock, stage_timeout_s, stop),
+            args=(store, job_dir, job_id, token, clock, stage_timeout_s, stop),
             daemon=True,
         )
         watchdog.start()
+    status = "superseded"
     try:
-        return _run_claimed(store, job_dir, job_id, token, clock, time_limit_errors)
+        # This run holds the claim: what an earlier attempt left (its worker died) is nobody's.
+        jobs.remove_attempt_files(job_dir)
+        status = _run_claimed(store, job_dir, job_id, token, clock, time_limit_errors)
+        return status
     finally:
         stop.set()
+        if status in ENDED:  # not when a later run holds the claim: its files are its own
+            jobs.remove_attempt_files(job_dir)
 
 
 def _run_claimed(
@@ -231,8 +241,10 @@ def _run_claimed(
     progress = _progress_writer(store, job_id, token, clock)
 
     def fail(status: int, title: str, detail: str) -> str:
-        store.fail(job_id, problem(status, title, detail), {"running"}, token)
-        return "failed"
+        if store.fail(job_id, problem(status, title, detail), {"running"}, token):
+            return "failed"
+        log.warning("job failed but its claim had lapsed: %s", detail, extra=extra)
+        return "superseded"
 
     try:
         entry = jobs.JOB_KINDS[row.kind]

@@ -87,6 +87,9 @@ def test_a_hostile_upload_is_refused_within_a_minute_and_within_the_limit(server
     assert len(problem["detail"]) <= 300
     assert re.search(detail, problem["detail"]), problem["detail"]
     assert peak < LIMIT, peak
+    # what the attempt wrote on its way (candidates, the staged model) went with its end, the
+    # stage watchdog's included, which ends the worker's process
+    assert not list((server.data_dir / "jobs" / job["id"]).glob(".*"))
 
 
 def test_inputs_too_large_to_generate_are_not_generated(server, client):

@@ -101,7 +101,8 @@ def test_a_search_holds_the_models_of_two_candidates_at_most(
 
 def test_a_retry_is_not_stopped_by_the_candidates_a_dead_attempt_left(job_dir, digits_300_100):
     """A worker killed mid-job leaves its candidate files; the retry in the same directory
-    works in its own and removes it, leaving the dead attempt's to the job directory's end."""
+    works in its own and removes it, leaving the dead attempt's to the runner, which removes
+    them as the job's next run starts and as it ends (tests/test_attempt_files.py)."""
     model, _, held_out = digits_300_100
     stage(job_dir, model.SerializeToString(), evaluate=held_out)
     stale = job_dir / f"{CANDIDATES_PREFIX}dead"

@@ -18,7 +18,7 @@ MODEL_OUT = "model.onnx"
 REPORT_OUT = "report.json"
 # The files a prune job writes and judges on its way to the one it returns, in a directory of
 # this prefix per attempt; gone when the attempt ends (one whose worker died leaves its own,
-# which goes with the job directory).
+# which the job's next run, or its end, removes: remove_attempt_files).
 CANDIDATES_PREFIX = ".candidates-"
 
 

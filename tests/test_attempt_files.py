@@ -1,0 +1,77 @@
+"""What an attempt writes on its way to a job's result (candidate directories, the staged
+model) does not outlive the job: a run removes what a dead attempt left, a job that ends, failed
+or succeeded, leaves none, and a run whose claim lapsed leaves the live run's files alone."""
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.runner import run_job
+from service.store import JobStore, new_job_id
+from workers.jobs import INPUT_DIR, MODEL_IN, MODEL_OUT
+from workers.jobs.files import CANDIDATES_PREFIX
+from workers.jobs.report import STAGED_MODEL
+
+
+def attempt_files(job_dir: Path) -> list[str]:
+    return sorted(path.name for path in job_dir.iterdir() if path.name.startswith("."))
+
+
+def job(tmp_path: Path, model: bytes, params: dict, eval_data=None) -> tuple[JobStore, str, Path]:
+    """A queued prune job in a real SQLite store, its files staged as the service stages them,
+    with what a worker killed mid-job left beside them."""
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job_id = new_job_id()
+    store.create(job_id, "owner", "prune", params)
+    job_dir = tmp_path / job_id
+    (job_dir / INPUT_DIR).mkdir(parents=True)
+    (job_dir / INPUT_DIR / MODEL_IN).write_bytes(model)
+    if eval_data is not None:
+        np.savez(job_dir / "eval.npz", X=eval_data[0], y=eval_data[1])
+        (job_dir / "eval.npz").rename(job_dir / INPUT_DIR / "eval_data")
+    dead = job_dir / f"{CANDIDATES_PREFIX}dead"
+    dead.mkdir()
+    (dead / "candidate-3.int8.onnx").write_bytes(b"half a file")
+    (job_dir / STAGED_MODEL).write_bytes(b"a dead attempt's model")
+    return store, job_id, job_dir
+
+
+def test_a_job_that_succeeds_leaves_no_attempt_files(tmp_path, digits_300_100):
+    model, _, held_out = digits_300_100
+    store, job_id, job_dir = job(
+        tmp_path, model.SerializeToString(), {"max_accuracy_drop": 0.02}, held_out
+    )
+    assert run_job(store, job_dir, job_id, heartbeat_s=60) == "succeeded"
+    assert attempt_files(job_dir) == [] and (job_dir / MODEL_OUT).stat().st_size > 0
+
+
+def test_a_job_that_fails_leaves_no_attempt_files(tmp_path):
+    store, job_id, job_dir = job(tmp_path, b"not an onnx model", {"sparsity": 0.5})
+    assert run_job(store, job_dir, job_id, heartbeat_s=60) == "failed"
+    row = store.get(job_id)
+    assert row is not None and row.error is not None and row.error["status"] == 422
+    assert attempt_files(job_dir) == []
+
+
+def test_a_run_whose_claim_lapsed_leaves_the_live_runs_files(tmp_path, digits_300_100):
+    """A lease that lapsed while its worker lived: another run claims the job and works in its
+    own directory; the first run's end must not remove it."""
+    model, _, held_out = digits_300_100
+    store, job_id, job_dir = job(
+        tmp_path, model.SerializeToString(), {"max_accuracy_drop": 0.02}, held_out
+    )
+    ended: list[str] = []
+    first = threading.Thread(target=lambda: ended.append(run_job(store, job_dir, job_id, 60)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while (row := store.get(job_id)) is not None and not row.stage.startswith("candidate"):
+        assert time.monotonic() < deadline, row.stage
+        time.sleep(0.01)
+    assert attempt_files(job_dir) != [] and not (job_dir / f"{CANDIDATES_PREFIX}dead").exists()
+    assert store.requeue(job_id) and store.claim(job_id, "the live run")
+    live = job_dir / f"{CANDIDATES_PREFIX}live"
+    live.mkdir()
+    first.join(timeout=120)
+    assert ended == ["superseded"] and live.exists()
