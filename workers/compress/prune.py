@@ -54,12 +54,17 @@ def densify_sparse_initializers(model: ModelProto) -> None:
 
 
 def layer_report(name: str, original_shape: tuple[int, ...], array: np.ndarray) -> LayerReport:
+    return counted_layer(name, original_shape, array.shape, int(np.count_nonzero(array)))
+
+
+def counted_layer(
+    name: str, original_shape: tuple[int, ...], shape: tuple[int, ...], nonzero: int
+) -> LayerReport:
     params = int(np.prod(original_shape))
-    nonzero = int(np.count_nonzero(array))
     return LayerReport(
         name=name,
         original_shape=list(original_shape),
-        shape=list(array.shape),
+        shape=list(shape),
         params=params,
         nonzero=nonzero,
         sparsity=1.0 - nonzero / params if params else 0.0,
@@ -117,10 +122,8 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
     # By position, not name: two If branches may each hold a Constant of the same name.
     # Weights are read one at a time, as each pass needs them: a 270 MB model must not cost
     # another 270 MB here.
-    shapes = [slot.shape for slot in slots]
     outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
     GRANULARITIES[params.granularity](model, slots, params, outcome)
-    record_layers(outcome, slots, shapes)
     return outcome
 
 
@@ -139,18 +142,20 @@ def record_layers(
 def prune_weights(
     model: ModelProto, slots: list[WeightSlot], params: PruneParams, outcome: PruneOutcome
 ) -> None:
-    """Unstructured: single weights set to zero, shapes unchanged."""
+    """Unstructured: single weights set to zero, shapes unchanged; each layer reported as it
+    is written."""
     values = SlotValues(slots, keep_last=True)
     masks = magnitude_masks(
         values, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
     )
-    # Slot i is written before i+1 is read, from the values its mask was made from: a 64 MB
-    # weight read out of protobuf once less.
+    # Slot i is written before i+1 is read, from the values its mask was made from, and
+    # counted then: a 64 MB weight read out of protobuf twice less.
     for index, (slot, keep) in enumerate(zip(slots, masks, strict=True)):
         if keep.all():
-            values.take(index)  # let it go
+            outcome.layers.append(layer_report(slot.name, slot.shape, values.take(index)))
         else:
-            slot.write_masked(keep, values.take(index))
+            nonzero = slot.write_masked(keep, values.take(index))
+            outcome.layers.append(counted_layer(slot.name, slot.shape, slot.shape, nonzero))
             outcome.pruned.add(slot.name)
 
 
@@ -159,14 +164,17 @@ def prune_structured(
 ) -> None:
     """Structured: whole channels, neurons and heads removed with their coupled slices, so
     the tensors shrink."""
+    shapes = [slot.shape for slot in slots]
     found = prune_channels(
         model, slots, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
     )
     outcome.groups = found.groups
     outcome.notes += found.notes
+    record_layers(outcome, slots, shapes)
 
 
-# Each prunes the chosen weights in place and records what it changed in the outcome.
+# Each prunes the chosen weights in place and records what it changed in the outcome, a
+# layer report per weight among it.
 GRANULARITIES: dict[
     Granularity, Callable[[ModelProto, list[WeightSlot], PruneParams, PruneOutcome], None]
 ] = {

@@ -64,22 +64,24 @@ class WeightSlot:
             return
         self._write_raw(array.astype(self.dtype, copy=False).tobytes(), array.shape)
 
-    def write_masked(self, keep: np.ndarray, values: np.ndarray | None = None) -> None:
-        """The weight with every value where `keep` is False set to zero. The pruned copy is
-        let go once it is bytes, before protobuf copies those in: at the peak of pruning a large
-        model one tensor-sized array less than write(np.where(...)), whose caller holds it.
-        `values`: the weight as the caller just read it (handed over: let go here), else it is
-        read."""
+    def write_masked(self, keep: np.ndarray, values: np.ndarray | None = None) -> int:
+        """The weight with every value where `keep` is False set to zero; returns how many
+        values it now holds that are not zero. The pruned copy is let go once it is bytes,
+        before protobuf copies those in: at the peak of pruning a large model one tensor-sized
+        array less than write(np.where(...)), whose caller holds it. `values`: the weight as
+        the caller just read it (handed over: let go here), else it is read."""
         current = self.read() if values is None else values
         del values
         pruned = np.where(keep, current, np.zeros((), dtype=self.dtype))
         del current
+        nonzero = int(np.count_nonzero(pruned))
         if not isinstance(self.holder, TensorProto):
             self.write(pruned)
-            return
+            return nonzero
         raw = pruned.tobytes()
         del pruned
         self._write_raw(raw, keep.shape)
+        return nonzero
 
     def _write_raw(self, raw: bytes, shape: tuple[int, ...]) -> None:
         # The tensor as numpy_helper.from_array writes one (name, type, dims, raw_data; its doc
