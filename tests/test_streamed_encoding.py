@@ -10,7 +10,7 @@ from third_party import MODELS, model_bytes
 
 from schemas import PruneParams
 from workers.compress.prune import prune_model
-from workers.graph.encoding import encode, streamed
+from workers.graph.encoding import encode, listed_fields, streamed
 from workers.graph.load import parse_model, serialize
 
 BUILT = {
@@ -61,3 +61,21 @@ def test_tensors_stored_in_typed_fields_and_empty_ones_are_written_as_they_are()
     empty = numpy_helper.from_array(np.zeros((0, 4), np.float32), "empty")
     model.graph.initializer.extend([typed, empty])
     assert streamed(model) == serialize(model)
+
+
+def test_a_tensors_fields_are_listed_without_copying_its_data_and_as_protobuf_lists_them():
+    """raw_data's length comes from the dims and type (ListFields would copy the data, 64 MB
+    for a large weight); every other field, its order included, is ListFields'."""
+    tensor = numpy_helper.from_array(np.ones((3, 5), np.float16), "weight")
+    tensor.doc_string = "kept"
+    tensor.external_data.add(key="k", value="v")
+    listed = [(field.name, value) for field, value in listed_fields(tensor)]
+    expected = tensor.ListFields()
+    assert [(f.name, len(v) if f.name == "raw_data" else v) for f, v in expected] == listed
+
+
+def test_data_that_does_not_match_its_dims_fails_rather_than_writing_a_corrupt_file():
+    model = gemm_mlp([8, 4], trans_b=1)
+    model.graph.initializer[0].raw_data += b"\0\0\0\0"  # one float more than its dims say
+    with pytest.raises(ValueError, match="read back as"):
+        streamed(model)

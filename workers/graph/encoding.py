@@ -13,6 +13,7 @@ import functools
 import heapq
 import io
 import logging
+import math
 import re
 import tempfile
 from collections import defaultdict
@@ -149,6 +150,45 @@ def _nested(number: int, inner: list[_Part]) -> _Nested:
     return _Nested(tag + varint_bytes(sum(map(_size, inner))), inner)
 
 
+# Bytes per element of raw_data for the types that store each element whole: a tensor's
+# raw_data is its element count times this (parse_model refuses an upload where it is not).
+RAW_ITEM_BYTES = {
+    TensorProto.FLOAT: 4,
+    TensorProto.FLOAT16: 2,
+    TensorProto.BFLOAT16: 2,
+    TensorProto.DOUBLE: 8,
+    TensorProto.INT8: 1,
+    TensorProto.UINT8: 1,
+    TensorProto.INT16: 2,
+    TensorProto.UINT16: 2,
+    TensorProto.INT32: 4,
+    TensorProto.UINT32: 4,
+    TensorProto.INT64: 8,
+    TensorProto.UINT64: 8,
+    TensorProto.BOOL: 1,
+}
+
+
+def listed_fields(message: Message) -> list[tuple[FieldDescriptor, Any]]:
+    """message.ListFields(), but for a tensor's raw_data, which ListFields hands out as a copy
+    (64 MB for a large weight, read again when written): its length, from the tensor's dims
+    and type, where those fix it."""
+    if not isinstance(message, TensorProto) or message.data_type not in RAW_ITEM_BYTES:
+        return message.ListFields()
+    fields = []
+    for descriptor in sorted(message.DESCRIPTOR.fields, key=lambda field: field.number):
+        if descriptor.is_repeated:
+            if value := getattr(message, descriptor.name):
+                fields.append((descriptor, value))
+        elif message.HasField(descriptor.name):
+            if descriptor.name == "raw_data":
+                length = math.prod(message.dims) * RAW_ITEM_BYTES[message.data_type]
+                fields.append((descriptor, length))
+            else:
+                fields.append((descriptor, getattr(message, descriptor.name)))
+    return fields
+
+
 def _parts(message: Message) -> list[_Part]:
     """`message`'s serialization as parts, in the order protobuf writes its fields (by number);
     a message with fields protobuf does not know is one part, serialized whole."""
@@ -156,14 +196,15 @@ def _parts(message: Message) -> list[_Part]:
     if not streamed or len(UnknownFieldSet(message)):
         return [_Deferred(message.SerializeToString, len(message.SerializeToString()))]
     parts: list[_Part] = []
-    # ListFields hands out each value, raw_data as a copy: its length is taken from that copy,
-    # which is let go at the next field, and the bytes are read again when written.
-    for descriptor, value in message.ListFields():
+    # A bytes field is read when written: its length is taken here (from a copy ListFields
+    # makes, let go at the next field, unless listed_fields knows it).
+    for descriptor, value in listed_fields(message):
         if descriptor.name not in streamed:
             parts.append(_field_alone(message, descriptor, value))
         elif descriptor.type == FieldDescriptor.TYPE_BYTES:
             read = functools.partial(getattr, message, descriptor.name)
-            parts.append(_nested(descriptor.number, [_Deferred(read, len(value))]))
+            length = value if isinstance(value, int) else len(value)
+            parts.append(_nested(descriptor.number, [_Deferred(read, length)]))
         else:
             elements = value if descriptor.is_repeated else [value]
             parts += [_nested(descriptor.number, _parts(element)) for element in elements]
@@ -174,7 +215,10 @@ def _write(part: _Part, out: BinaryIO) -> None:
     if isinstance(part, bytes):
         out.write(part)
     elif isinstance(part, _Deferred):
-        out.write(part.read())
+        data = part.read()
+        if len(data) != part.size:  # its length is written before it: a mismatch corrupts
+            raise ValueError(f"a field of {part.size} bytes read back as {len(data)} bytes")
+        out.write(data)
     else:
         out.write(part.header)
         for inner in part.inner:
