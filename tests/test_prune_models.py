@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams
 from workers.compress.prune import copy_model, prune_model
-from workers.errors import UnsupportedModelError
+from workers.errors import InvalidModelError, UnsupportedModelError
 from workers.graph.encoding import encode
 from workers.graph.load import parse_model
 from workers.graph.weights import WeightSlot, find_weights
@@ -287,11 +287,12 @@ def test_a_pruned_tensor_is_written_as_numpy_helper_writes_one(stored):
 @pytest.mark.parametrize(
     ("fields", "reads"),
     [
-        # finite check, histogram, bucket, mask: the write and the layer report take the mask's
-        ({"sparsity": 0.5, "scope": "global"}, 4),
-        # finite check, one read for the cut and the mask
-        ({"sparsity": 0.5, "scope": "layer"}, 2),
-        ({"threshold": 0.1}, 2),
+        # histogram (checked finite on it), bucket, mask: the write and the layer report take
+        # the mask's
+        ({"sparsity": 0.5, "scope": "global"}, 3),
+        # one read for the finite check, the cut and the mask
+        ({"sparsity": 0.5, "scope": "layer"}, 1),
+        ({"threshold": 0.1}, 1),
     ],
 )
 def test_each_weight_is_read_out_of_protobuf_once_per_pass(monkeypatch, fields, reads):
@@ -309,3 +310,22 @@ def test_each_weight_is_read_out_of_protobuf_once_per_pass(monkeypatch, fields, 
     outcome = prune_model(gemm_mlp([8, 16, 12, 4], trans_b=0), PruneParams(**fields))
     assert outcome.pruned == {"W0", "W1", "W2"}
     assert counts == {"W0": reads, "W1": reads, "W2": reads}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sparsity": 0.5, "scope": "global"},
+        {"sparsity": 0.5, "scope": "layer"},
+        {"threshold": 0.1},
+        {"sparsity": 0.5, "granularity": "structured"},
+    ],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_weight_that_is_not_finite_is_refused_by_name(fields, bad):
+    model = gemm_mlp([8, 16, 12, 4], trans_b=0)
+    weight = numpy_helper.to_array(model.graph.initializer[4]).copy()
+    weight.reshape(-1)[7] = bad
+    model.graph.initializer[4].CopyFrom(numpy_helper.from_array(weight, "W2"))
+    with pytest.raises(InvalidModelError, match="weight 'W2' holds NaN or infinite values"):
+        prune_model(model, PruneParams(**fields))

@@ -76,10 +76,15 @@ class SlotValues(Sequence[np.ndarray]):
     holds one tensor at a time, not a second copy of the model. With `keep_last`, the last
     one read is kept for `take`: the tensor a mask was just made from is the one it prunes."""
 
-    def __init__(self, slots: list[WeightSlot], keep_last: bool = False) -> None:
+    def __init__(
+        self, slots: list[WeightSlot], keep_last: bool = False, check_finite: bool = False
+    ) -> None:
         self.slots = slots
         self.keep_last = keep_last
         self.last: tuple[int, np.ndarray] | None = None
+        # With check_finite, each weight is refused on its first read if it is not finite:
+        # checked on a read the pass makes anyway, rather than on one of its own.
+        self.unchecked = set(range(len(slots))) if check_finite else set()
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -87,6 +92,9 @@ class SlotValues(Sequence[np.ndarray]):
     def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
         self.last = None  # the previous tensor let go before the next is read
         array = self.slots[index].read()
+        if index in self.unchecked:
+            _require_finite(self.slots[index], array)
+            self.unchecked.discard(index)
         if self.keep_last:
             self.last = (index, array)
         return array
@@ -98,9 +106,12 @@ class SlotValues(Sequence[np.ndarray]):
         return last[1] if last is not None and last[0] == index else self.slots[index].read()
 
 
-def prunable_slots(model: ModelProto, params: PruneParams, only: str | None) -> list[WeightSlot]:
+def prunable_slots(
+    model: ModelProto, params: PruneParams, only: str | None, check_finite: bool = True
+) -> list[WeightSlot]:
     """The weights `params` choose (include/exclude; `only`: the one of that name), sparse
-    initializers made dense first; refused when there are none or when one is not finite."""
+    initializers made dense first; refused when there are none or (with check_finite) when
+    one is not finite."""
     densify_sparse_initializers(model)
     slots = find_weights(model, params.include, params.exclude)
     if only is not None:
@@ -110,7 +121,9 @@ def prunable_slots(model: ModelProto, params: PruneParams, only: str | None) -> 
             "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "
             "ConvTranspose); name tensors to prune with include"
         )
-    _check_finite(slots)
+    if check_finite:
+        for slot in slots:
+            _require_finite(slot, slot.read())
     return slots
 
 
@@ -118,7 +131,9 @@ def prune_model(model: ModelProto, params: PruneParams, only: str | None = None)
     """Prune `model` in place by params.sparsity or params.threshold; `only` names the one
     prunable tensor to touch (a sensitivity scan), None touches them all. A caller that needs
     the original afterwards prunes a copy_model of it."""
-    slots = prunable_slots(model, params, only)
+    # Unstructured pruning refuses a weight that is not finite on its first read for the masks
+    # (with scope layer, after the weights before it are written: the model is refused whole).
+    slots = prunable_slots(model, params, only, check_finite=params.granularity != "unstructured")
     # By position, not name: two If branches may each hold a Constant of the same name.
     # Weights are read one at a time, as each pass needs them: a 270 MB model must not cost
     # another 270 MB here.
@@ -144,7 +159,7 @@ def prune_weights(
 ) -> None:
     """Unstructured: single weights set to zero, shapes unchanged; each layer reported as it
     is written."""
-    values = SlotValues(slots, keep_last=True)
+    values = SlotValues(slots, keep_last=True, check_finite=True)
     masks = magnitude_masks(
         values, sparsity=params.sparsity, threshold=params.threshold, scope=params.scope
     )
@@ -183,11 +198,9 @@ GRANULARITIES: dict[
 }
 
 
-def _check_finite(slots: list[WeightSlot]) -> None:
-    for slot in slots:
-        array = slot.read()
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidModelError(f"weight {slot.name!r} holds NaN or infinite values")
+def _require_finite(slot: WeightSlot, array: np.ndarray) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidModelError(f"weight {slot.name!r} holds NaN or infinite values")
 
 
 def float_param_count(model: ModelProto) -> int:
