@@ -24,7 +24,7 @@ from celery.worker.request import Request
 from service.artifacts import ArtifactStore
 from service.local_backend import death_problem
 from service.logs import configure_logging
-from service.runner import prepare_worker, run_job
+from service.runner import end_with_failure, prepare_worker, run_job
 from service.settings import Settings
 from service.store import JobStore
 
@@ -65,7 +65,8 @@ def _fail_aborted(settings: Settings, job_id: str, child_pid: int | None) -> Non
             died = death_problem(-signal.SIGABRT, settings.worker_memory_bytes)
             # queued too: the child may take longer to die (a core dump) than the job's lease,
             # and a job the lease expiry requeued keeps the claim until it runs again
-            if store.fail(job_id, died, {"running", "queued"}, row.worker):
+            job_dir = ArtifactStore(settings.data_dir).job_dir(job_id)
+            if end_with_failure(store, job_dir, job_id, died, {"running", "queued"}, row.worker):
                 log.warning("job failed: its worker aborted", extra={"job_id": job_id})
     finally:
         store.engine.dispose()

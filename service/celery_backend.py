@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import redis
 
+from service.artifacts import ArtifactStore
 from service.celery_app import TASK, make_celery, queue_name
 from service.runner import requeue_or_fail
 from service.settings import Settings
@@ -31,6 +32,7 @@ class CeleryBackend:
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
+        self.artifacts = ArtifactStore(settings.data_dir)
         self.app = make_celery(settings)
         self.redis = redis.Redis.from_url(
             settings.broker_url, socket_timeout=3, socket_connect_timeout=3
@@ -108,6 +110,7 @@ class CeleryBackend:
                 f"the worker running this job ({row.worker}) stopped answering for "
                 f"{self.settings.worker_lease_s:g} s, {row.attempts} time(s)"
             )
-            if requeue_or_fail(self.store, row.id, row.attempts, detail):
+            job_dir = self.artifacts.job_dir(row.id)
+            if requeue_or_fail(self.store, job_dir, row.id, row.attempts, detail):
                 log.warning("worker %s lost; job requeued", row.worker, extra={"job_id": row.id})
                 self.publish(row.id)

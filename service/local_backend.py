@@ -30,7 +30,14 @@ from multiprocessing.process import BaseProcess
 from service.artifacts import ArtifactStore
 from service.job_ends import JobEnds
 from service.logs import configure_logging
-from service.runner import out_of_memory_detail, prepare_worker, problem, requeue_or_fail, run_job
+from service.runner import (
+    end_with_failure,
+    out_of_memory_detail,
+    prepare_worker,
+    problem,
+    requeue_or_fail,
+    run_job,
+)
 from service.settings import Settings
 from service.store import JobStore
 
@@ -153,6 +160,7 @@ class LocalBackend:
         self.settings = settings
         self.store = store
         self.ends = ends
+        self.artifacts = ArtifactStore(settings.data_dir)
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(["service.runner", "workers.jobs"])
         self.workers: list[_Worker] = []
@@ -170,7 +178,9 @@ class LocalBackend:
             row = self.store.get(job_id)
             attempts = None if row is None else row.attempts
             detail = "the service stopped while this job ran, twice"
-            if requeue_or_fail(self.store, job_id, attempts, detail):
+            if requeue_or_fail(
+                self.store, self.artifacts.job_dir(job_id), job_id, attempts, detail
+            ):
                 log.warning(
                     "requeued job left running by a stopped service", extra={"job_id": job_id}
                 )
@@ -296,7 +306,9 @@ class LocalBackend:
             process = worker.process
             if worker.job_id and process.is_alive() and time.monotonic() - worker.started > limit:
                 self._kill(worker)
-                self.store.fail(
+                end_with_failure(
+                    self.store,
+                    self.artifacts.job_dir(worker.job_id),
                     worker.job_id,
                     problem(
                         504,
@@ -326,14 +338,17 @@ class LocalBackend:
         """Account for the job of a worker that is gone. A dead forkserver is not the job's
         doing: the job gets a lost worker's retry (requeued once, then failed), as after a
         crash. A worker that died itself fails its job, saying how."""
+        job_dir = self.artifacts.job_dir(job_id)
         if forkserver_died:
             row = self.store.get(job_id)
             detail = "the worker pool's forkserver process died while this job ran, twice"
-            if requeue_or_fail(self.store, job_id, None if row is None else row.attempts, detail):
+            attempts = None if row is None else row.attempts
+            if requeue_or_fail(self.store, job_dir, job_id, attempts, detail):
                 log.warning("requeued a job whose forkserver died", extra={"job_id": job_id})
                 return
         else:
-            self.store.fail(job_id, death_problem(code, self.settings.worker_memory_bytes))
+            died = death_problem(code, self.settings.worker_memory_bytes)
+            end_with_failure(self.store, job_dir, job_id, died, {"queued", "running"})
         self.ends.ended(job_id)
 
     def _fill(self) -> None:

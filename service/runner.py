@@ -105,13 +105,33 @@ def problem(status: int, title: str, detail: str) -> dict[str, Any]:
     return {"type": "about:blank", "title": title, "status": status, "detail": one_line(detail)}
 
 
-def requeue_or_fail(store: JobStore, job_id: str, attempts: int | None, detail: str) -> bool:
+def end_with_failure(
+    store: JobStore,
+    job_dir: Path,
+    job_id: str,
+    failure: dict[str, Any],
+    from_states: set[str],
+    token: str | None = None,
+) -> bool:
+    """Fail the job from `from_states` (under `token`, if given); when this call ended it, what
+    its attempts wrote on their way goes too: no attempt needs it any more. For whatever ends a
+    job whose run could not (the stage watchdog, a backend that saw its worker die or time
+    out); a run that ends its job cleans up as it returns."""
+    if not store.fail(job_id, failure, from_states, token):
+        return False
+    jobs.remove_attempt_files(job_dir)
+    return True
+
+
+def requeue_or_fail(
+    store: JobStore, job_dir: Path, job_id: str, attempts: int | None, detail: str
+) -> bool:
     """The retry policy for a job whose worker was lost, in every backend:
     queued again if it has attempts left (True), else failed with a "Worker lost" problem that
     says `detail` (False). `attempts` is None when the job's row could not be read."""
     if attempts is not None and attempts < MAX_ATTEMPTS and store.requeue(job_id):
         return True
-    store.fail(job_id, problem(500, "Worker lost", detail), {"running"})
+    end_with_failure(store, job_dir, job_id, problem(500, "Worker lost", detail), {"running"})
     return False
 
 
@@ -161,8 +181,8 @@ def _stage_watchdog(
             "(CLIPPRUNE_STAGE_TIMEOUT_S) and was stopped; send a smaller model or data"
         )
         try:
-            if store.fail(job_id, problem(422, "Stage time limit", detail), {"running"}, token):
-                jobs.remove_attempt_files(job_dir)  # the job is over: no attempt needs them
+            failure = problem(422, "Stage time limit", detail)
+            end_with_failure(store, job_dir, job_id, failure, {"running"}, token)
         finally:
             log.info("job failed: %s", detail, extra={"job_id": job_id})
             logging.shutdown()

@@ -1,12 +1,15 @@
 """What an attempt writes on its way to a job's result (candidate directories, the staged
 model) does not outlive the job: a run removes what a dead attempt left, a job that ends, failed
-or succeeded, leaves none, and a run whose claim lapsed leaves the live run's files alone."""
+or succeeded, leaves none (also when the service ends it: a killed worker, the job time limit),
+and a run whose claim lapsed leaves the live run's files alone."""
 
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+from server import accepted_id, submit, wait_for
 
 from service.runner import run_job
 from service.store import JobStore, new_job_id
@@ -75,3 +78,40 @@ def test_a_run_whose_claim_lapsed_leaves_the_live_runs_files(tmp_path, digits_30
     live.mkdir()
     first.join(timeout=120)
     assert ended == ["superseded"] and live.exists()
+
+
+# A search long enough to be caught mid-way: fine-tuning every candidate for 300 epochs.
+LONG_SEARCH = {"max_accuracy_drop": 0.001, "fine_tune": {"epochs": 300, "patience": None}}
+
+
+def attempt_files_gone(job_dir: Path) -> bool:
+    """Whoever ends a job writes its row first, then removes the files (removing them first
+    could take a live run's, were the failure refused): wait a moment for the second step."""
+    deadline = time.monotonic() + 30
+    while list(job_dir.glob(".*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not list(job_dir.glob(".*"))
+
+
+@pytest.mark.parametrize("ending", ["killed worker", "job time limit"])
+def test_a_job_the_service_ends_leaves_no_attempt_files(
+    make_server, digits_upload, digits_csv, ending
+) -> None:
+    settings = {"job_timeout_s": 15} if ending == "job time limit" else {}
+    server = make_server(**settings)
+    with server.client() as client:
+        files = {**digits_upload, "train_data": digits_csv}
+        job_id = accepted_id(submit(client, "prune", files, LONG_SEARCH))
+        job = wait_for(client, job_id, {"running"})
+        job_dir = server.data_dir / "jobs" / job_id
+        while not job["stage"].startswith("candidate 2"):
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] == "running", job
+            time.sleep(0.02)
+        assert list(job_dir.glob(f"{CANDIDATES_PREFIX}*/*.onnx"))
+        if ending == "killed worker":
+            server.job_process(job_id).kill()  # as the kernel's out-of-memory killer does
+        job = wait_for(client, job_id)
+    expected = {"killed worker": "Worker process died", "job time limit": "Job time limit"}
+    assert job["status"] == "failed" and job["error"]["title"] == expected[ending], job
+    assert attempt_files_gone(job_dir)
