@@ -494,7 +494,7 @@ def fine_tune_graph(
         if on_epoch is not None:
             on_epoch(epoch + 1, settings.epochs)
         if stopping.stop_after(history.validation[-1], params):
-            history.stopped_early = True
+            history.stopped_early = epoch + 1 < settings.epochs  # not when it ran them all
             break
     stopping.restore_best(params)
     write_parameters(outcome.model, {n: student.executor.parameters[n] for n in student.names})

@@ -251,7 +251,7 @@ def fit(
         # the best weights are kept and patience counted only once the ramp has ended
         judged = not gradual or epoch >= ramp
         if judged and stopping.stop_after(history.validation[-1], params):
-            history.stopped_early = True
+            history.stopped_early = epoch + 1 < settings.epochs  # not when it ran them all
             break
     stopping.restore_best(params)
     if target is not None:
