@@ -1,15 +1,26 @@
 """The report's facts about the files, each read once: equal to what a whole parse, and a hash
 and a gzip apart, give."""
 
+import functools
 import hashlib
 import os
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from onnx import ModelProto, helper
 
 from workers.graph.load import opsets
-from workers.jobs.report import Beside, file_report, gzip_size, job_threads, model_header
+from workers.jobs import report
+from workers.jobs.report import (
+    GZIP_CHUNK,
+    Beside,
+    file_report,
+    gzip_size,
+    job_threads,
+    model_header,
+)
 
 
 def _model_with_everything(mlp_classifier: ModelProto) -> ModelProto:
@@ -69,3 +80,27 @@ def test_beside_runs_on_a_second_thread_only_when_the_job_may_use_two(monkeypatc
 def test_the_command_line_may_use_every_core(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert job_threads() == len(os.sched_getaffinity(0))
+
+
+def _counted(pieces: Callable, reads: list[int]) -> Callable[..., Iterator[bytes]]:
+    def counted(model):
+        for piece in pieces(model):
+            reads.append(len(piece))
+            yield piece
+
+    return counted
+
+
+def test_a_gzip_beside_the_job_waits_while_the_job_holds_the_turn(tmp_path: Path, monkeypatch):
+    """Between pieces: the job prunes holding the turn, and no 16 MB piece is read meanwhile."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(3 * GZIP_CHUNK // 2))  # two pieces
+    reads: list[int] = []
+    monkeypatch.setattr(report, "pieces", _counted(report.pieces, reads))
+    with Beside() as beside:
+        with beside.turn:
+            size = beside.submit(functools.partial(gzip_size, path, turn=beside.turn))
+            time.sleep(0.2)
+            assert reads == []  # nothing read while the turn was held
+        assert size() == gzip_size(path)

@@ -1,12 +1,15 @@
 """Report assembly shared by the job kinds: sizes, the ONNX facts, the two models evaluated
 side by side, and the files a finished job leaves."""
 
+import contextlib
 import functools
 import hashlib
 import io
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -40,8 +43,8 @@ def pieces(model: ModelSource) -> Iterator[bytes | memoryview]:
     """The model's bytes in GZIP_CHUNK pieces, read from its file one at a time."""
     if isinstance(model, Path):
         with model.open("rb") as file:
-            while piece := file.read(GZIP_CHUNK):
-                yield piece
+            # No name here holds the piece last handed out: its reader alone lets it go.
+            yield from iter(functools.partial(file.read, GZIP_CHUNK), b"")
         return
     view = memoryview(model)
     for start in range(0, len(view), GZIP_CHUNK):
@@ -106,16 +109,27 @@ def model_header(model: ModelSource) -> ModelProto:
     return ModelProto.FromString(kept)
 
 
-def gzip_size(model: ModelSource, digest: "hashlib._Hash | None" = None) -> int:
+def gzip_size(
+    model: ModelSource,
+    digest: "hashlib._Hash | None" = None,
+    turn: AbstractContextManager[object] | None = None,
+) -> int:
     """Bytes of the model as a gzip file, counted without holding the compressed copy;
-    `digest`, when given, is fed the same bytes on the way (one read of the file for both)."""
+    `digest`, when given, is fed the same bytes on the way (one read of the file for both).
+    Each piece is read, compressed and let go holding `turn` (Beside.turn)."""
     deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, GZIP_WBITS)
     size = 0
-    for piece in pieces(model):
-        size += len(deflate.compress(piece))
-        if digest is not None:
-            digest.update(piece)
-    return size + len(deflate.flush())
+    stream = pieces(model)
+    turn = turn if turn is not None else contextlib.nullcontext()
+    while True:
+        with turn:
+            piece = next(stream, None)
+            if piece is None:
+                return size + len(deflate.flush())
+            size += len(deflate.compress(piece))
+            if digest is not None:
+                digest.update(piece)
+            del piece
 
 
 def size_report(
@@ -179,10 +193,13 @@ class Beside:
     job goes on (onnxruntime, which runs on the job's own thread): reading a 270 MB model for
     the report beside the check on generated inputs took 2 s one after the other. With one
     thread allowed (job_threads), each piece runs on the job's thread instead, when its result
-    is first asked for. Pieces run one at a time, in the order handed over."""
+    is first asked for. Pieces run one at a time, in the order handed over. `turn`: held by the
+    job while it needs the memory or the machine to itself; a piece that takes it between its
+    steps waits meanwhile, holding nothing large."""
 
     def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(1, "clipprune-beside") if job_threads() > 1 else None
+        self.turn = threading.RLock()  # reentrant: with one thread, pieces run on the job's
 
     def submit(self, work: Callable[[], T]) -> Callable[[], T]:
         """`work` started (or put off, with one thread); the call that returns its result."""
