@@ -14,8 +14,7 @@ from server import accepted_id, submit, wait_for
 from service.runner import run_job
 from service.store import JobStore, new_job_id
 from workers.jobs import INPUT_DIR, MODEL_IN, MODEL_OUT
-from workers.jobs.files import CANDIDATES_PREFIX
-from workers.jobs.report import STAGED_MODEL
+from workers.jobs.files import ATTEMPT_PREFIX
 
 
 def attempt_files(job_dir: Path) -> list[str]:
@@ -34,10 +33,10 @@ def job(tmp_path: Path, model: bytes, params: dict, eval_data=None) -> tuple[Job
     if eval_data is not None:
         np.savez(job_dir / "eval.npz", X=eval_data[0], y=eval_data[1])
         (job_dir / "eval.npz").rename(job_dir / INPUT_DIR / "eval_data")
-    dead = job_dir / f"{CANDIDATES_PREFIX}dead"
+    dead = job_dir / f"{ATTEMPT_PREFIX}dead"
     dead.mkdir()
     (dead / "candidate-3.int8.onnx").write_bytes(b"half a file")
-    (job_dir / STAGED_MODEL).write_bytes(b"a dead attempt's model")
+    (dead / "model.onnx").write_bytes(b"a dead attempt's staged model")
     return store, job_id, job_dir
 
 
@@ -72,12 +71,14 @@ def test_a_run_whose_claim_lapsed_leaves_the_live_runs_files(tmp_path, digits_30
     while (row := store.get(job_id)) is not None and not row.stage.startswith("candidate"):
         assert time.monotonic() < deadline, row.stage
         time.sleep(0.01)
-    assert attempt_files(job_dir) != [] and not (job_dir / f"{CANDIDATES_PREFIX}dead").exists()
+    assert attempt_files(job_dir) != [] and not (job_dir / f"{ATTEMPT_PREFIX}dead").exists()
     assert store.requeue(job_id) and store.claim(job_id, "the live run")
-    live = job_dir / f"{CANDIDATES_PREFIX}live"
+    live = job_dir / f"{ATTEMPT_PREFIX}live"
     live.mkdir()
+    (live / "model.onnx").write_bytes(b"the live run's staged model")
     first.join(timeout=120)
-    assert ended == ["superseded"] and live.exists()
+    # neither its directory nor its staged model (which it puts in place when it reports) taken
+    assert ended == ["superseded"] and (live / "model.onnx").exists()
 
 
 # A search long enough to be caught mid-way: fine-tuning every candidate for 300 epochs.
@@ -108,7 +109,7 @@ def test_a_job_the_service_ends_leaves_no_attempt_files(
             job = client.get(f"/v1/jobs/{job_id}").json()
             assert job["status"] == "running", job
             time.sleep(0.02)
-        assert list(job_dir.glob(f"{CANDIDATES_PREFIX}*/*.onnx"))
+        assert list(job_dir.glob(f"{ATTEMPT_PREFIX}*/*.onnx"))
         if ending == "killed worker":
             server.job_process(job_id).kill()  # as the kernel's out-of-memory killer does
         job = wait_for(client, job_id)

@@ -14,7 +14,7 @@ from helpers import run
 from schemas import PruneParams, Report
 from workers.errors import InputError, InvalidDataError, InvalidModelError
 from workers.jobs import run_prune_job
-from workers.jobs.report import STAGED_MODEL
+from workers.jobs.files import ATTEMPT_PREFIX
 
 
 @pytest.fixture
@@ -43,7 +43,8 @@ def test_job_writes_model_and_report_and_reports_progress(job_dir, digits_files)
 
     assert Report.model_validate_json((job_dir / "report.json").read_text()) == report
     out = (job_dir / "model.onnx").read_bytes()
-    assert not (job_dir / STAGED_MODEL).exists()  # evaluated from there, then put in place
+    # evaluated in the attempt's own directory, then put in place; the directory went with it
+    assert not list(job_dir.glob(f"{ATTEMPT_PREFIX}*"))
     onnx.checker.check_model(onnx.load_model_from_string(out))
     assert seen[0] == ("loading", 0.0) and seen[-1] == ("done", 1.0)
     assert [f for _, f in seen] == sorted(f for _, f in seen)

@@ -10,7 +10,7 @@ from helpers import run
 from schemas import PruneParams
 from workers.compress.search import Candidate, Compressor
 from workers.jobs import run_prune_job
-from workers.jobs.files import CANDIDATES_PREFIX
+from workers.jobs.files import ATTEMPT_PREFIX
 
 
 def stage(job_dir: Path, model: bytes, evaluate=None, train=None) -> None:
@@ -52,7 +52,7 @@ def test_the_search_never_returns_a_model_that_breaks_the_bound(job_dir, digits_
 
 
 def candidate_dirs(job_dir: Path) -> list[Path]:
-    return sorted(job_dir.glob(f"{CANDIDATES_PREFIX}*"))
+    return sorted(job_dir.glob(f"{ATTEMPT_PREFIX}*"))
 
 
 def test_a_search_keeps_one_candidate_file_on_disk_and_leaves_none(job_dir, digits_300_100):
@@ -105,7 +105,7 @@ def test_a_retry_is_not_stopped_by_the_candidates_a_dead_attempt_left(job_dir, d
     them as the job's next run starts and as it ends (tests/test_attempt_files.py)."""
     model, _, held_out = digits_300_100
     stage(job_dir, model.SerializeToString(), evaluate=held_out)
-    stale = job_dir / f"{CANDIDATES_PREFIX}dead"
+    stale = job_dir / f"{ATTEMPT_PREFIX}dead"
     stale.mkdir()
     (stale / "candidate-1.dense.onnx").write_bytes(b"half a file")
     report = run_prune_job(job_dir, PruneParams(sparsity=0.5))

@@ -6,7 +6,6 @@ where it is shown or stored. JOB_KINDS names, for each job kind, its parameters 
 point: the one table a backend needs.
 """
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +16,17 @@ from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
 from schemas.vocabulary import JobKind
 from workers.jobs.files import (
-    CANDIDATES_PREFIX,
     EVAL_DATA,
     INPUT_DIR,
     MODEL_IN,
     MODEL_OUT,
     REPORT_OUT,
     TRAIN_DATA,
+    remove_attempt_files,
     write_atomically,
 )
 from workers.jobs.progress import Progress, no_progress
 from workers.jobs.prune import run_prune_job
-from workers.jobs.report import STAGED_MODEL
 from workers.jobs.train import run_train_job
 
 
@@ -42,16 +40,6 @@ JOB_KINDS: dict[JobKind, JobEntry] = {
     "prune": JobEntry(PruneParams, run_prune_job),  # type: ignore[arg-type]
     "train": JobEntry(TrainParams, run_train_job),  # type: ignore[arg-type]
 }
-
-
-def remove_attempt_files(job_dir: Path) -> None:
-    """What a job writes on its way to its result: candidate directories and the staged model.
-    An attempt that ends removes its own; one whose worker died, or that the stage watchdog
-    stopped, leaves them, to be removed by the job's next attempt or end rather than hold disk
-    until the job expires."""
-    for scratch in job_dir.glob(f"{CANDIDATES_PREFIX}*"):
-        shutil.rmtree(scratch, ignore_errors=True)
-    (job_dir / STAGED_MODEL).unlink(missing_ok=True)
 
 
 __all__ = [

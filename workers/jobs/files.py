@@ -4,6 +4,8 @@ Every backend (command line, process pool, Celery) lays a job out this way.
 """
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +18,12 @@ EVAL_DATA = "eval_data"
 TRAIN_DATA = "train_data"
 MODEL_OUT = "model.onnx"
 REPORT_OUT = "report.json"
-# The files a prune job writes and judges on its way to the one it returns, in a directory of
-# this prefix per attempt; gone when the attempt ends (one whose worker died leaves its own,
-# which the job's next run, or its end, removes: remove_attempt_files).
-CANDIDATES_PREFIX = ".candidates-"
+# What an attempt writes on its way to the job's result (a prune job's candidates, the model
+# while its report is made) lives in a directory of its own with this prefix: a job delivered
+# twice may run twice at once (a lease that lapsed while its worker lived), and neither run may
+# take or delete the other's files. Gone when the attempt ends; one whose worker died leaves
+# its own, which the job's next run, or its end, removes (remove_attempt_files).
+ATTEMPT_PREFIX = ".attempt-"
 
 
 @contextmanager
@@ -43,3 +47,20 @@ def write_atomically(path: Path, data: bytes) -> None:
         # hold the space the disk needs back until the job expired.
         partial.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def attempt_dir(job_dir: Path) -> Iterator[Path]:
+    """A directory of this attempt's own in the job directory, removed when it ends."""
+    path = Path(tempfile.mkdtemp(prefix=ATTEMPT_PREFIX, dir=job_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_attempt_files(job_dir: Path) -> None:
+    """Every attempt's directory: for whoever ends a job, or takes it over from a run whose
+    worker died, so that they do not hold disk until the job expires."""
+    for attempt in job_dir.glob(f"{ATTEMPT_PREFIX}*"):
+        shutil.rmtree(attempt, ignore_errors=True)

@@ -26,7 +26,7 @@ from workers.evaluate.runtime import Feeds, ModelSource, latency, outputs
 from workers.graph.encoding import varint_bytes
 from workers.graph.load import opsets
 from workers.jobs.advice import Facts, advise
-from workers.jobs.files import MODEL_OUT, REPORT_OUT, write_atomically
+from workers.jobs.files import MODEL_OUT, REPORT_OUT, attempt_dir, write_atomically
 from workers.jobs.progress import Progress
 
 T = TypeVar("T")
@@ -233,23 +233,23 @@ def score_pair(
     return score_outputs(scoring, reference, outputs(compressed, evaluation.runs))
 
 
-# The compressed model while its report is made: onnxruntime reads it from here, and no
-# backend picks it up, so a job that fails or is killed meanwhile leaves no model.onnx.
-STAGED_MODEL = ".model.onnx.unreported"
-
-
 def finish(job_dir: Path, model: bytes, report: Report, progress: Progress, facts: Facts) -> Report:
     """Write the model and its report, advice added to its notes, where the backend picks
     them up."""
-    write_atomically(job_dir / STAGED_MODEL, model)
-    return finish_report(job_dir, report, progress, facts)
+    with attempt_dir(job_dir) as attempt:
+        staged = attempt / MODEL_OUT
+        write_atomically(staged, model)
+        return finish_report(job_dir, staged, report, progress, facts)
 
 
-def finish_report(job_dir: Path, report: Report, progress: Progress, facts: Facts) -> Report:
-    """Put the staged model in place and write its report, advice added to its notes: the
-    report is a job's last file."""
+def finish_report(
+    job_dir: Path, staged: Path, report: Report, progress: Progress, facts: Facts
+) -> Report:
+    """Put the model staged in the attempt's directory in place and write its report, advice
+    added to its notes: the report is a job's last file. Until then no backend picks the model
+    up, so a job that fails or is killed while its report is made leaves no model.onnx."""
     report = report.model_copy(update={"notes": [*report.notes, *advise(report, facts)]})
-    os.replace(job_dir / STAGED_MODEL, job_dir / MODEL_OUT)
+    os.replace(staged, job_dir / MODEL_OUT)
     write_atomically(job_dir / REPORT_OUT, report.model_dump_json(indent=2).encode())
     progress("done", 1.0)
     return report
