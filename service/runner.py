@@ -135,6 +135,12 @@ def requeue_or_fail(
     return False
 
 
+class ClaimLost(Exception):
+    """The run's claim no longer holds its job (a lease that lapsed while the worker lived, so
+    another run has it; or it was canceled): the run stops at its next progress report rather
+    than compute, and publish, a result nobody takes."""
+
+
 class StageClock:
     """The stage a job is in and since when: its progress callback moves it on."""
 
@@ -154,7 +160,8 @@ def _progress_writer(store: JobStore, job_id: str, token: str, clock: StageClock
         clock.enter(stage)
         moment = time.monotonic()
         if stage != last["stage"] or moment - last["time"] >= PROGRESS_INTERVAL_S:
-            store.progress(job_id, token, stage, fraction)
+            if not store.progress(job_id, token, stage, fraction):
+                raise ClaimLost(f"the job's claim lapsed at stage {stage!r}")
             last.update(stage=stage, time=moment)
 
     return write
@@ -269,6 +276,9 @@ def _run_claimed(
     try:
         entry = jobs.JOB_KINDS[row.kind]
         entry.run(job_dir, entry.params.model_validate(row.params), progress)
+    except ClaimLost as exc:
+        log.warning("job stopped: %s; another run or a cancel has it", exc, extra=extra)
+        return "superseded"
     except time_limit_errors:
         detail = "the job ran past its time limit (CLIPPRUNE_JOB_TIMEOUT_S) and was stopped"
         return fail(504, "Job time limit", detail)

@@ -309,9 +309,10 @@ class JobStore:
     def heartbeat(self, job_id: str, token: str) -> None:
         self._transition(job_id, {"running"}, token, heartbeat_at=now())
 
-    def progress(self, job_id: str, token: str, stage: str, fraction: float) -> None:
+    def progress(self, job_id: str, token: str, stage: str, fraction: float) -> bool:
+        """False when the claim `token` no longer holds the running job."""
         fraction = min(max(fraction, 0.0), 1.0)
-        self._transition(job_id, {"running"}, token, stage=stage[:64], progress=fraction)
+        return self._transition(job_id, {"running"}, token, stage=stage[:64], progress=fraction)
 
     def succeed(self, job_id: str, token: str) -> bool:
         return self._transition(

@@ -13,7 +13,7 @@ from server import accepted_id, submit, wait_for
 
 from service.runner import run_job
 from service.store import JobStore, new_job_id
-from workers.jobs import INPUT_DIR, MODEL_IN, MODEL_OUT
+from workers.jobs import INPUT_DIR, MODEL_IN, MODEL_OUT, REPORT_OUT
 from workers.jobs.files import ATTEMPT_PREFIX
 
 
@@ -59,7 +59,8 @@ def test_a_job_that_fails_leaves_no_attempt_files(tmp_path):
 
 def test_a_run_whose_claim_lapsed_leaves_the_live_runs_files(tmp_path, digits_300_100):
     """A lease that lapsed while its worker lived: another run claims the job and works in its
-    own directory; the first run's end must not remove it."""
+    own directory; the first run stops at its next progress report, publishes nothing, and its
+    end does not remove the other's files."""
     model, _, held_out = digits_300_100
     store, job_id, job_dir = job(
         tmp_path, model.SerializeToString(), {"max_accuracy_drop": 0.02}, held_out
@@ -79,6 +80,8 @@ def test_a_run_whose_claim_lapsed_leaves_the_live_runs_files(tmp_path, digits_30
     first.join(timeout=120)
     # neither its directory nor its staged model (which it puts in place when it reports) taken
     assert ended == ["superseded"] and (live / "model.onnx").exists()
+    # and it stopped at its next progress report: no result of its own published
+    assert not (job_dir / MODEL_OUT).exists() and not (job_dir / REPORT_OUT).exists()
 
 
 # A search long enough to be caught mid-way: fine-tuning every candidate for 300 epochs.
