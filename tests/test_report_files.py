@@ -12,6 +12,7 @@ from pathlib import Path
 from onnx import ModelProto, helper
 
 from workers.graph.load import opsets
+from workers.graph.wire import model_header
 from workers.jobs import report
 from workers.jobs.report import (
     GZIP_CHUNK,
@@ -19,7 +20,6 @@ from workers.jobs.report import (
     file_report,
     gzip_size,
     job_threads,
-    model_header,
 )
 
 

@@ -38,9 +38,10 @@ from onnx import (
 
 from schemas.vocabulary import Encoding
 from workers.errors import MAX_MESSAGE, UnsupportedModelError, cut_list, one_line
-from workers.graph.load import serialize
+from workers.graph.load import raw_data_bytes, serialize
 from workers.graph.walk import iter_graphs, node_subgraphs
 from workers.graph.weights import FLOAT_TYPES, WeightSlot, all_float_constants, find_weights
+from workers.graph.wire import LENGTH_DELIMITED, varint_bytes
 
 INDEX_BYTES = 8  # sparse_initializer indices are int64, one linear index per nonzero
 NOTE_LIMIT = MAX_MESSAGE
@@ -91,17 +92,6 @@ STREAMED_FIELDS: dict[str, frozenset[str]] = {
     "GraphProto": frozenset({"initializer"}),
     "TensorProto": frozenset({"raw_data"}),
 }
-_WIRE_LENGTH_DELIMITED = 2
-
-
-def varint_bytes(value: int) -> bytes:
-    """A non-negative integer as protobuf writes a varint."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _field_alone(message: Message, descriptor: FieldDescriptor, value: Any) -> bytes:
@@ -146,34 +136,20 @@ def _size(part: _Part) -> int:
 
 
 def _nested(number: int, inner: list[_Part]) -> _Nested:
-    tag = varint_bytes(number << 3 | _WIRE_LENGTH_DELIMITED)
+    tag = varint_bytes(number << 3 | LENGTH_DELIMITED)
     return _Nested(tag + varint_bytes(sum(map(_size, inner))), inner)
-
-
-# Bytes per element of raw_data for the types that store each element whole: a tensor's
-# raw_data is its element count times this (parse_model refuses an upload where it is not).
-RAW_ITEM_BYTES = {
-    TensorProto.FLOAT: 4,
-    TensorProto.FLOAT16: 2,
-    TensorProto.BFLOAT16: 2,
-    TensorProto.DOUBLE: 8,
-    TensorProto.INT8: 1,
-    TensorProto.UINT8: 1,
-    TensorProto.INT16: 2,
-    TensorProto.UINT16: 2,
-    TensorProto.INT32: 4,
-    TensorProto.UINT32: 4,
-    TensorProto.INT64: 8,
-    TensorProto.UINT64: 8,
-    TensorProto.BOOL: 1,
-}
 
 
 def listed_fields(message: Message) -> list[tuple[FieldDescriptor, Any]]:
     """message.ListFields(), but for a tensor's raw_data, which ListFields hands out as a copy
     (64 MB for a large weight, read again when written): its length, from the tensor's dims
     and type, where those fix it."""
-    if not isinstance(message, TensorProto) or message.data_type not in RAW_ITEM_BYTES:
+    length = (
+        raw_data_bytes(message.data_type, math.prod(message.dims))
+        if isinstance(message, TensorProto)
+        else None
+    )
+    if length is None:
         return message.ListFields()
     fields = []
     for descriptor in sorted(message.DESCRIPTOR.fields, key=lambda field: field.number):
@@ -182,7 +158,6 @@ def listed_fields(message: Message) -> list[tuple[FieldDescriptor, Any]]:
                 fields.append((descriptor, value))
         elif message.HasField(descriptor.name):
             if descriptor.name == "raw_data":
-                length = math.prod(message.dims) * RAW_ITEM_BYTES[message.data_type]
                 fields.append((descriptor, length))
             else:
                 fields.append((descriptor, getattr(message, descriptor.name)))

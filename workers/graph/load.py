@@ -200,15 +200,25 @@ _PACKED_4BIT = frozenset(
 )
 
 
+def raw_data_bytes(data_type: int, count: int) -> int | None:
+    """The bytes raw_data holds for `count` elements of `data_type`; None where the type does
+    not fix it (strings, a type onnx does not know)."""
+    if data_type == TensorProto.STRING:
+        return None
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError):
+        return None
+    return (count + 1) // 2 if data_type in _PACKED_4BIT else count * itemsize
+
+
 def _check_raw_size(where: str, tensor: TensorProto, count: int) -> None:
     """raw_data must hold exactly the declared elements (the checker lets a longer one pass)."""
     if not tensor.HasField("raw_data") or tensor.data_type == TensorProto.STRING:
         return
-    try:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError) as exc:
-        raise InvalidModelError(f"{where} has unknown data type {tensor.data_type}") from exc
-    expected = (count + 1) // 2 if tensor.data_type in _PACKED_4BIT else count * itemsize
+    expected = raw_data_bytes(tensor.data_type, count)
+    if expected is None:
+        raise InvalidModelError(f"{where} has unknown data type {tensor.data_type}")
     if len(tensor.raw_data) != expected:
         raise InvalidModelError(
             f"{where} declares {count} elements ({expected} bytes) but holds "
