@@ -98,55 +98,54 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
     data_bytes = sum(path.stat().st_size for path in (train_path, eval_path) if path.exists())
     require_memory(prune_peak_bytes(model_path.stat().st_size, data_bytes))
     progress("loading", 0.0)
-    with attempt_dir(job_dir) as attempt:
-        with Beside() as beside:
-            # The upload is read for its gzip size beside its parse, and the read waits (between
-            # pieces) while the job holds the turn: pruning's peak must not carry a 16 MB piece as
-            # well, nor latency share the machine. What is left of it runs beside the check below.
-            reading = functools.partial(gzip_size, model_path, turn=beside.turn)
-            original_gzip = beside.submit(reading)
-            with upload_field("model"):
-                model = parse_model(model_path.read_bytes())
-            specs = model_inputs(model)
-            notes: list[str] = []
-            reference = Reference(model_path)
-            if unused := drop_unused_initializers(model):
-                reference.cleaned = serialize(model)
-                notes.append(f"removed {unused} initializers that no node reads")
-            validation = None
-            if eval_path.exists():
-                with upload_field("eval_data"):
-                    validation = load_eval_data(eval_path, specs, params.label)
-            train = None
-            if params.fine_tune is not None:
-                with upload_field("train_data"):
-                    train = load_eval_data(train_path, specs, params.label)
-                if validation is None:
-                    notes.append("no eval_data: the fine-tuning curve is measured on train_data")
-            elif train_path.exists():
-                notes.append("train_data was sent without fine_tune, so it was not used")
-            with beside.turn:
-                compressed = compress(
-                    model, reference, validation, params, train, progress, attempt
-                )
-            model_out = compressed.path  # staged in the attempt's directory until it is reported
-            del model  # the parsed model, the pruned copy and the Compressor went with compress()
-
-            # From here on no Python copy of either model is held: the sizes and facts are read
-            # from the files, and onnxruntime reads both from them, which peaks lower than bytes.
-            progress("writing", 0.9)
-            latency, check = None, None
-            if validation is not None:  # timed with nothing beside it, which would move the figures
-                progress("evaluating", 0.95)
-                with beside.turn:
-                    latency = latency_pair(reference.source, model_out, validation.runs[0])
-            digest = hashlib.sha256()  # of the compressed file, fed by the read for its gzip size
-            compressed_gzip = beside.submit(functools.partial(gzip_size, model_out, digest))
+    # The report is made inside both: the attempt's directory holds the staged model until
+    # finish_report puts it in place, and every piece handed to Beside is done by then.
+    with attempt_dir(job_dir) as attempt, Beside() as beside:
+        # The upload is read for its gzip size beside its parse, and the read waits (between
+        # pieces) while the job holds the turn: pruning's peak must not carry a 16 MB piece as
+        # well, nor latency share the machine. What is left of it runs beside the check below.
+        reading = functools.partial(gzip_size, model_path, turn=beside.turn)
+        original_gzip = beside.submit(reading)
+        with upload_field("model"):
+            model = parse_model(model_path.read_bytes())
+        specs = model_inputs(model)
+        notes: list[str] = []
+        reference = Reference(model_path)
+        if unused := drop_unused_initializers(model):
+            reference.cleaned = serialize(model)
+            notes.append(f"removed {unused} initializers that no node reads")
+        validation = None
+        if eval_path.exists():
+            with upload_field("eval_data"):
+                validation = load_eval_data(eval_path, specs, params.label)
+        train = None
+        if params.fine_tune is not None:
+            with upload_field("train_data"):
+                train = load_eval_data(train_path, specs, params.label)
             if validation is None:
-                progress("evaluating", 0.95)
-                check, note = generated_check(reference.source, model_out, specs)
-                notes.append(note)
-            gzip_sizes = original_gzip(), compressed_gzip()
+                notes.append("no eval_data: the fine-tuning curve is measured on train_data")
+        elif train_path.exists():
+            notes.append("train_data was sent without fine_tune, so it was not used")
+        with beside.turn:
+            compressed = compress(model, reference, validation, params, train, progress, attempt)
+        model_out = compressed.path  # staged in the attempt's directory until it is reported
+        del model  # the parsed model, the pruned copy and the Compressor went with compress()
+
+        # From here on no Python copy of either model is held: the sizes and facts are read
+        # from the files, and onnxruntime reads both from them, which peaks lower than bytes.
+        progress("writing", 0.9)
+        latency, check = None, None
+        if validation is not None:  # timed with nothing beside it, which would move the figures
+            progress("evaluating", 0.95)
+            with beside.turn:
+                latency = latency_pair(reference.source, model_out, validation.runs[0])
+        digest = hashlib.sha256()  # of the compressed file, fed by the read for its gzip size
+        compressed_gzip = beside.submit(functools.partial(gzip_size, model_out, digest))
+        if validation is None:
+            progress("evaluating", 0.95)
+            check, note = generated_check(reference.source, model_out, specs)
+            notes.append(note)
+        gzip_sizes = original_gzip(), compressed_gzip()
         before, after = compressed.params_before, compressed.nonzero_after
         size = size_report(reference.path, model_out, before, after, gzip_sizes)
         onnx_facts = onnx_report(model_out, digest.hexdigest())
