@@ -88,15 +88,18 @@ def _numpy_baseline(path: str, sparsity: float, queue: multiprocessing.Queue) ->
 
 def _prune(path: str, params: dict, queue: multiprocessing.Queue) -> None:
     from schemas import PruneParams
-    from workers.compress.prune import prune_model
+    from workers.compress.prune import parse_for_pruning, prune_model
     from workers.graph.encoding import encode
-    from workers.graph.load import parse_model
 
     started = time.perf_counter()
-    model = parse_model(Path(path).read_bytes())
     p = PruneParams.model_validate(params)
-    outcome = prune_model(model, p)
-    data, _ = encode(outcome.model, p.encoding, outcome.pruned)
+    # as the prune job reads a model: held where pruning keeps the file's layout
+    model, held = parse_for_pruning(Path(path).read_bytes(), p)
+    outcome = prune_model(model, p, held=held)
+    if held is not None:  # the file's copy, pruned where the weights lie, is the output
+        data: bytes | bytearray = held.buffer
+    else:
+        data, _ = encode(outcome.model, p.encoding, outcome.pruned)
     assert data
     queue.put((time.perf_counter() - started, _peak_rss_bytes()))
 

@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 from onnx import ModelProto, numpy_helper
 
 from schemas.params import PruneParams
@@ -12,7 +13,9 @@ from schemas.report import GroupReport, LayerReport
 from schemas.vocabulary import Granularity
 from workers.compress.structured import prune_channels
 from workers.errors import InvalidModelError, UnsupportedModelError
-from workers.graph.walk import iter_graphs
+from workers.graph.held import HeldModel, hold
+from workers.graph.load import parse_model
+from workers.graph.walk import drop_unused_initializers, iter_graphs
 from workers.graph.weights import WeightSlot, all_float_constants, find_weights
 from workers.nn.masks import magnitude_masks
 
@@ -25,6 +28,7 @@ class PruneOutcome:
     pruned: set[str] = field(default_factory=set)  # weights whose values changed
     notes: list[str] = field(default_factory=list)
     groups: list[GroupReport] | None = None  # structured: every channel group found
+    held: HeldModel | None = None  # the file `model` is the skeleton of, pruned where it lies
 
 
 def copy_model(model: ModelProto) -> ModelProto:
@@ -107,7 +111,11 @@ class SlotValues(Sequence[np.ndarray]):
 
 
 def prunable_slots(
-    model: ModelProto, params: PruneParams, only: str | None, check_finite: bool = True
+    model: ModelProto,
+    params: PruneParams,
+    only: str | None,
+    check_finite: bool = True,
+    held: HeldModel | None = None,
 ) -> list[WeightSlot]:
     """The weights `params` choose (include/exclude; `only`: the one of that name), sparse
     initializers made dense first; refused when there are none or (with check_finite) when
@@ -121,23 +129,29 @@ def prunable_slots(
             "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "
             "ConvTranspose); name tensors to prune with include"
         )
+    if held is not None and not held.attach(slots):
+        raise ValueError("a weight to prune is not held: prune the model parsed whole")
     if check_finite:
         for slot in slots:
             _require_finite(slot, slot.read())
     return slots
 
 
-def prune_model(model: ModelProto, params: PruneParams, only: str | None = None) -> PruneOutcome:
+def prune_model(
+    model: ModelProto, params: PruneParams, only: str | None = None, held: HeldModel | None = None
+) -> PruneOutcome:
     """Prune `model` in place by params.sparsity or params.threshold; `only` names the one
     prunable tensor to touch (a sensitivity scan), None touches them all. A caller that needs
-    the original afterwards prunes a copy_model of it."""
+    the original afterwards prunes a copy_model of it. `held`: `model` is its skeleton, and
+    its weights are pruned where they lie in the held file (params as prunes_held allows)."""
     # Unstructured pruning refuses a weight that is not finite on its first read for the masks
     # (with scope layer, after the weights before it are written: the model is refused whole).
-    slots = prunable_slots(model, params, only, check_finite=params.granularity != "unstructured")
+    check_finite = params.granularity != "unstructured"
+    slots = prunable_slots(model, params, only, check_finite, held)
     # By position, not name: two If branches may each hold a Constant of the same name.
     # Weights are read one at a time, as each pass needs them: a 270 MB model must not cost
     # another 270 MB here.
-    outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model))
+    outcome = PruneOutcome(model, layers=[], params_before=float_param_count(model), held=held)
     GRANULARITIES[params.granularity](model, slots, params, outcome)
     return outcome
 
@@ -208,14 +222,50 @@ def float_param_count(model: ModelProto) -> int:
     return sum(math.prod(slot.shape) for slot in all_float_constants(model))
 
 
-def float_params(model: ModelProto) -> tuple[int, int]:
-    """(float parameters, nonzero float parameters) stored in the model."""
+def float_params(model: ModelProto, held: HeldModel | None = None) -> tuple[int, int]:
+    """(float parameters, nonzero float parameters) stored in the model (`held`: the file
+    `model` is the skeleton of)."""
     total = nonzero = 0
-    for slot in all_float_constants(model):
+    slots = all_float_constants(model)
+    if held is not None:
+        held.attach(slots)
+    for slot in slots:
         array = slot.read()
         total += array.size
         nonzero += int(np.count_nonzero(array))
     return total, nonzero
+
+
+def prunes_held(params: PruneParams) -> bool:
+    """Whether `params` prune a held model (workers/graph/held.py) as they would the model
+    parsed whole: single weights zeroed where they lie, written dense, once."""
+    return (
+        params.granularity == "unstructured"
+        and params.encoding == "dense"
+        and params.fine_tune is None
+        and not params.calibrated
+        and params.max_accuracy_drop is None  # a search or a scan prunes the original again
+        and not params.sensitivity
+    )
+
+
+def parse_for_pruning(data: bytes, params: PruneParams) -> tuple[ModelProto, HeldModel | None]:
+    """The model in `data` (checked as parse_model checks it), and, where pruning by `params`
+    allows it, held: then the model is its skeleton. Held only when pruning writes the same
+    file either way: no sparse initializers to make dense, no unused initializers for the job
+    to drop, every weight to prune a plainly written initializer of the main graph."""
+    held = hold(data) if prunes_held(params) else None
+    if held is None:
+        return parse_model(data), None
+    skeleton = held.skeleton
+    whole = (
+        any(graph.sparse_initializer for graph, _ in iter_graphs(skeleton.graph))
+        or drop_unused_initializers(skeleton)
+        or not held.attach(find_weights(skeleton, params.include, params.exclude))
+    )
+    if whole:  # checked already: parsed, not checked again
+        return onnx.load_model_from_string(data), None
+    return skeleton, held
 
 
 def refresh_layers(outcome: PruneOutcome) -> None:

@@ -35,6 +35,7 @@ from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import Scoring, loss, plan_scoring, score_outputs
 from workers.evaluate.runtime import ModelSource, Outputs, outputs
 from workers.graph.encoding import encode_file
+from workers.graph.held import HeldModel
 from workers.graph.weights import find_weights
 from workers.nn.fit import EpochProgress
 
@@ -168,8 +169,10 @@ class Compressor:
         params: PruneParams,
         train: EvalData | None,
         scratch: Path,
+        held: HeldModel | None = None,
     ) -> None:
         self.model = model
+        self.held = held  # `model` is its skeleton: one candidate, pruned where it lies
         self.scratch = scratch
         self.files = 0
         self.evaluation = evaluation
@@ -214,13 +217,15 @@ class Compressor:
             further = FURTHER[params.granularity](start.sparsity, params.sparsity)
             pruning = revalidated(params, sparsity=round(max(0.0, further), 6))
         in_place = last and start is None and params.fine_tune is None
+        if self.held is not None and not in_place:
+            raise ValueError("a held model is pruned once, in place")
         model = source if in_place else copy_model(source)  # pruning works in place
         calibration = None
         if params.calibrated:  # the eval inputs are the calibration inputs
             assert self.evaluation is not None
             outcome, calibration = prune_calibrated(model, pruning, self.evaluation.runs, only)
         else:
-            outcome = prune_model(model, pruning, only)
+            outcome = prune_model(model, pruning, only, self.held)
         if start is not None:
             anchored(outcome, start.candidate.outcome)
             outcome.notes.append(iterative_note(start.sparsity, outcome.groups))
@@ -253,7 +258,11 @@ class Compressor:
     def _encoded(self, outcome: PruneOutcome, encoding: Encoding) -> Encoded:
         self.files += 1
         path = self.scratch / f"candidate-{self.files}.{encoding}.onnx"
-        notes = encode_file(outcome.model, encoding, outcome.pruned, path)
+        if outcome.held is not None:  # dense: the held file is protobuf's bytes of the model
+            outcome.held.write(path)
+            notes = []
+        else:
+            notes = encode_file(outcome.model, encoding, outcome.pruned, path)
         return Encoded(encoding, path, path.stat().st_size, self.measure(path), notes)
 
     def meets(self, accuracy: AccuracyReport | None, bound: float) -> bool:

@@ -5,7 +5,7 @@ files (external data), checked by onnx's checker, and capped in size before any 
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from onnx import (
 
 from workers.errors import InvalidModelError, UnsafeModelError, first_line
 from workers.graph.walk import iter_graphs, node_subgraphs
+from workers.graph.wire import Stripped, strip_initializer_data
 
 # Domains whose operators onnxruntime implements itself. A model-local function adds its own.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -99,6 +100,45 @@ def _tensors_of(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
 
 def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
     """Parse and validate untrusted ONNX bytes, or raise a typed error saying why not."""
+    _check_model(_load(data, limits), data, limits)
+    return onnx.load_model_from_string(data)
+
+
+def parse_skeleton(
+    data: bytes, min_bytes: int, limits: ModelLimits = ModelLimits()
+) -> tuple[ModelProto, Stripped] | None:
+    """parse_model's checks on `data`, and the model without the raw_data of its main graph's
+    initializers of at least `min_bytes` (see Stripped for where they lie); None when the model
+    cannot be parsed so, or when protobuf would not write the skeleton back byte for byte (so
+    neither would it the whole model): then only parse_model can read it."""
+    if len(data) > limits.max_bytes:
+        return None
+    try:
+        stripped = strip_initializer_data(data, min_bytes)
+    except DecodeError:
+        return None  # parse_model says what is wrong
+    if stripped is None:
+        return None
+    checking = _load(stripped.skeleton, limits)
+    if serialize(checking) != stripped.skeleton:
+        return None
+    # The checker reads the whole model; the stripped lengths are checked as parse_model
+    # checks raw_data, before it. Keyed by the wrappers (protobuf keeps one per message while
+    # it is referenced, and `initializers` keeps them).
+    initializers = list(checking.graph.initializer)
+    held = {id(initializers[i]): length for i, (_, length) in _stripped_spans(stripped)}
+    _check_model(checking, data, limits, held)
+    return onnx.load_model_from_string(stripped.skeleton), stripped
+
+
+def _stripped_spans(stripped: Stripped) -> Iterator[tuple[int, tuple[int, int]]]:
+    for index in sorted(stripped.stripped):
+        span = stripped.spans[index]
+        assert span is not None
+        yield index, span
+
+
+def _load(data: bytes, limits: ModelLimits) -> ModelProto:
     if len(data) > limits.max_bytes:
         raise UnsafeModelError(f"model is {len(data)} bytes; the limit is {limits.max_bytes}")
     try:
@@ -110,20 +150,27 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
         ) from exc
     if not model.HasField("graph") or not model.graph.node:
         raise InvalidModelError("the upload has no ONNX graph with nodes; send an .onnx file")
-    _check_limits(model, limits)
+    return model
+
+
+def _check_model(
+    model: ModelProto, data: bytes, limits: ModelLimits, held: Mapping[int, int] | None = None
+) -> None:
+    """Every check of `model` parsed from `data` (or from its skeleton: `held` gives the raw_data
+    length of each tensor stripped, by id). `model` is spent."""
+    _check_limits(model, limits, held or {})
     _check_no_external_data(model)
     _check_domains(model)
     _check_opsets(model)
     _check_computed_shapes(model, limits)  # strips the weights' data: `model` is spent
     # The checker gets the bytes (given a ModelProto it would serialize a copy first) and parses
-    # them in C++: the Python model is let go meanwhile and parsed again after, so no two copies
-    # of a model that may be hundreds of MB coexist beside the bytes.
+    # them in C++: the Python model is let go meanwhile, so no two copies of a model that may be
+    # hundreds of MB coexist beside the bytes.
     del model
     try:
         onnx.checker.check_model(data)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"the ONNX checker rejected the model: {first_line(exc)}") from exc
-    return onnx.load_model_from_string(data)
 
 
 def _check_dims(where: str, dims: list[int], limits: ModelLimits) -> int:
@@ -140,7 +187,7 @@ def _check_dims(where: str, dims: list[int], limits: ModelLimits) -> int:
     return count
 
 
-def _check_limits(model: ModelProto, limits: ModelLimits) -> None:
+def _check_limits(model: ModelProto, limits: ModelLimits, held: Mapping[int, int]) -> None:
     nodes = 0
     for graph, depth in _model_graphs(model):
         if depth > limits.max_subgraph_depth:
@@ -179,7 +226,7 @@ def _check_limits(model: ModelProto, limits: ModelLimits) -> None:
         count = _check_dims(where, list(tensor.dims), limits)
         total += count
         strings += len(tensor.string_data)
-        _check_raw_size(where, tensor, count)
+        _check_raw_size(where, tensor, count, held.get(id(tensor)))
     if strings > limits.max_strings:
         raise UnsafeModelError(
             f"the model holds {strings} strings in its tensors and attributes; the limit is "
@@ -212,17 +259,18 @@ def raw_data_bytes(data_type: int, count: int) -> int | None:
     return (count + 1) // 2 if data_type in _PACKED_4BIT else count * itemsize
 
 
-def _check_raw_size(where: str, tensor: TensorProto, count: int) -> None:
-    """raw_data must hold exactly the declared elements (the checker lets a longer one pass)."""
-    if not tensor.HasField("raw_data") or tensor.data_type == TensorProto.STRING:
+def _check_raw_size(where: str, tensor: TensorProto, count: int, held: int | None) -> None:
+    """raw_data must hold exactly the declared elements (the checker lets a longer one pass);
+    `held`: the length of the raw_data a skeleton's tensor was stripped of."""
+    if (held is None and not tensor.HasField("raw_data")) or tensor.data_type == TensorProto.STRING:
         return
+    length = len(tensor.raw_data) if held is None else held
     expected = raw_data_bytes(tensor.data_type, count)
     if expected is None:
         raise InvalidModelError(f"{where} has unknown data type {tensor.data_type}")
-    if len(tensor.raw_data) != expected:
+    if length != expected:
         raise InvalidModelError(
-            f"{where} declares {count} elements ({expected} bytes) but holds "
-            f"{len(tensor.raw_data)} bytes of data"
+            f"{where} declares {count} elements ({expected} bytes) but holds {length} bytes of data"
         )
 
 

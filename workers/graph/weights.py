@@ -44,6 +44,9 @@ class WeightSlot:
     shape: tuple[int, ...]
     graph: GraphProto  # the graph that stores it
     uses: list[NodeProto] = field(default_factory=list)  # nodes that take it as a weight
+    # its values where they lie in a held model's file (workers/graph/held.py): read and
+    # written there, not in `holder`
+    held: np.ndarray | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -52,11 +55,20 @@ class WeightSlot:
         return np.dtype(np.float32)  # a float-list attribute
 
     def read(self) -> np.ndarray:
+        if self.held is not None:
+            values = self.held.view()  # the caller's to read, not to write through
+            values.flags.writeable = False
+            return values
         if isinstance(self.holder, TensorProto):
             return numpy_helper.to_array(self.holder)
         return np.asarray(self.holder.floats, dtype=np.float32).reshape(self.shape)
 
     def write(self, array: np.ndarray) -> None:
+        if self.held is not None:
+            if array.shape != self.held.shape:
+                raise ValueError(f"held weight {self.name!r} keeps its shape {self.shape}")
+            self.held[...] = array
+            return
         if not isinstance(self.holder, TensorProto):
             del self.holder.floats[:]
             self.holder.floats.extend(array.astype(np.float32).ravel().tolist())
@@ -70,6 +82,10 @@ class WeightSlot:
         before protobuf copies those in: at the peak of pruning a large model one tensor-sized
         array less than write(np.where(...)), whose caller holds it. `values`: the weight as
         the caller just read it (handed over: let go here), else it is read."""
+        if self.held is not None:  # zeroed where it lies: no copy at all
+            del values
+            np.copyto(self.held, np.zeros((), dtype=self.dtype), where=~keep)
+            return int(np.count_nonzero(self.held))
         current = self.read() if values is None else values
         del values
         pruned = np.where(keep, current, np.zeros((), dtype=self.dtype))

@@ -1,14 +1,16 @@
 """Protobuf's wire format where the protobuf runtime cannot help: writing a message field by
-field (workers/graph/encoding.py streams a model so), and reading a model's top-level fields
-without its graph. Only what those need."""
+field (workers/graph/encoding.py streams a model so), reading a model's top-level fields
+without its graph, and finding where its initializers' raw_data lie in the file, so that a
+model can be parsed without them (workers/graph/held.py). Only what those need."""
 
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from google.protobuf.message import DecodeError
-from onnx import ModelProto
+from onnx import GraphProto, ModelProto, TensorProto
 
 
 def varint_bytes(value: int) -> bytes:
@@ -24,6 +26,14 @@ def varint_bytes(value: int) -> bytes:
 # ModelProto's field numbers: its graph, nearly all of a model's bytes, and the wire types a
 # top-level field can have (proto3 ONNX has no groups).
 GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+INITIALIZER_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+# What numpy_helper.from_array writes, and all that pruning writes back: a tensor of only these
+# fields is written again field for field as it was read, its raw_data (the last) aside.
+PLAIN_TENSOR_FIELDS = frozenset(
+    TensorProto.DESCRIPTOR.fields_by_name[name].number
+    for name in ("dims", "data_type", "name", "raw_data")
+)
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
 FIXED_SIZES = {FIXED64: 8, FIXED32: 4}
 
@@ -73,3 +83,112 @@ def model_header(model: Path | bytes) -> ModelProto:
     with model.open("rb") if isinstance(model, Path) else io.BytesIO(model) as stream:
         kept = b"".join(varint_bytes(tag) + rest for tag, rest in _top_level_fields(stream))
     return ModelProto.FromString(kept)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a serialized message: its number and wire type, where its tag starts,
+    where its value starts (past a length-delimited field's length) and where it ends."""
+
+    number: int
+    wire: int
+    start: int
+    value: int
+    end: int
+
+
+def _varint_at(data: memoryview, position: int, stop: int) -> tuple[int, int]:
+    """The varint at `position`, and where the next byte is."""
+    value = shift = 0
+    while position < stop:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    raise DecodeError("the model ends inside a varint")
+
+
+def fields(data: memoryview, start: int, stop: int) -> Iterator[Field]:
+    """The fields of the message serialized in data[start:stop], in the order they lie."""
+    position = start
+    while position < stop:
+        tag, value = _varint_at(data, position, stop)
+        wire = tag & 7
+        if wire == VARINT:
+            _, end = _varint_at(data, value, stop)
+        elif wire in FIXED_SIZES:
+            end = value + FIXED_SIZES[wire]
+        elif wire == LENGTH_DELIMITED:
+            length, value = _varint_at(data, value, stop)
+            end = value + length
+        else:
+            raise DecodeError(f"the model has a field of wire type {wire}")
+        if end > stop:
+            raise DecodeError("the model ends inside a field")
+        yield Field(tag >> 3, wire, position, value, end)
+        position = end
+
+
+@dataclass(frozen=True)
+class Stripped:
+    """A serialized model without the data of its main graph's large initializers.
+
+    `spans[i]` is where initializer i's raw_data lies in the original bytes, as (start, length),
+    for each initializer written plainly (only PLAIN_TENSOR_FIELDS, raw_data last), else None;
+    `stripped` are the initializers whose raw_data the skeleton leaves out."""
+
+    skeleton: bytes
+    spans: list[tuple[int, int] | None]
+    stripped: frozenset[int]
+
+
+def _plain_raw_data(data: memoryview, tensor: Field) -> Field | None:
+    """The raw_data field of a tensor written plainly, else None."""
+    inner = list(fields(data, tensor.value, tensor.end))
+    numbers = [field.number for field in inner]
+    plain = (
+        bool(inner)
+        and numbers[-1] == RAW_DATA_FIELD
+        and inner[-1].wire == LENGTH_DELIMITED
+        and numbers.count(RAW_DATA_FIELD) == 1
+        and set(numbers) <= PLAIN_TENSOR_FIELDS
+    )
+    return inner[-1] if plain else None
+
+
+def _length_delimited(number: int, value: bytes) -> bytes:
+    return varint_bytes(number << 3 | LENGTH_DELIMITED) + varint_bytes(len(value)) + value
+
+
+def strip_initializer_data(data: bytes, min_bytes: int) -> Stripped | None:
+    """`data` with the raw_data of each plainly written main-graph initializer of at least
+    `min_bytes` left out; None when the model has no single graph field to find them in."""
+    view = memoryview(data)
+    graphs = [
+        field
+        for field in fields(view, 0, len(view))
+        if field.number == GRAPH_FIELD and field.wire == LENGTH_DELIMITED
+    ]
+    if len(graphs) != 1:  # protobuf would merge several into one graph
+        return None
+    graph = graphs[0]
+    pieces: list[bytes | memoryview] = []
+    spans: list[tuple[int, int] | None] = []
+    stripped: set[int] = set()
+    for field in fields(view, graph.value, graph.end):
+        if field.number != INITIALIZER_FIELD or field.wire != LENGTH_DELIMITED:
+            pieces.append(view[field.start : field.end])
+            continue
+        raw = _plain_raw_data(view, field)
+        spans.append(None if raw is None else (raw.value, raw.end - raw.value))
+        if raw is None or raw.end - raw.value < min_bytes:
+            pieces.append(view[field.start : field.end])
+            continue
+        stripped.add(len(spans) - 1)
+        pieces.append(_length_delimited(INITIALIZER_FIELD, bytes(view[field.value : raw.start])))
+    skeleton = b"".join(
+        [view[: graph.start], _length_delimited(GRAPH_FIELD, b"".join(pieces)), view[graph.end :]]
+    )
+    return Stripped(skeleton, spans, frozenset(stripped))

@@ -20,12 +20,13 @@ from schemas.report import (
     SweepPoint,
     TrainingReport,
 )
-from workers.compress.prune import float_params
+from workers.compress.prune import float_params, parse_for_pruning
 from workers.compress.search import Compressor, search, sensitivity
 from workers.errors import InputError, one_line
 from workers.evaluate.data import EvalData, InputSpec, load_eval_data
 from workers.evaluate.runtime import ModelSource, NotMeasurable, generated_runs, model_inputs
-from workers.graph.load import parse_model, serialize
+from workers.graph.held import HeldModel
+from workers.graph.load import serialize
 from workers.graph.walk import drop_unused_initializers
 from workers.jobs.advice import Facts
 from workers.jobs.files import (
@@ -107,11 +108,11 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         reading = functools.partial(gzip_size, model_path, turn=beside.turn)
         original_gzip = beside.submit(reading)
         with upload_field("model"):
-            model = parse_model(model_path.read_bytes())
+            model, held = parse_for_pruning(model_path.read_bytes(), params)
         specs = model_inputs(model)
         notes: list[str] = []
         reference = Reference(model_path)
-        if unused := drop_unused_initializers(model):
+        if held is None and (unused := drop_unused_initializers(model)):
             reference.cleaned = serialize(model)
             notes.append(f"removed {unused} initializers that no node reads")
         validation = None
@@ -127,9 +128,11 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
         elif train_path.exists():
             notes.append("train_data was sent without fine_tune, so it was not used")
         with beside.turn:
-            compressed = compress(model, reference, validation, params, train, progress, attempt)
+            compressed = compress(
+                model, held, reference, validation, params, train, progress, attempt
+            )
         model_out = compressed.path  # staged in the attempt's directory until it is reported
-        del model  # the parsed model, the pruned copy and the Compressor went with compress()
+        del model, held  # the parsed model, the pruned copy and the Compressor went with compress()
 
         # From here on no Python copy of either model is held: the sizes and facts are read
         # from the files, and onnxruntime reads both from them, which peaks lower than bytes.
@@ -169,6 +172,7 @@ def run_prune_job(job_dir: Path, params: PruneParams, progress: Progress = no_pr
 
 def compress(
     model: ModelProto,
+    held: HeldModel | None,
     reference: Reference,
     validation: EvalData | None,
     params: PruneParams,
@@ -179,7 +183,7 @@ def compress(
     """The file to return, in `scratch`: one candidate as asked, or the smallest that
     max_accuracy_drop allows (a copy of the original when none does); with sensitivity, each
     layer's scan too."""
-    compressor = Compressor(model, reference.source, validation, params, train, scratch)
+    compressor = Compressor(model, reference.source, validation, params, train, scratch, held)
     notes: list[str] = []
     sweep = None
     if params.max_accuracy_drop is None:
@@ -220,7 +224,7 @@ def compress(
             f"{chosen.calibration.runs} runs): the accuracy above is measured on the same "
             "inputs, so hold out rows of your own to judge the model on unseen ones"
         )
-    _, nonzero_after = float_params(chosen.outcome.model)
+    _, nonzero_after = float_params(chosen.outcome.model, chosen.outcome.held)
     return Compressed(
         path=path,
         accuracy=accuracy,

@@ -32,12 +32,18 @@ def count_to_prune(sparsity: float, size: int) -> int:
     return int(np.floor(sparsity * size + 0.5))
 
 
+def _flat_chunks(weight: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """|w| of one weight, flat, CHUNK elements at a time, with where each chunk starts."""
+    flat = weight.reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        yield start, np.abs(flat[start : start + CHUNK])
+
+
 def _chunks(weights: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
     """|w| of every weight, flat, in order, CHUNK elements at a time."""
     for weight in weights:
-        flat = weight.reshape(-1)
-        for start in range(0, flat.size, CHUNK):
-            yield np.abs(flat[start : start + CHUNK])
+        for _, magnitudes in _flat_chunks(weight):
+            yield magnitudes
 
 
 def _buckets(magnitudes: np.ndarray) -> np.ndarray:
@@ -77,12 +83,27 @@ def smallest_cut(weights: Sequence[np.ndarray], sparsity: float) -> Cut:
 
 def _mask(weight: np.ndarray, cut: Cut, ties: int) -> tuple[np.ndarray, int]:
     """The keep-mask of one weight, pruning at most `ties` of its |w| == cut.value (the first
-    ones); and how many ties it pruned."""
-    magnitudes = np.abs(weight)
-    keep = magnitudes >= cut.value
-    tied = np.flatnonzero(magnitudes == cut.value)[:ties] if ties else np.empty(0, np.intp)
-    keep.reshape(-1)[tied] = False
-    return keep, tied.size
+    ones); and how many ties it pruned. Made CHUNK elements at a time: the mask is a quarter of
+    a float32 weight, its magnitudes would be all of it."""
+    keep = np.empty(weight.shape, dtype=bool)
+    flat_keep, tied = keep.reshape(-1), 0
+    for start, magnitudes in _flat_chunks(weight):
+        piece = flat_keep[start : start + magnitudes.size]
+        np.greater_equal(magnitudes, cut.value, out=piece)
+        if tied < ties:
+            at_cut = np.flatnonzero(magnitudes == cut.value)[: ties - tied]
+            piece[at_cut] = False
+            tied += at_cut.size
+    return keep, tied
+
+
+def _above(weight: np.ndarray, threshold: float) -> np.ndarray:
+    """|w| > threshold, CHUNK elements at a time."""
+    keep = np.empty(weight.shape, dtype=bool)
+    flat_keep = keep.reshape(-1)
+    for start, magnitudes in _flat_chunks(weight):
+        np.greater(magnitudes, threshold, out=flat_keep[start : start + magnitudes.size])
+    return keep
 
 
 def _masks_under(weights: Sequence[np.ndarray], cut: Cut) -> Iterator[np.ndarray]:
@@ -129,6 +150,6 @@ def magnitude_masks(
     if (sparsity is None) == (threshold is None):
         raise ValueError("give exactly one of sparsity, threshold")
     if threshold is not None:
-        return (np.abs(w) > threshold for w in weights)
+        return (_above(w, threshold) for w in weights)
     assert sparsity is not None
     return SCOPES[scope](weights, sparsity)
