@@ -3,9 +3,10 @@
 Run: .venv/bin/python bench/prune_scale.py [--only global|layer|structured|job|service-1g]
 
 For each setting, bytes in -> pruned bytes out in a fresh process (so peak RSS is its own),
-against a baseline in the same run: NumPy alone on the same weights (abs, partition for the
-k-th value, where). Targets (issue 7): end-to-end time <= 1.5x the baseline, peak RSS <= 2.5x
-the model file size. The `job` row is the whole prune job as `clipprune prune --sparsity 0.9
+read as the prune job reads a model (held, workers/graph/held.py, where pruning keeps the
+file's layout: `global` and `layer`; parsed whole for `structured`), against a baseline in the
+same run: NumPy alone on the same weights (abs, partition for the k-th value, where). Targets
+(issue 7): end-to-end time <= 1.5x the baseline, peak RSS <= 2.5x the model file size. The `job` row is the whole prune job as `clipprune prune --sparsity 0.9
 --scope global` and the service run it without eval data: pruning, the check on generated
 inputs in onnxruntime, the report (issue 18's targets: <= 2.0x the baseline, RSS <= 3.0x).
 
