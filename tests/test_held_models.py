@@ -14,7 +14,7 @@ from schemas import PruneParams
 from workers.compress.prune import float_params, parse_for_pruning, prune_model
 from workers.errors import InvalidModelError
 from workers.graph.encoding import encode
-from workers.graph.held import HELD_MIN_BYTES, hold
+from workers.graph.held import HELD_MIN_BYTES, HELD_TYPES, hold
 from workers.graph.load import parse_model, serialize
 from workers.graph.weights import find_weights
 from workers.graph.wire import strip_initializer_data
@@ -74,7 +74,7 @@ def test_a_held_model_prunes_to_the_bytes_the_whole_model_gives(name, setting):
 
 def test_the_skeleton_leaves_out_exactly_the_large_weights_data():
     data = serialize(gemm_mlp([256, 128, 10], trans_b=1))
-    stripped = strip_initializer_data(data, HELD_MIN_BYTES)
+    stripped = strip_initializer_data(data, HELD_MIN_BYTES, HELD_TYPES, 20_000)
     assert stripped is not None
     skeleton = onnx.load_model_from_string(stripped.skeleton)
     names = [tensor.name for tensor in skeleton.graph.initializer]

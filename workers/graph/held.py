@@ -33,7 +33,8 @@ HELD_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUB
 class HeldModel:
     skeleton: ModelProto
     buffer: bytearray  # the file, its weights changed in place
-    # id of a main-graph initializer of the skeleton -> (start, length) of its raw_data in buffer
+    # id of a main-graph initializer of the skeleton (of HELD_TYPES) -> (start, length) of its
+    # raw_data in buffer
     spans: dict[int, tuple[int, int]]
     # the initializers `spans` is keyed by: protobuf keeps one wrapper per message while it is
     # referenced, so these ids stay theirs
@@ -42,7 +43,7 @@ class HeldModel:
     def values(self, tensor: TensorProto) -> np.ndarray | None:
         """A writable view of the tensor's values in the buffer; None when it is not held."""
         span = self.spans.get(id(tensor))
-        if span is None or tensor.data_type not in HELD_TYPES:
+        if span is None:
             return None
         start, length = span
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
@@ -65,7 +66,7 @@ class HeldModel:
 def hold(data: bytes) -> HeldModel | None:
     """The model in `data` held (checked as parse_model checks it), or None when it cannot be:
     then parse_model reads it."""
-    parsed = parse_skeleton(data, HELD_MIN_BYTES)
+    parsed = parse_skeleton(data, HELD_MIN_BYTES, HELD_TYPES)
     if parsed is None:
         return None
     skeleton, stripped = parsed

@@ -105,16 +105,16 @@ def parse_model(data: bytes, limits: ModelLimits = ModelLimits()) -> ModelProto:
 
 
 def parse_skeleton(
-    data: bytes, min_bytes: int, limits: ModelLimits = ModelLimits()
+    data: bytes, min_bytes: int, types: frozenset[int], limits: ModelLimits = ModelLimits()
 ) -> tuple[ModelProto, Stripped] | None:
     """parse_model's checks on `data`, and the model without the raw_data of its main graph's
-    initializers of at least `min_bytes` (see Stripped for where they lie); None when the model
-    cannot be parsed so, or when protobuf would not write the skeleton back byte for byte (so
-    neither would it the whole model): then only parse_model can read it."""
+    initializers of `types` of at least `min_bytes` (see Stripped for where they lie); None
+    when the model cannot be parsed so, or when protobuf would not write the skeleton back
+    byte for byte (so neither would it the whole model): then only parse_model can read it."""
     if len(data) > limits.max_bytes:
         return None
     try:
-        stripped = strip_initializer_data(data, min_bytes)
+        stripped = strip_initializer_data(data, min_bytes, types, limits.max_initializers)
     except DecodeError:
         return None  # parse_model says what is wrong
     if stripped is None:

@@ -23,19 +23,26 @@ def varint_bytes(value: int) -> bytes:
     return bytes(out)
 
 
-# ModelProto's field numbers: its graph, nearly all of a model's bytes, and the wire types a
-# top-level field can have (proto3 ONNX has no groups).
+# The wire types a field can have (ONNX has no groups), and the field numbers on the way to the
+# bytes of a model's weights: its graph, the graph's initializers, a tensor's raw_data.
+VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
+FIXED_SIZES = {FIXED64: 8, FIXED32: 4}
 GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 INITIALIZER_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
-# What numpy_helper.from_array writes, and all that pruning writes back: a tensor of only these
-# fields is written again field for field as it was read, its raw_data (the last) aside.
-PLAIN_TENSOR_FIELDS = frozenset(
-    TensorProto.DESCRIPTOR.fields_by_name[name].number
-    for name in ("dims", "data_type", "name", "raw_data")
-)
-VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
-FIXED_SIZES = {FIXED64: 8, FIXED32: 4}
+DATA_TYPE_FIELD = TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
+# What numpy_helper.from_array writes, and all that pruning writes back, each field of the wire
+# type protobuf gives it (another is an unknown field to it): a tensor of only these fields is
+# written again field for field as it was read, its raw_data (the last) aside.
+PLAIN_TENSOR_FIELDS = {
+    TensorProto.DESCRIPTOR.fields_by_name[name].number: wire
+    for name, wire in (
+        ("dims", VARINT),
+        ("data_type", VARINT),
+        ("name", LENGTH_DELIMITED),
+        ("raw_data", LENGTH_DELIMITED),
+    )
+}
 
 
 def _read_varint(stream: BinaryIO) -> int | None:
@@ -136,58 +143,83 @@ class Stripped:
     """A serialized model without the data of its main graph's large initializers.
 
     `spans[i]` is where initializer i's raw_data lies in the original bytes, as (start, length),
-    for each initializer written plainly (only PLAIN_TENSOR_FIELDS, raw_data last), else None;
-    `stripped` are the initializers whose raw_data the skeleton leaves out."""
+    for each initializer of the types asked for written plainly (only PLAIN_TENSOR_FIELDS,
+    raw_data last, as protobuf writes them), else None; `stripped` are the initializers whose
+    raw_data the skeleton leaves out."""
 
     skeleton: bytes
     spans: list[tuple[int, int] | None]
     stripped: frozenset[int]
 
 
-def _plain_raw_data(data: memoryview, tensor: Field) -> Field | None:
-    """The raw_data field of a tensor written plainly, else None."""
-    inner = list(fields(data, tensor.value, tensor.end))
-    numbers = [field.number for field in inner]
+def _as_protobuf_writes(data: memoryview, field: Field) -> bool:
+    """Whether the field's tag (and length) are the varints protobuf writes: a parser also
+    takes longer ones, which a skeleton built anew would not keep."""
+    header = varint_bytes(field.number << 3 | field.wire)
+    if field.wire == LENGTH_DELIMITED:
+        header += varint_bytes(field.end - field.value)
+    return data[field.start : field.value] == header
+
+
+def _plain_raw_data(data: memoryview, tensor: Field, types: frozenset[int]) -> Field | None:
+    """The raw_data field of an initializer of one of `types` written plainly, else None."""
+    raw, data_type = None, None
+    for field in fields(data, tensor.value, tensor.end):
+        if raw is not None or PLAIN_TENSOR_FIELDS.get(field.number) != field.wire:
+            return None  # a field after raw_data, or one pruning would not write back
+        if field.number == RAW_DATA_FIELD:
+            raw = field
+        elif field.number == DATA_TYPE_FIELD:
+            data_type, _ = _varint_at(data, field.value, field.end)
     plain = (
-        bool(inner)
-        and numbers[-1] == RAW_DATA_FIELD
-        and inner[-1].wire == LENGTH_DELIMITED
-        and numbers.count(RAW_DATA_FIELD) == 1
-        and set(numbers) <= PLAIN_TENSOR_FIELDS
+        raw is not None
+        and data_type in types
+        and _as_protobuf_writes(data, tensor)
+        and _as_protobuf_writes(data, raw)
     )
-    return inner[-1] if plain else None
+    return raw if plain else None
 
 
 def _length_delimited(number: int, value: bytes) -> bytes:
     return varint_bytes(number << 3 | LENGTH_DELIMITED) + varint_bytes(len(value)) + value
 
 
-def strip_initializer_data(data: bytes, min_bytes: int) -> Stripped | None:
-    """`data` with the raw_data of each plainly written main-graph initializer of at least
-    `min_bytes` left out; None when the model has no single graph field to find them in."""
+def strip_initializer_data(
+    data: bytes, min_bytes: int, types: frozenset[int], max_initializers: int
+) -> Stripped | None:
+    """`data` with the raw_data of each plainly written main-graph initializer of `types` of at
+    least `min_bytes` left out; None when the model has no single graph field to find them in,
+    or more than `max_initializers` initializers there (parse_model refuses it)."""
     view = memoryview(data)
     graphs = [
         field
         for field in fields(view, 0, len(view))
         if field.number == GRAPH_FIELD and field.wire == LENGTH_DELIMITED
     ]
-    if len(graphs) != 1:  # protobuf would merge several into one graph
-        return None
+    if len(graphs) != 1 or not _as_protobuf_writes(view, graphs[0]):
+        return None  # protobuf would merge several graph fields into one
     graph = graphs[0]
+    # the graph's bytes as runs of the original between the initializers written anew: a
+    # piece per field would cost a hundred bytes for a field of two
     pieces: list[bytes | memoryview] = []
     spans: list[tuple[int, int] | None] = []
     stripped: set[int] = set()
+    kept_from = graph.value
     for field in fields(view, graph.value, graph.end):
         if field.number != INITIALIZER_FIELD or field.wire != LENGTH_DELIMITED:
-            pieces.append(view[field.start : field.end])
             continue
-        raw = _plain_raw_data(view, field)
+        if len(spans) == max_initializers:
+            return None
+        raw = _plain_raw_data(view, field, types)
         spans.append(None if raw is None else (raw.value, raw.end - raw.value))
-        if raw is None or raw.end - raw.value < min_bytes:
-            pieces.append(view[field.start : field.end])
-            continue
-        stripped.add(len(spans) - 1)
-        pieces.append(_length_delimited(INITIALIZER_FIELD, bytes(view[field.value : raw.start])))
+        if raw is not None and raw.end - raw.value >= min_bytes:
+            stripped.add(len(spans) - 1)
+            pieces += [
+                view[kept_from : field.start],
+                _length_delimited(INITIALIZER_FIELD, bytes(view[field.value : raw.start])),
+            ]
+            kept_from = field.end
+    pieces.append(view[kept_from : graph.end])
     skeleton = b"".join(
         [view[: graph.start], _length_delimited(GRAPH_FIELD, b"".join(pieces)), view[graph.end :]]
     )
