@@ -95,3 +95,18 @@ def test_masks_read_a_lazy_sequence_one_tensor_at_a_time():
     expected = reference_masks(stored, 0.6, "global")
     assert all(np.array_equal(a, b) for a, b in zip(masks, expected, strict=True))
     assert len(loaded) == 3 * len(stored)  # histogram, bucket and mask passes; nothing more
+
+
+def test_a_scalar_weight_tied_at_the_cut_is_pruned_like_any_other():
+    # 0-d weights (a scalar constant picked by include): before masks were made in chunks the
+    # tie was pruned in a copy of a 0-d mask, and one weight too few was pruned
+    weights = [
+        np.array(0.5, np.float32),
+        np.array(-1.0, np.float32),
+        np.array([[0.1, 0.2], [0.3, 0.4]], np.float32),
+        np.array(0.05, np.float32),
+    ]
+    masks = list(magnitude_masks(weights, sparsity=0.9, scope="global"))
+    assert [mask.shape for mask in masks] == [weight.shape for weight in weights]
+    assert sum(int((~mask).sum()) for mask in masks) == 6  # round(0.9 * 7)
+    assert masks[1] and not masks[0]

@@ -114,7 +114,9 @@ def parse_skeleton(
     if len(data) > limits.max_bytes:
         return None
     try:
-        stripped = strip_initializer_data(data, min_bytes, types, limits.max_initializers)
+        # a graph's fields: its nodes, initializers and the values they name, a few each
+        max_fields = 4 * (limits.max_nodes + limits.max_initializers)
+        stripped = strip_initializer_data(data, min_bytes, types, max_fields)
     except DecodeError:
         return None  # parse_model says what is wrong
     if stripped is None:

@@ -31,6 +31,8 @@ GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 INITIALIZER_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 DATA_TYPE_FIELD = TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
+# A weight written plainly has a field per dimension and three more: past this, it is not one.
+MAX_PLAIN_FIELDS = 64
 # What numpy_helper.from_array writes, and all that pruning writes back, each field of the wire
 # type protobuf gives it (another is an unknown field to it): a tensor of only these fields is
 # written again field for field as it was read, its raw_data (the last) aside.
@@ -164,9 +166,11 @@ def _as_protobuf_writes(data: memoryview, field: Field) -> bool:
 def _plain_raw_data(data: memoryview, tensor: Field, types: frozenset[int]) -> Field | None:
     """The raw_data field of an initializer of one of `types` written plainly, else None."""
     raw, data_type = None, None
-    for field in fields(data, tensor.value, tensor.end):
+    for count, field in enumerate(fields(data, tensor.value, tensor.end)):
         if raw is not None or PLAIN_TENSOR_FIELDS.get(field.number) != field.wire:
             return None  # a field after raw_data, or one pruning would not write back
+        if count == MAX_PLAIN_FIELDS:
+            return None
         if field.number == RAW_DATA_FIELD:
             raw = field
         elif field.number == DATA_TYPE_FIELD:
@@ -185,17 +189,19 @@ def _length_delimited(number: int, value: bytes) -> bytes:
 
 
 def strip_initializer_data(
-    data: bytes, min_bytes: int, types: frozenset[int], max_initializers: int
+    data: bytes, min_bytes: int, types: frozenset[int], max_fields: int
 ) -> Stripped | None:
     """`data` with the raw_data of each plainly written main-graph initializer of `types` of at
     least `min_bytes` left out; None when the model has no single graph field to find them in,
-    or more than `max_initializers` initializers there (parse_model refuses it)."""
+    or more than `max_fields` fields at the top or in the graph: this scan runs in Python,
+    about a microsecond a field, where protobuf's parser runs in C (parse_model takes those)."""
     view = memoryview(data)
-    graphs = [
-        field
-        for field in fields(view, 0, len(view))
-        if field.number == GRAPH_FIELD and field.wire == LENGTH_DELIMITED
-    ]
+    graphs = []
+    for count, field in enumerate(fields(view, 0, len(view))):
+        if count == max_fields:
+            return None
+        if field.number == GRAPH_FIELD and field.wire == LENGTH_DELIMITED:
+            graphs.append(field)
     if len(graphs) != 1 or not _as_protobuf_writes(view, graphs[0]):
         return None  # protobuf would merge several graph fields into one
     graph = graphs[0]
@@ -205,11 +211,11 @@ def strip_initializer_data(
     spans: list[tuple[int, int] | None] = []
     stripped: set[int] = set()
     kept_from = graph.value
-    for field in fields(view, graph.value, graph.end):
+    for count, field in enumerate(fields(view, graph.value, graph.end)):
+        if count == max_fields:
+            return None
         if field.number != INITIALIZER_FIELD or field.wire != LENGTH_DELIMITED:
             continue
-        if len(spans) == max_initializers:
-            return None
         raw = _plain_raw_data(view, field, types)
         spans.append(None if raw is None else (raw.value, raw.end - raw.value))
         if raw is not None and raw.end - raw.value >= min_bytes:
