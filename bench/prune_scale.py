@@ -6,9 +6,10 @@ For each setting, bytes in -> pruned bytes out in a fresh process (so peak RSS i
 read as the prune job reads a model (held, workers/graph/held.py, where pruning keeps the
 file's layout: `global` and `layer`; parsed whole for `structured`), against a baseline in the
 same run: NumPy alone on the same weights (abs, partition for the k-th value, where). Targets
-(issue 7): end-to-end time <= 1.5x the baseline, peak RSS <= 2.5x the model file size. The `job` row is the whole prune job as `clipprune prune --sparsity 0.9
---scope global` and the service run it without eval data: pruning, the check on generated
-inputs in onnxruntime, the report (issue 18's targets: <= 2.0x the baseline, RSS <= 3.0x).
+(issue 7): end-to-end time <= 1.5x the baseline, peak RSS <= 2.5x the model file size. The
+`job` row is the whole prune job as `clipprune prune --sparsity 0.9 --scope global` and the
+service run it without eval data: pruning, the check on generated inputs in onnxruntime, the
+report (issue 18's targets: <= 2.0x the baseline, RSS <= 3.0x).
 
 `service-1g` (issue 18; only when asked with --only, as it takes minutes and ~10 GB): a 1 GB
 model (four 8192x8192 Gemm) sent twice at once to a real service with 2 workers and their
