@@ -17,7 +17,7 @@ from workers.graph.encoding import encode
 from workers.graph.held import HELD_MIN_BYTES, HELD_TYPES, hold
 from workers.graph.load import parse_model, serialize
 from workers.graph.weights import find_weights
-from workers.graph.wire import strip_initializer_data
+from workers.graph.wire import INITIALIZER_FIELD, NODE_FIELD, strip_initializer_data, tensor_at
 
 SETTINGS = {
     "layer": {"sparsity": 0.5},
@@ -30,9 +30,17 @@ BUILT = {
     "constant_node_mlp": constant_node_mlp,
     "control_flow": control_flow,
 }
-# Every weight a plain initializer of the main graph: these must be held, or the tests below
-# would compare the whole path with itself.
-HELD = {"gemm_mlp", "conv_net", "minilm", "magika"}
+# Every weight a plain initializer or Constant value of the main graph (PaddlePaddle writes
+# Constants): these must be held, or the tests below would compare the whole path with itself.
+HELD = {
+    "gemm_mlp",
+    "conv_net",
+    "constant_node_mlp",
+    "minilm",
+    "magika",
+    "layout_detector",
+    "ppocr_rec",
+}
 
 
 def whole_path(data: bytes, params: PruneParams) -> tuple[bytes, list, int]:
@@ -78,12 +86,31 @@ def test_the_skeleton_leaves_out_exactly_the_large_weights_data():
     assert stripped is not None
     skeleton = onnx.load_model_from_string(stripped.skeleton)
     names = [tensor.name for tensor in skeleton.graph.initializer]
-    assert [names[index] for index in sorted(stripped.stripped)] == ["W0"]
+    assert stripped.stripped == {(INITIALIZER_FIELD, names.index("W0"))}
     model = parse_model(data)
     for index, tensor in enumerate(model.graph.initializer):
-        start, length = stripped.spans[index]
+        start, length = stripped.spans[INITIALIZER_FIELD, index]
         assert data[start : start + length] == tensor.raw_data
         assert skeleton.graph.initializer[index].HasField("raw_data") == (names[index] != "W0")
+
+
+def test_a_large_constant_nodes_value_is_left_out_as_well():
+    data = serialize(constant_node_mlp())
+    model = parse_model(data)
+    large = {
+        (NODE_FIELD, node, attribute)
+        for node, found in enumerate(model.graph.node)
+        for attribute, attr in enumerate(found.attribute)
+        if found.op_type == "Constant" and len(attr.t.raw_data) >= 64
+    }
+    assert large
+    stripped = strip_initializer_data(data, 64, HELD_TYPES, 20_000)
+    assert stripped is not None and stripped.stripped == large
+    skeleton = onnx.load_model_from_string(stripped.skeleton)
+    for path in large:
+        start, length = stripped.spans[path]
+        assert data[start : start + length] == tensor_at(model.graph, path).raw_data
+        assert not tensor_at(skeleton.graph, path).HasField("raw_data")
 
 
 def test_a_file_protobuf_would_write_otherwise_is_parsed_whole():

@@ -253,7 +253,8 @@ def parse_for_pruning(data: bytes, params: PruneParams) -> tuple[ModelProto, Hel
     """The model in `data` (checked as parse_model checks it), and, where pruning by `params`
     allows it, held: then the model is its skeleton. Held only when pruning writes the same
     file either way: no sparse initializers to make dense, no unused initializers for the job
-    to drop, every weight to prune a plainly written initializer of the main graph."""
+    to drop, every weight to prune a plainly written initializer or Constant value of the main
+    graph."""
     held = hold(data) if prunes_held(params) else None
     if held is None:
         return parse_model(data), None

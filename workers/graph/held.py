@@ -3,10 +3,10 @@
 protobuf's runtime (upb) parses a model into one arena and frees none of it until the whole model
 goes: each weight written back keeps its old bytes beside the new, so a pruned 270 MB model
 costs 540 MB, and its file as bytes 270 MB more. A held model is parsed without the data of its
-main graph's large initializers (a skeleton of a few kB for that model); their values are NumPy
-views of one writable copy of the file, changed where they lie, and that copy is the file
-written out. It holds what keeps the file's layout: values changed in place, shapes and dtypes
-unchanged, written dense (workers/compress/prune.py says when).
+main graph's large weights, initializers and Constant values (a skeleton of a few kB for that
+model); their values are NumPy views of one writable copy of the file, changed where they lie,
+and that copy is the file written out. It holds what keeps the file's layout: values changed
+in place, shapes and dtypes unchanged, written dense (workers/compress/prune.py says when).
 
 The copy is protobuf's own serialization of the pruned model byte for byte: the skeleton is only
 held when protobuf writes it back as it was read, and a held tensor has the fields pruning writes
@@ -21,6 +21,7 @@ from onnx import ModelProto, TensorProto, helper
 
 from workers.graph.load import parse_skeleton
 from workers.graph.weights import WeightSlot
+from workers.graph.wire import tensor_at
 
 # Smaller initializers stay in the skeleton as well (they are views of the copy too): shape
 # inference reads the small ones, and stripping saves nothing worth a field of its own there.
@@ -33,12 +34,12 @@ HELD_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUB
 class HeldModel:
     skeleton: ModelProto
     buffer: bytearray  # the file, its weights changed in place
-    # id of a main-graph initializer of the skeleton (of HELD_TYPES) -> (start, length) of its
-    # raw_data in buffer
+    # id of a main-graph initializer or Constant value of the skeleton (of HELD_TYPES) ->
+    # (start, length) of its raw_data in buffer
     spans: dict[int, tuple[int, int]]
-    # the initializers `spans` is keyed by: protobuf keeps one wrapper per message while it is
+    # the tensors `spans` is keyed by: protobuf keeps one wrapper per message while it is
     # referenced, so these ids stay theirs
-    initializers: list[TensorProto] = field(repr=False)
+    tensors: list[TensorProto] = field(repr=False)
 
     def values(self, tensor: TensorProto) -> np.ndarray | None:
         """A writable view of the tensor's values in the buffer; None when it is not held."""
@@ -70,10 +71,6 @@ def hold(data: bytes) -> HeldModel | None:
     if parsed is None:
         return None
     skeleton, stripped = parsed
-    initializers = list(skeleton.graph.initializer)
-    spans = {
-        id(tensor): span
-        for tensor, span in zip(initializers, stripped.spans, strict=True)
-        if span is not None
-    }
-    return HeldModel(skeleton, bytearray(data), spans, initializers)
+    tensors = {path: tensor_at(skeleton.graph, path) for path in stripped.spans}
+    spans = {id(tensors[path]): span for path, span in stripped.spans.items()}
+    return HeldModel(skeleton, bytearray(data), spans, list(tensors.values()))

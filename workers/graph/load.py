@@ -23,7 +23,7 @@ from onnx import (
 
 from workers.errors import InvalidModelError, UnsafeModelError, first_line
 from workers.graph.walk import iter_graphs, node_subgraphs
-from workers.graph.wire import Stripped, strip_initializer_data
+from workers.graph.wire import Stripped, strip_initializer_data, tensor_at
 
 # Domains whose operators onnxruntime implements itself. A model-local function adds its own.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -108,7 +108,7 @@ def parse_skeleton(
     data: bytes, min_bytes: int, types: frozenset[int], limits: ModelLimits = ModelLimits()
 ) -> tuple[ModelProto, Stripped] | None:
     """parse_model's checks on `data`, and the model without the raw_data of its main graph's
-    initializers of `types` of at least `min_bytes` (see Stripped for where they lie); None
+    weights of `types` of at least `min_bytes` (see Stripped for which and where); None
     when the model cannot be parsed so, or when protobuf would not write the skeleton back
     byte for byte (so neither would it the whole model): then only parse_model can read it."""
     if len(data) > limits.max_bytes:
@@ -126,18 +126,11 @@ def parse_skeleton(
         return None
     # The checker reads the whole model; the stripped lengths are checked as parse_model
     # checks raw_data, before it. Keyed by the wrappers (protobuf keeps one per message while
-    # it is referenced, and `initializers` keeps them).
-    initializers = list(checking.graph.initializer)
-    held = {id(initializers[i]): length for i, (_, length) in _stripped_spans(stripped)}
+    # it is referenced, and `tensors` keeps them).
+    tensors = {path: tensor_at(checking.graph, path) for path in stripped.stripped}
+    held = {id(tensors[path]): stripped.spans[path][1] for path in stripped.stripped}
     _check_model(checking, data, limits, held)
     return onnx.load_model_from_string(stripped.skeleton), stripped
-
-
-def _stripped_spans(stripped: Stripped) -> Iterator[tuple[int, tuple[int, int]]]:
-    for index in sorted(stripped.stripped):
-        span = stripped.spans[index]
-        assert span is not None
-        yield index, span
 
 
 def _load(data: bytes, limits: ModelLimits) -> ModelProto:

@@ -1,7 +1,7 @@
 """Protobuf's wire format where the protobuf runtime cannot help: writing a message field by
 field (workers/graph/encoding.py streams a model so), reading a model's top-level fields
-without its graph, and finding where its initializers' raw_data lie in the file, so that a
-model can be parsed without them (workers/graph/held.py). Only what those need."""
+without its graph, and finding where its weights' raw_data lie in the file, so that a model
+can be parsed without them (workers/graph/held.py). Only what those need."""
 
 import io
 from collections.abc import Iterator
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from google.protobuf.message import DecodeError
-from onnx import GraphProto, ModelProto, TensorProto
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
 
 def varint_bytes(value: int) -> bytes:
@@ -29,6 +29,11 @@ VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
 FIXED_SIZES = {FIXED64: 8, FIXED32: 4}
 GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 INITIALIZER_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+NODE_FIELD = GraphProto.DESCRIPTOR.fields_by_name["node"].number
+NODE_OP_TYPE_FIELD = NodeProto.DESCRIPTOR.fields_by_name["op_type"].number
+NODE_ATTRIBUTE_FIELD = NodeProto.DESCRIPTOR.fields_by_name["attribute"].number
+ATTRIBUTE_NAME_FIELD = AttributeProto.DESCRIPTOR.fields_by_name["name"].number
+ATTRIBUTE_TENSOR_FIELD = AttributeProto.DESCRIPTOR.fields_by_name["t"].number
 RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 DATA_TYPE_FIELD = TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
 # A weight written plainly has a field per dimension and three more: past this, it is not one.
@@ -140,18 +145,116 @@ def fields(data: memoryview, start: int, stop: int) -> Iterator[Field]:
         position = end
 
 
+# Where a tensor sits in the main graph: (INITIALIZER_FIELD, i) is graph.initializer[i];
+# (NODE_FIELD, n, a) is graph.node[n].attribute[a].t, the value of a Constant node.
+TensorPath = tuple[int, ...]
+
+
+def tensor_at(graph: GraphProto, path: TensorPath) -> TensorProto:
+    if path[0] == INITIALIZER_FIELD:
+        return graph.initializer[path[1]]
+    return graph.node[path[1]].attribute[path[2]].t
+
+
 @dataclass(frozen=True)
 class Stripped:
-    """A serialized model without the data of its main graph's large initializers.
+    """A serialized model without the data of its main graph's large weights.
 
-    `spans[i]` is where initializer i's raw_data lies in the original bytes, as (start, length),
-    for each initializer of the types asked for written plainly (only PLAIN_TENSOR_FIELDS,
-    raw_data last, as protobuf writes them), else None; `stripped` are the initializers whose
-    raw_data the skeleton leaves out."""
+    `spans[path]` is where the raw_data of the tensor at `path` lies in the original bytes, as
+    (start, length), for each initializer and Constant value of the types asked for written
+    plainly (only PLAIN_TENSOR_FIELDS, raw_data last, as protobuf writes them); `stripped` are
+    those whose raw_data the skeleton leaves out."""
 
     skeleton: bytes
-    spans: list[tuple[int, int] | None]
-    stripped: frozenset[int]
+    spans: dict[TensorPath, tuple[int, int]]
+    stripped: frozenset[TensorPath]
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class _Scan:
+    """What a scan found, and the fields it may still read: it runs in Python, about a
+    microsecond a field, where protobuf's parser runs in C."""
+
+    def __init__(self, data: bytes, min_bytes: int, types: frozenset[int], max_fields: int):
+        self.view = memoryview(data)
+        self.min_bytes, self.types, self.left = min_bytes, types, max_fields
+        self.spans: dict[TensorPath, tuple[int, int]] = {}
+        self.stripped: set[TensorPath] = set()
+
+    def fields(self, start: int, stop: int) -> Iterator[Field]:
+        for field in fields(self.view, start, stop):
+            self.left -= 1
+            if self.left < 0:
+                raise _OverBudget
+            yield field
+
+    def holds(self, field: Field, value: bytes) -> bool:
+        return self.view[field.value : field.end] == value
+
+    def rewritten(self, outer: Field, changed: list[tuple[Field, bytes]]) -> bytes:
+        """`outer` written anew with each (inner field, its new bytes) in place: runs of the
+        original between them, a piece per field would cost a hundred bytes for a field of two."""
+        pieces: list[bytes | memoryview] = []
+        kept_from = outer.value
+        for inner, new in changed:
+            pieces += [self.view[kept_from : inner.start], new]
+            kept_from = inner.end
+        pieces.append(self.view[kept_from : outer.end])
+        return _length_delimited(outer.number, b"".join(pieces))
+
+    def tensor(self, field: Field, path: TensorPath) -> bytes | None:
+        """The tensor written without its raw_data when it is plain and large, else None."""
+        raw = _plain_raw_data(self.view, field, self.types)
+        if raw is None:
+            return None
+        self.spans[path] = (raw.value, raw.end - raw.value)
+        if raw.end - raw.value < self.min_bytes:
+            return None
+        self.stripped.add(path)
+        return _length_delimited(field.number, bytes(self.view[field.value : raw.start]))
+
+    def node(self, field: Field, path: TensorPath) -> bytes | None:
+        """A Constant node written without its value's raw_data, else None. In protobuf's order
+        op_type comes before the attributes, and an attribute's name before its tensor."""
+        changed, attribute = [], 0
+        for inner in self.fields(field.value, field.end):
+            if inner.number == NODE_OP_TYPE_FIELD and not self.holds(inner, b"Constant"):
+                return None
+            if inner.number != NODE_ATTRIBUTE_FIELD or inner.wire != LENGTH_DELIMITED:
+                continue
+            if (new := self.attribute(inner, (*path, attribute))) is not None:
+                changed.append((inner, new))
+            attribute += 1
+        if not changed or not _as_protobuf_writes(self.view, field):
+            return None
+        return self.rewritten(field, changed)
+
+    def attribute(self, field: Field, path: TensorPath) -> bytes | None:
+        changed = []
+        for inner in self.fields(field.value, field.end):
+            if inner.number == ATTRIBUTE_NAME_FIELD and not self.holds(inner, b"value"):
+                return None
+            tensor = inner.number == ATTRIBUTE_TENSOR_FIELD and inner.wire == LENGTH_DELIMITED
+            if tensor and (new := self.tensor(inner, path)) is not None:
+                changed.append((inner, new))
+        if not changed or not _as_protobuf_writes(self.view, field):
+            return None
+        return self.rewritten(field, changed)
+
+    def graph(self, field: Field) -> bytes:
+        changed, counts = [], {INITIALIZER_FIELD: 0, NODE_FIELD: 0}
+        for inner in self.fields(field.value, field.end):
+            if inner.number not in counts or inner.wire != LENGTH_DELIMITED:
+                continue
+            path = (inner.number, counts[inner.number])
+            counts[inner.number] += 1
+            scan = self.tensor if inner.number == INITIALIZER_FIELD else self.node
+            if (new := scan(inner, path)) is not None:
+                changed.append((inner, new))
+        return self.rewritten(field, changed)
 
 
 def _as_protobuf_writes(data: memoryview, field: Field) -> bool:
@@ -191,42 +294,21 @@ def _length_delimited(number: int, value: bytes) -> bytes:
 def strip_initializer_data(
     data: bytes, min_bytes: int, types: frozenset[int], max_fields: int
 ) -> Stripped | None:
-    """`data` with the raw_data of each plainly written main-graph initializer of `types` of at
-    least `min_bytes` left out; None when the model has no single graph field to find them in,
-    or more than `max_fields` fields at the top or in the graph: this scan runs in Python,
-    about a microsecond a field, where protobuf's parser runs in C (parse_model takes those)."""
-    view = memoryview(data)
-    graphs = []
-    for count, field in enumerate(fields(view, 0, len(view))):
-        if count == max_fields:
-            return None
-        if field.number == GRAPH_FIELD and field.wire == LENGTH_DELIMITED:
-            graphs.append(field)
-    if len(graphs) != 1 or not _as_protobuf_writes(view, graphs[0]):
-        return None  # protobuf would merge several graph fields into one
-    graph = graphs[0]
-    # the graph's bytes as runs of the original between the initializers written anew: a
-    # piece per field would cost a hundred bytes for a field of two
-    pieces: list[bytes | memoryview] = []
-    spans: list[tuple[int, int] | None] = []
-    stripped: set[int] = set()
-    kept_from = graph.value
-    for count, field in enumerate(fields(view, graph.value, graph.end)):
-        if count == max_fields:
-            return None
-        if field.number != INITIALIZER_FIELD or field.wire != LENGTH_DELIMITED:
-            continue
-        raw = _plain_raw_data(view, field, types)
-        spans.append(None if raw is None else (raw.value, raw.end - raw.value))
-        if raw is not None and raw.end - raw.value >= min_bytes:
-            stripped.add(len(spans) - 1)
-            pieces += [
-                view[kept_from : field.start],
-                _length_delimited(INITIALIZER_FIELD, bytes(view[field.value : raw.start])),
-            ]
-            kept_from = field.end
-    pieces.append(view[kept_from : graph.end])
-    skeleton = b"".join(
-        [view[: graph.start], _length_delimited(GRAPH_FIELD, b"".join(pieces)), view[graph.end :]]
-    )
-    return Stripped(skeleton, spans, frozenset(stripped))
+    """`data` without the raw_data of each plainly written main-graph initializer and Constant
+    value of `types` of at least `min_bytes`; None when the model has no single graph field to
+    find them in, or more than `max_fields` fields to read on the way (parse_model takes it)."""
+    scan = _Scan(data, min_bytes, types, max_fields)
+    try:
+        graphs = [
+            field
+            for field in scan.fields(0, len(scan.view))
+            if field.number == GRAPH_FIELD and field.wire == LENGTH_DELIMITED
+        ]
+        if len(graphs) != 1 or not _as_protobuf_writes(scan.view, graphs[0]):
+            return None  # protobuf would merge several graph fields into one
+        graph = scan.graph(graphs[0])
+    except _OverBudget:
+        return None
+    view = scan.view
+    skeleton = b"".join([view[: graphs[0].start], graph, view[graphs[0].end :]])
+    return Stripped(skeleton, scan.spans, frozenset(scan.stripped))
