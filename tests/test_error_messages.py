@@ -6,7 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from onnx import TensorProto, helper
 from server import submit
+
+from workers.errors import InvalidModelError
+from workers.evaluate.runtime import session
 
 PRUNE = {"sparsity": 0.5}
 
@@ -92,3 +96,25 @@ def test_the_cli_suggests_the_closest_key_too(tmp_path, digits_upload):
         "clipprune: error: invalid parameters: params.scpoe: unknown key 'scpoe'; "
         "did you mean 'scope'?"
     )
+
+
+def test_onnxruntimes_refusal_names_no_scratch_file(tmp_path):
+    # onnxruntime starts its message with the path it loaded, a job's scratch file
+    ones = [
+        helper.make_tensor(name, TensorProto.FLOAT, [size], [1.0] * size)
+        for name, size in (("A", 2), ("B", 3))
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["A", "B"], ["Y"])],
+        "mismatched",
+        [],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        ones,
+    )
+    path = tmp_path / "candidate-1.dense.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    with pytest.raises(InvalidModelError) as refused:
+        session(path)
+    message = str(refused.value)
+    assert message.startswith("onnxruntime cannot load the model: ") and "Incompatible" in message
+    assert str(tmp_path) not in message and "[ONNXRuntimeError]" not in message

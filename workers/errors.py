@@ -4,6 +4,8 @@ The service maps these to 4xx problems; the command line prints the message on o
 Anything else escaping a job is a bug in clipprune, not bad input.
 """
 
+import re
+
 
 class InputError(ValueError):
     """Bad input from the caller."""
@@ -59,8 +61,16 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def first_line(error: BaseException, limit: int = 160) -> str:
+def first_line(error: BaseException | str, limit: int = 160) -> str:
     """The first line of an error from a library (onnxruntime, onnx), cut to `limit`
     characters: their messages can run to pages."""
     lines = str(error).strip().splitlines()
     return one_line(lines[0] if lines else type(error).__name__, limit)
+
+
+def onnxruntime_reason(error: BaseException) -> str:
+    """onnxruntime's message without its error code and the path of the file it loaded: that
+    is a scratch file of the job's, which says nothing to the caller."""
+    reason = str(error) or type(error).__name__
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+    return re.sub(r"Load model from \S* ?failed: ?", "", reason)

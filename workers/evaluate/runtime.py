@@ -17,7 +17,13 @@ import onnxruntime as ort
 from onnx import ModelProto, helper
 
 from schemas.report import LatencyReport
-from workers.errors import InvalidDataError, InvalidModelError, UnsupportedModelError, first_line
+from workers.errors import (
+    InvalidDataError,
+    InvalidModelError,
+    UnsupportedModelError,
+    first_line,
+    onnxruntime_reason,
+)
 from workers.evaluate.data import InputSpec
 
 GENERATED_ROWS = 64  # a check that the model runs, not a measurement: few rows do
@@ -84,7 +90,8 @@ def session(model: ModelSource, prepack: bool = True) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors on a bad model
-        raise InvalidModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
+        reason = first_line(onnxruntime_reason(exc))
+        raise InvalidModelError(f"onnxruntime cannot load the model: {reason}") from exc
 
 
 @dataclass(frozen=True)

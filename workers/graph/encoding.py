@@ -37,7 +37,13 @@ from onnx import (
 )
 
 from schemas.vocabulary import Encoding
-from workers.errors import MAX_MESSAGE, UnsupportedModelError, cut_list, one_line
+from workers.errors import (
+    MAX_MESSAGE,
+    UnsupportedModelError,
+    cut_list,
+    one_line,
+    onnxruntime_reason,
+)
 from workers.graph.load import raw_data_bytes, serialize
 from workers.graph.walk import iter_graphs, node_subgraphs
 from workers.graph.weights import FLOAT_TYPES, WeightSlot, all_float_constants, find_weights
@@ -395,11 +401,9 @@ def _convs_left_float(graph: GraphProto, outer: frozenset[str], found: list[str]
 def _refusal(what: str, error: Exception, scratch: str | None = None) -> str:
     """One line for the caller: what failed, onnxruntime's reason without its codes and our
     scratch paths, and the encodings that work."""
-    reason = str(error) or type(error).__name__
+    reason = onnxruntime_reason(error)
     if scratch:
         reason = reason.replace(scratch, "")
-    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
-    reason = re.sub(r"Load model from \S* ?failed: ?", "", reason)
     tail = f"; {INT8_ADVICE}"
     return one_line(f"encoding int8: {what}: {one_line(reason)}", NOTE_LIMIT - len(tail)) + tail
 
