@@ -173,3 +173,18 @@ def test_a_held_weight_is_pruned_where_it_lies_in_the_file_copy():
     assert held.attach([slot])
     with pytest.raises(ValueError, match="read-only"):
         slot.read()[0, 0] = 1.0
+
+
+def test_a_constant_value_without_a_name_is_parsed_whole():
+    # pruning's write-back names every tensor it writes (an empty name is written too), so a
+    # nameless Constant value cannot be pruned where it lies to the same bytes
+    model = constant_node_mlp()
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            attribute.t.ClearField("name")
+    data = serialize(model)
+    params = PruneParams(sparsity=0.5)
+    assert parse_for_pruning(data, params)[1] is None
+    assert chosen_path(data, params)[1:] == whole_path(data, params)[1:]
+    named = serialize(constant_node_mlp())
+    assert parse_for_pruning(named, params)[1] is not None

@@ -36,6 +36,7 @@ ATTRIBUTE_NAME_FIELD = AttributeProto.DESCRIPTOR.fields_by_name["name"].number
 ATTRIBUTE_TENSOR_FIELD = AttributeProto.DESCRIPTOR.fields_by_name["t"].number
 RAW_DATA_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 DATA_TYPE_FIELD = TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
+NAME_FIELD = TensorProto.DESCRIPTOR.fields_by_name["name"].number
 # A weight written plainly has a field per dimension and three more: past this, it is not one.
 MAX_PLAIN_FIELDS = 64
 # What numpy_helper.from_array writes, and all that pruning writes back, each field of the wire
@@ -267,8 +268,9 @@ def _as_protobuf_writes(data: memoryview, field: Field) -> bool:
 
 
 def _plain_raw_data(data: memoryview, tensor: Field, types: frozenset[int]) -> Field | None:
-    """The raw_data field of an initializer of one of `types` written plainly, else None."""
-    raw, data_type = None, None
+    """The raw_data field of a tensor of one of `types` written plainly, else None. Its name
+    must be written, even empty: pruning's write-back always writes one."""
+    raw, data_type, named = None, None, False
     for count, field in enumerate(fields(data, tensor.value, tensor.end)):
         if raw is not None or PLAIN_TENSOR_FIELDS.get(field.number) != field.wire:
             return None  # a field after raw_data, or one pruning would not write back
@@ -278,8 +280,10 @@ def _plain_raw_data(data: memoryview, tensor: Field, types: frozenset[int]) -> F
             raw = field
         elif field.number == DATA_TYPE_FIELD:
             data_type, _ = _varint_at(data, field.value, field.end)
+        named |= field.number == NAME_FIELD
     plain = (
         raw is not None
+        and named
         and data_type in types
         and _as_protobuf_writes(data, tensor)
         and _as_protobuf_writes(data, raw)
