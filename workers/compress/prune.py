@@ -265,6 +265,7 @@ def parse_for_pruning(data: bytes, params: PruneParams) -> tuple[ModelProto, Hel
         or not held.attach(find_weights(skeleton, params.include, params.exclude))
     )
     if whole:  # checked already: parsed, not checked again
+        del held, skeleton  # the file's copy goes before protobuf parses the model whole
         return onnx.load_model_from_string(data), None
     return skeleton, held
 
