@@ -17,7 +17,7 @@ from workers.graph.encoding import encode
 from workers.graph.held import HELD_MIN_BYTES, HELD_TYPES, hold
 from workers.graph.load import parse_model, serialize
 from workers.graph.weights import find_weights
-from workers.graph.wire import INITIALIZER_FIELD, NODE_FIELD, strip_initializer_data, tensor_at
+from workers.graph.wire import INITIALIZER_FIELD, NODE_FIELD, strip_weight_data, tensor_at
 
 SETTINGS = {
     "layer": {"sparsity": 0.5},
@@ -82,7 +82,7 @@ def test_a_held_model_prunes_to_the_bytes_the_whole_model_gives(name, setting):
 
 def test_the_skeleton_leaves_out_exactly_the_large_weights_data():
     data = serialize(gemm_mlp([256, 128, 10], trans_b=1))
-    stripped = strip_initializer_data(data, HELD_MIN_BYTES, HELD_TYPES, 20_000)
+    stripped = strip_weight_data(data, HELD_MIN_BYTES, HELD_TYPES, 20_000)
     assert stripped is not None
     skeleton = onnx.load_model_from_string(stripped.skeleton)
     names = [tensor.name for tensor in skeleton.graph.initializer]
@@ -104,7 +104,7 @@ def test_a_large_constant_nodes_value_is_left_out_as_well():
         if found.op_type == "Constant" and len(attr.t.raw_data) >= 64
     }
     assert large
-    stripped = strip_initializer_data(data, 64, HELD_TYPES, 20_000)
+    stripped = strip_weight_data(data, 64, HELD_TYPES, 20_000)
     assert stripped is not None and stripped.stripped == large
     skeleton = onnx.load_model_from_string(stripped.skeleton)
     for path in large:

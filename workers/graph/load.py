@@ -23,7 +23,7 @@ from onnx import (
 
 from workers.errors import InvalidModelError, UnsafeModelError, first_line
 from workers.graph.walk import iter_graphs, node_subgraphs
-from workers.graph.wire import Stripped, strip_initializer_data, tensor_at
+from workers.graph.wire import Stripped, strip_weight_data, tensor_at
 
 # Domains whose operators onnxruntime implements itself. A model-local function adds its own.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -116,7 +116,7 @@ def parse_skeleton(
     try:
         # a graph's fields: its nodes, initializers and the values they name, a few each
         max_fields = 4 * (limits.max_nodes + limits.max_initializers)
-        stripped = strip_initializer_data(data, min_bytes, types, max_fields)
+        stripped = strip_weight_data(data, min_bytes, types, max_fields)
     except DecodeError:
         return None  # parse_model says what is wrong
     if stripped is None:
