@@ -10,6 +10,11 @@ Baselines: one large float32 np.matmul (the sgemm rate), and the same loop with 
 Targets (issue 7): training FLOP rate >= 70% of sgemm; clipping overhead <= 5% of step time.
 Issue 18: the MLP epoch at most 1.0x the same loop in PyTorch.
 
+What the FLOP rate can reach here, measured in the same run: the epoch's matmuls alone (same
+shapes and layouts, stand-in values), the ceiling of any loop on this BLAS; what 0.60 of sgemm
+then leaves a step for everything else; and the least time Adam needs just to move its state (m,
+v and the weights read and written once, in place). PyTorch's rate on the same FLOP count too.
+
 FLOPs are the matmul multiply-adds the epoch actually computes (2 per multiply-add), nothing
 else: per sample, forward 2 * in * out per layer, backward 2 * in * out per layer for the weight
 gradient and again for the gradient at the layer's input, except the first layer, whose input
@@ -55,6 +60,7 @@ from workers.nn.optimizers import OPTIMIZERS
 SIZES = [784, 512, 256, 10]
 BATCH, SAMPLES, REPEATS = 128, 10_000, 7
 VALIDATION = 256  # samples scored after the epoch
+STEPS = -(-SAMPLES // BATCH)  # optimizer steps in the epoch
 LEARNING_RATE, CLIP = 1e-3, ClipParams(mode="global_norm", threshold=1.0)
 TEMPERATURE = 2.0  # the distillation temperature fine-tuning uses by default
 GRAPH_STEPS, GRAPH_REPEATS = 20, 7  # graph loops: the best of 7 runs of 20 steps each
@@ -157,6 +163,56 @@ def torch_epoch_runner(torch: Any) -> Callable[[], tuple[float, float]]:
         return time.perf_counter() - started, float(np.mean(losses))
 
     return one_epoch
+
+
+def matmuls_runner() -> Callable[[], float]:
+    """Seconds for the epoch's matmuls alone, the same shapes and operand layouts as fit()'s
+    (forward, weight and input gradients per batch, the validation forward), on stand-in
+    values: the time no loop built on this BLAS can beat, whatever else it does faster."""
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(shape, dtype=np.float32) for shape in itertools.pairwise(SIZES)]
+    batches = [min(BATCH, SAMPLES - start) for start in range(0, SAMPLES, BATCH)]
+    inputs = {
+        rows: [rng.standard_normal((rows, size), dtype=np.float32) for size in SIZES]
+        for rows in {*batches, VALIDATION}
+    }
+
+    def step(rows: int, backward: bool) -> None:
+        values = inputs[rows]
+        for layer, w in enumerate(weights):
+            values[layer] @ w  # [B, in] @ [in, out]
+        if backward:
+            for layer in reversed(range(len(weights))):
+                values[layer].T @ values[layer + 1]  # dW: [in, B] @ [B, out]
+                if layer:
+                    values[layer + 1] @ weights[layer].T  # dz: [B, out] @ [out, in]
+
+    def epoch() -> float:
+        started = time.perf_counter()
+        for rows in batches:
+            step(rows, backward=True)
+        step(VALIDATION, backward=False)
+        return time.perf_counter() - started
+
+    return epoch
+
+
+def state_traffic_runner() -> Callable[[], float]:
+    """Seconds to read and write back, in place, three float32 arrays of the MLP's parameter
+    count: the memory traffic of Adam's state (m, v and the weights), which any Adam step must
+    move (reading the gradients, not counted, only adds to it)."""
+    count = sum(fan_in * fan_out + fan_out for fan_in, fan_out in itertools.pairwise(SIZES))
+    state = [np.ones(count, np.float32) for _ in range(3)]
+    evict = np.zeros(8 << 20, np.float32)  # 32 MiB: the matmuls between steps evict the state
+
+    def traffic() -> float:
+        np.add(evict, 1, out=evict)
+        started = time.perf_counter()
+        for array in state:
+            np.multiply(array, 1, out=array)
+        return time.perf_counter() - started
+
+    return traffic
 
 
 def epoch_flops() -> int:
@@ -439,8 +495,12 @@ def mlp_rows(torch: Any) -> None:
         runs["torch"] = torch_epoch_runner(torch)
     best = {name: (float("inf"), 0.0) for name in runs}
     rate = 0.0
+    matmuls, traffic = matmuls_runner(), state_traffic_runner()
+    matmul_time = traffic_time = float("inf")
     for _ in range(REPEATS):
         rate = max(rate, sgemm())
+        matmul_time = min(matmul_time, matmuls())
+        traffic_time = min(traffic_time, *(traffic() for _ in range(STEPS)))
         for name, run in runs.items():
             best[name] = min(best[name], run())
     plain, clipped = best["none"][0], best["global_norm"][0]
@@ -462,10 +522,18 @@ def mlp_rows(torch: Any) -> None:
         1 + overhead,
         f"<= 1.05 {'PASS' if overhead <= 0.05 else 'MISS'}",
     )
+    ceiling_rows(flops, rate, matmul_time, traffic_time)
     if torch is None:
         print("MLP: PyTorch not installed, no comparison (informational)")
         return
     torch_time = best["torch"][0]
+    row(
+        "PyTorch FLOP rate (GFLOP/s)",
+        rate / 1e9,
+        flops / torch_time / 1e9,
+        flops / torch_time / rate,
+        "informational: the same count",
+    )
     ratio = clipped / torch_time
     row(
         "MLP epoch vs PyTorch (s)",
@@ -477,6 +545,24 @@ def mlp_rows(torch: Any) -> None:
     print(
         f"  same loop: epoch loss NumPy {best['global_norm'][1]:.5f}, "
         f"PyTorch {best['torch'][1]:.5f}"
+    )
+
+
+def ceiling_rows(flops: int, rate: float, matmul_time: float, traffic_time: float) -> None:
+    """What 0.60 of sgemm leaves a step for everything but its matmuls, against the least
+    time Adam alone needs to move its state."""
+    row(
+        "matmuls alone (GFLOP/s)",
+        rate / 1e9,
+        flops / matmul_time / 1e9,
+        flops / matmul_time / rate,
+        "the ceiling of any loop on this BLAS",
+    )
+    left = (flops / (0.6 * rate) - matmul_time) / STEPS
+    print(
+        f"  0.60 leaves {left * 1e6:.0f} us a step for all but the matmuls (bias, activations, "
+        f"loss, clipping, Adam); Adam's state alone, read and written once: "
+        f"{traffic_time * 1e6:.0f} us"
     )
 
 

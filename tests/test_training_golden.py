@@ -186,7 +186,7 @@ class RecordedAdam(Step):
         self.second = np.zeros_like(self.scratch)  # v
         self.root = np.empty_like(self.scratch)  # sqrt(v) + eps
 
-    def update(self, grads: list[np.ndarray]) -> None:
+    def apply(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
         beta1, beta2 = ADAM_BETAS
         step = self.learning_rate * math.sqrt(1 - beta2**self.count) / (1 - beta1**self.count)
         m, v, root, scratch = self.first, self.second, self.root, self.scratch
@@ -203,6 +203,8 @@ class RecordedAdam(Step):
         root += ADAM_EPS
         np.multiply(m, step, out=scratch)
         scratch /= root
+        for p, s in zip(params, self.scratches, strict=True):
+            p -= s
 
 
 # SHA-256 of a few float32 matmuls: the BLAS the hashes above were recorded with
