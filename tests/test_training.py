@@ -215,3 +215,25 @@ def test_optimizers_match_their_formulas_in_float32_to_the_bit(kind):
         for p, r in zip(params, reference, strict=True):
             assert p.dtype == r.dtype == np.float32
             assert np.array_equal(p, r)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_optimizers_update_a_transposed_weight_as_its_contiguous_copy(kind):
+    """A Gemm transB=1 weight reaches training as a transposed view; Adam subtracts its
+    update block by block from contiguous weights, whole from this one: the same bits."""
+    from workers.nn.optimizers import BLOCK, OPTIMIZERS
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((400, 400)).astype(np.float32)  # more than one BLOCK
+    assert weight.size > BLOCK
+    contiguous = [weight.copy(), np.zeros(400, np.float32)]
+    transposed = [weight.T.copy().T, np.zeros(400, np.float32)]
+    assert not transposed[0].flags.c_contiguous
+    steps = [OPTIMIZERS[kind](params, learning_rate=0.01) for params in (contiguous, transposed)]
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in contiguous]
+        for step, params in zip(steps, (contiguous, transposed), strict=True):
+            step(params, grads)
+    assert not np.array_equal(contiguous[0], weight)
+    for a, b in zip(contiguous, transposed, strict=True):
+        assert np.array_equal(a, b)

@@ -123,11 +123,13 @@ class Adam(Step):
         eps = ADAM_EPS / math.sqrt(1 - beta2)
         state = zip(params, grads, self.firsts, self.seconds, self.scratches, strict=True)
         for p, g, m, v, scratch in state:
-            p = np.reshape(p, -1, copy=False)  # raises rather than update a copy of p
-            g, m, v, scratch = g.reshape(-1), m.reshape(-1), v.reshape(-1), scratch.reshape(-1)
+            # a weight read transposed (Gemm transB=1) has no flat view in g's order: it takes
+            # its update whole, after the blocks
+            flat = p.reshape(-1) if p.flags.c_contiguous else None
+            g, m, v, s = g.reshape(-1), m.reshape(-1), v.reshape(-1), scratch.reshape(-1)
             for start in range(0, g.size, BLOCK):
                 block = slice(start, start + BLOCK)
-                pb, gb, mb, vb, sb = p[block], g[block], m[block], v[block], scratch[block]
+                gb, mb, vb, sb = g[block], m[block], v[block], s[block]
                 mb *= beta1
                 mb += gb
                 vb *= beta2
@@ -137,7 +139,10 @@ class Adam(Step):
                 sb += eps
                 np.divide(mb, sb, out=sb)
                 sb *= step
-                pb -= sb
+                if flat is not None:
+                    flat[block] -= sb
+            if flat is None:
+                p -= scratch
 
 
 OPTIMIZERS: dict[Optimizer, type[Step]] = {"sgd": Sgd, "momentum": Momentum, "adam": Adam}
