@@ -10,6 +10,7 @@ from test_calibration import digits_job
 from test_structured_patterns import concat_and_split, residual_block, zero_at
 
 from schemas import PruneParams
+from workers.compress import calibration
 from workers.compress.calibrated import prune_calibrated
 from workers.compress.calibration import add_zero_biases
 from workers.compress.criteria import OutputContribution
@@ -70,6 +71,32 @@ def test_structured_reconstruct_is_deterministic():
     again, again_report = prune_calibrated(copy_model(model), params, runs)
     assert serialize(first.model) == serialize(again.model)
     assert first_report.layers == again_report.layers
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "activation"])
+def test_conv_inputs_chunked_for_im2col_pair_the_same_images(criterion, monkeypatch):
+    """A run too large for one im2col chunk is cut into chunks of images sized from the layer's
+    width, so the narrowed layer would take more images a chunk than the original it is fitted
+    against (YOLOv8n on eight 320x320 images: an internal error). Both are chunked alike, and
+    chunking changes nothing but the order of the sums."""
+    model = residual_block()
+    runs = [{"X": inputs((3, 8, 8), 8, 1)}]
+    params = PruneParams.model_validate(
+        {**STRUCTURED, "reconstruct": criterion == "magnitude", "criterion": criterion}
+    )
+    whole, whole_report = prune_calibrated(copy_model(model), params, runs)
+    # one 8x8 image of conv1's original 8-channel input is 18 KiB of im2col, of its 4 kept 9
+    monkeypatch.setattr(calibration, "IM2COL_BYTES", 40 * 1024)
+    chunked, chunked_report = prune_calibrated(copy_model(model), params, runs)
+    assert [layer.name for layer in chunked_report.layers] == [
+        layer.name for layer in whole_report.layers
+    ]
+    for got, want in zip(
+        chunked.model.graph.initializer, whole.model.graph.initializer, strict=True
+    ):
+        np.testing.assert_allclose(
+            numpy_helper.to_array(got), numpy_helper.to_array(want), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_the_job_reconstructs_structured_pruning_on_eval_data(tmp_path, mlp_classifier, digits):

@@ -352,7 +352,10 @@ def _paired_inputs(
     dense_runner = session(exposing(original, before.input_name))
     for feeds in runs:
         now, then = run_exposed(pruned, feeds), run_exposed(dense_runner, feeds)
-        for rows, original_rows in zip(view.rows(now, 0), before.rows(then, 0), strict=True):
+        # both in chunks of the same images, sized by the wider (original) layer
+        images = min(view.images_per_chunk(now), before.images_per_chunk(then))
+        pairs = zip(view.rows(now, 0, images), before.rows(then, 0, images), strict=True)
+        for rows, original_rows in pairs:
             if ones:
                 rows, original_rows = _with_ones(rows), _with_ones(original_rows)
             accumulate_gram(gram, rows)

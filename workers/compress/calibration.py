@@ -72,10 +72,19 @@ class LayerView:
             return int(np.prod(shape[1:]))
         return shape[0] if self.transposed else shape[1]
 
-    def rows(self, activation: np.ndarray, group: int) -> Iterable[np.ndarray]:
-        """The input rows [n, in] of group `group`, in chunks: an im2col of a whole batch of
-        images can be kh·kw times the activation, so Conv patches are made a few images at a
-        time."""
+    def images_per_chunk(self, activation: np.ndarray) -> int:
+        """Images of `activation` whose im2col fits IM2COL_BYTES (at least one): an im2col of a
+        whole batch of images can be kh·kw times the activation."""
+        if self.conv is None:
+            return max(1, len(activation))
+        per_image = self.width * activation.shape[2] * activation.shape[3] * activation.itemsize
+        return max(1, IM2COL_BYTES // max(per_image, 1))
+
+    def rows(
+        self, activation: np.ndarray, group: int, images: int | None = None
+    ) -> Iterable[np.ndarray]:
+        """The input rows [n, in] of group `group`, in chunks of `images` images for a Conv
+        (default: images_per_chunk); a MatMul's rows come whole."""
         if self.conv is None:
             if self.transposed_input:
                 activation = activation.T
@@ -84,8 +93,7 @@ class LayerView:
         channels = activation.shape[1] // self.groups
         part = activation[:, group * channels : (group + 1) * channels]
         geometry = self.conv
-        per_image = self.width * part.shape[2] * part.shape[3] * activation.itemsize
-        step = max(1, IM2COL_BYTES // max(per_image, 1))
+        step = images or self.images_per_chunk(activation)
         for start in range(0, len(part), step):
             yield im2col(
                 part[start : start + step],
