@@ -423,6 +423,8 @@ def test_global_scope_ranks_heads_and_neurons_on_one_scale():
     units = sum(g.channels // g.unit for g in pruned)
     removed = sum((g.channels - g.kept) // g.unit for g in pruned)
     assert units == 4 + 32 and removed == 18  # half of all units, wherever they are weakest
+    cut = sum(g.kept < g.channels for g in pruned)
+    assert f"removed from {cut} of the {len(pruned)} prunable" in outcome.notes[0]
 
 
 def test_exclude_leaves_the_group_of_that_leading_weight_whole():

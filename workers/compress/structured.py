@@ -355,12 +355,14 @@ def _share_note(live: list[ChannelGroup], constants: dict[str, TensorProto]) -> 
     ]
 
 
-def _notes(reports: list[GroupReport], pruned: int, wording: str) -> list[str]:
+def _notes(reports: list[GroupReport], prunable: int, wording: str) -> list[str]:
     removed = sum(r.channels - r.kept for r in reports)
     total = sum(r.channels for r in reports if r.note is None)
+    # global scope may take nothing from a prunable group: count the groups that lost channels
+    cut = sum(r.kept < r.channels for r in reports)
     notes = [
-        f"structured: {pruned} of {len(reports)} channel groups pruned, {removed} of their "
-        f"{total} channels removed; units ranked by {wording}"
+        f"structured: {removed} of {total} channels removed from {cut} of the {prunable} "
+        f"prunable channel groups ({len(reports)} in all); units ranked by {wording}"
     ]
     whole = [r for r in reports if r.note is not None]
     for report in whole[:MAX_GROUP_NOTES]:
