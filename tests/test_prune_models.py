@@ -100,6 +100,20 @@ def test_global_scope_prunes_the_overall_share(mlp_classifier):
     assert abs(zeros - 0.8 * total) <= 1
 
 
+def test_a_weight_pruned_to_all_zeros_is_named_in_a_note():
+    model = gemm_mlp([6, 8, 8, 3], trans_b=0)
+    middle = next(t for t in model.graph.initializer if t.name == "W1")
+    middle.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(middle) * 1e-3, "W1"))
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.5, scope="global"))
+    assert [layer.name for layer in outcome.layers if layer.nonzero == 0] == ["W1"]
+    assert outcome.notes == [
+        "unstructured: 1 weight(s) pruned to all zeros, so their layers pass only a bias, if "
+        "any: W1"
+    ]
+    layered = prune_model(copy_model(model), PruneParams(sparsity=0.5, scope="layer"))
+    assert layered.notes == []
+
+
 def test_weights_inside_if_loop_and_scan_bodies_are_pruned():
     model = control_flow()
     names = set(weights(model))

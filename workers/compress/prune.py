@@ -12,7 +12,7 @@ from schemas.params import PruneParams
 from schemas.report import GroupReport, LayerReport
 from schemas.vocabulary import Granularity
 from workers.compress.structured import prune_channels
-from workers.errors import InvalidModelError, UnsupportedModelError
+from workers.errors import InvalidModelError, UnsupportedModelError, cut_list
 from workers.graph.held import HeldModel, hold
 from workers.graph.load import parse_model
 from workers.graph.walk import drop_unused_initializers, iter_graphs
@@ -179,6 +179,7 @@ def prune_weights(
     )
     # Slot i is written before i+1 is read, from the values its mask was made from, and
     # counted then: a 64 MB weight read out of protobuf twice less.
+    emptied = []
     for index, (slot, keep) in enumerate(zip(slots, masks, strict=True)):
         if keep.all():
             outcome.layers.append(layer_report(slot.name, slot.shape, values.take(index)))
@@ -186,6 +187,16 @@ def prune_weights(
             nonzero = slot.write_masked(keep, values.take(index))
             outcome.layers.append(counted_layer(slot.name, slot.shape, slot.shape, nonzero))
             outcome.pruned.add(slot.name)
+            if nonzero == 0:
+                emptied.append(slot.name)
+    if emptied:  # global scope or a threshold can take a whole layer: its output goes constant
+        outcome.notes.append(
+            cut_list(
+                f"unstructured: {len(emptied)} weight(s) pruned to all zeros, so their layers "
+                "pass only a bias, if any: ",
+                emptied,
+            )
+        )
 
 
 def prune_structured(
