@@ -161,8 +161,12 @@ def test_a_weight_whose_data_is_longer_than_its_shape_is_refused_as_when_parsed_
 
 def test_a_held_weight_is_pruned_where_it_lies_in_the_file_copy():
     model = gemm_mlp([256, 128, 10], trans_b=1)
-    held = hold(serialize(model))
+    data = serialize(model)
+    held = hold(data)
     assert held is not None
+    assert held.buffer is data  # no copy before pruning is sure to hold the model
+    held.own()
+    assert isinstance(held.buffer, bytearray)
     weight = held.values(held.skeleton.graph.initializer[0])
     assert weight is not None
     np.testing.assert_array_equal(weight, numpy_helper.to_array(model.graph.initializer[0]))

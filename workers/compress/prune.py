@@ -276,8 +276,9 @@ def parse_for_pruning(data: bytes, params: PruneParams) -> tuple[ModelProto, Hel
         or not held.attach(find_weights(skeleton, params.include, params.exclude))
     )
     if whole:  # checked already: parsed, not checked again
-        del held, skeleton  # the file's copy goes before protobuf parses the model whole
+        del held, skeleton  # the skeleton goes before protobuf parses the model whole
         return onnx.load_model_from_string(data), None
+    held.own()
     return skeleton, held
 
 

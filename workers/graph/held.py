@@ -4,9 +4,10 @@ protobuf's runtime (upb) parses a model into one arena and frees none of it unti
 goes: each weight written back keeps its old bytes beside the new, so a pruned 270 MB model
 costs 540 MB, and its file as bytes 270 MB more. A held model is parsed without the data of its
 main graph's large weights, initializers and Constant values (a skeleton of a few kB for that
-model); their values are NumPy views of one writable copy of the file, changed where they lie,
-and that copy is the file written out. It holds what keeps the file's layout: values changed
-in place, shapes and dtypes unchanged, written dense (workers/compress/prune.py says when).
+model); their values are NumPy views of the file's bytes, copied once pruning is sure to hold
+the model (`own`) and changed where they lie, and that copy is the file written out. It holds
+what keeps the file's layout: values changed in place, shapes and dtypes unchanged, written
+dense (workers/compress/prune.py says when).
 
 The copy is protobuf's own serialization of the pruned model byte for byte: the skeleton is only
 held when protobuf writes it back as it was read, and a held tensor has the fields pruning writes
@@ -33,7 +34,8 @@ HELD_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUB
 @dataclass
 class HeldModel:
     skeleton: ModelProto
-    buffer: bytearray  # the file, its weights changed in place
+    # the file: the caller's bytes, read-only, until `own` copies them to change in place
+    buffer: bytes | bytearray
     # id of a main-graph initializer or Constant value of the skeleton (of HELD_TYPES) ->
     # (start, length) of its raw_data in buffer
     spans: dict[int, tuple[int, int]]
@@ -41,8 +43,15 @@ class HeldModel:
     # referenced, so these ids stay theirs
     tensors: list[TensorProto] = field(repr=False)
 
+    def own(self) -> None:
+        """Copy the file to change its weights where they lie: only once pruning will, so a
+        model found unfit to hold costs no copy."""
+        if not isinstance(self.buffer, bytearray):
+            self.buffer = bytearray(self.buffer)
+
     def values(self, tensor: TensorProto) -> np.ndarray | None:
-        """A writable view of the tensor's values in the buffer; None when it is not held."""
+        """A view of the tensor's values in the buffer (writable once owned); None when it is
+        not held."""
         span = self.spans.get(id(tensor))
         if span is None:
             return None
@@ -73,4 +82,4 @@ def hold(data: bytes) -> HeldModel | None:
     skeleton, stripped = parsed
     tensors = {path: tensor_at(skeleton.graph, path) for path in stripped.spans}
     spans = {id(tensors[path]): span for path, span in stripped.spans.items()}
-    return HeldModel(skeleton, bytearray(data), spans, list(tensors.values()))
+    return HeldModel(skeleton, data, spans, list(tensors.values()))
