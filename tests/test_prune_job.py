@@ -196,3 +196,23 @@ def test_cli_bad_model_files_exit_2_with_one_line(tmp_path, content, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_compressed_model_that_fails_where_the_original_runs_is_clipprunes_defect():
+    """Scoring runs the original first; a compressed file that then fails to load is a bug in
+    clipprune (int8 compaction once wrote such files for early PyTorch exports): the job must
+    fail as one, not blame the caller's file with a 4xx nor succeed with a note."""
+    from workers.evaluate.data import EvalData
+    from workers.jobs.report import score_pair
+
+    original = gemm_mlp([4, 8, 3], trans_b=0)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(original)
+    broken.graph.node[0].op_type = "NoSuchOperator"
+    runs = [{"X": np.ones((2, 4), np.float32)}]
+    evaluation = EvalData(runs, None)
+    original_bytes = original.SerializeToString()
+    with pytest.raises(RuntimeError, match="the compressed model fails where the original runs"):
+        score_pair(original_bytes, broken.SerializeToString(), evaluation, "auto", "auto")
+    with pytest.raises(InputError):  # the caller's own model failing stays the caller's
+        score_pair(broken.SerializeToString(), original_bytes, evaluation, "auto", "auto")

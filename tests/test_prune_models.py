@@ -1,5 +1,7 @@
 """Unstructured pruning and the encodings, on converted and hand-built models."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -244,6 +246,39 @@ def test_int8_keeps_the_interface_and_computes_what_the_quantizer_wrote(mlp_clas
     assert [v.name for v in compacted.graph.output] == ["output_label", "output_probability"]
     for a, b in zip(run(plain, {"X": features}), run(data, {"X": features}), strict=True):
         assert np.array_equal(a, b)
+
+
+# Models onnx ships as its own test data: among them early PyTorch exports.
+ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+
+def feedable(model: onnx.ModelProto) -> list[str]:
+    """The inputs a caller feeds: before IR 4 initializers were listed as inputs too."""
+    weights = {t.name for t in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in weights]
+
+
+@pytest.mark.parametrize("name", ["test_Conv2d", "test_Conv1d_dilated", "test_Conv3d_no_bias"])
+def test_int8_of_a_model_whose_values_are_named_by_number_loads_and_computes_it(name):
+    """Early PyTorch exports name every value "0", "1", ...: the short names int8's compaction
+    gives internal values must not land on the input and output names that keep theirs (they
+    did: a file onnxruntime could not load, in a job that succeeded)."""
+    directory = ONNX_TEST_DATA / "pytorch-converted" / name
+    model = parse_model((directory / "model.onnx").read_bytes())
+    feeds = {
+        model.graph.input[0].name: numpy_helper.to_array(
+            TensorProto.FromString((directory / "test_data_set_0" / "input_0.pb").read_bytes())
+        )
+    }
+    outcome = prune_model(copy_model(model), PruneParams(sparsity=0.3))
+    data, _ = encode(outcome.model, "int8", outcome.pruned)
+    written = onnx.load_model_from_string(data)
+    assert feedable(written) == feedable(model)
+    assert [v.name for v in written.graph.output] == [v.name for v in model.graph.output]
+    pruned = run(encode(outcome.model, "dense", outcome.pruned)[0], feeds)[0]
+    quantized = run(data, feeds)[0]
+    cosine = np.vdot(pruned, quantized) / np.linalg.norm(pruned) / np.linalg.norm(quantized)
+    assert quantized.shape == pruned.shape and cosine > 0.99
 
 
 def test_int8_refuses_weights_that_are_not_float32():

@@ -33,7 +33,7 @@ from workers.compress.prune import PruneOutcome, copy_model, prune_model
 from workers.errors import UnsupportedModelError, cut_list
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import Scoring, loss, plan_scoring, score_outputs
-from workers.evaluate.runtime import ModelSource, Outputs, outputs
+from workers.evaluate.runtime import ModelSource, Outputs, compressed_outputs, outputs
 from workers.graph.encoding import encode_file
 from workers.graph.held import HeldModel
 from workers.graph.weights import find_weights
@@ -194,7 +194,8 @@ class Compressor:
         if self.evaluation is None:
             return None
         assert self.original is not None and self.scoring is not None
-        return score_outputs(self.scoring, self.original, outputs(model, self.evaluation.runs))
+        produced = compressed_outputs(model, self.evaluation.runs)
+        return score_outputs(self.scoring, self.original, produced)
 
     def candidate(
         self,

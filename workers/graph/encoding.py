@@ -12,6 +12,7 @@ ONNX in subgraphs too, since IR version 4). `dense` writes the model untouched.
 import functools
 import heapq
 import io
+import itertools
 import logging
 import math
 import re
@@ -723,12 +724,17 @@ def compact(model: ModelProto) -> ModelProto:
     annotations onnxruntime infers again) is dropped. The model's inputs and outputs keep
     their names, so callers see no difference."""
     interface = {value.name for value in [*model.graph.input, *model.graph.output]}
+    # old PyTorch exports name every value "0", "1", ...: a short name must not be one of the
+    # interface names that stay
+    fresh = (name for name in map("{:x}".format, itertools.count()) if name not in interface)
     short: dict[str, str] = {}
 
     def rename(name: str) -> str:
         if not name or name in interface:
             return name
-        return short.setdefault(name, format(len(short), "x"))
+        if name not in short:
+            short[name] = next(fresh)
+        return short[name]
 
     for graph, _ in iter_graphs(model.graph):
         del graph.value_info[:]

@@ -19,7 +19,7 @@ from schemas.report import AccuracyReport, LatencyReport, OnnxReport, Report, Si
 from schemas.vocabulary import MetricChoice, Task
 from workers.evaluate.data import EvalData
 from workers.evaluate.metrics import plan_scoring, score_outputs
-from workers.evaluate.runtime import Feeds, ModelSource, latency, outputs
+from workers.evaluate.runtime import Feeds, ModelSource, compressed_outputs, latency, outputs
 from workers.graph.load import opsets
 from workers.graph.wire import model_header
 from workers.jobs.advice import Facts, advise
@@ -173,7 +173,7 @@ def score_pair(
     """Both models run on the same inputs, every output scored; one session at a time."""
     reference = outputs(original, evaluation.runs)
     scoring = plan_scoring(reference, evaluation.labels, metric, task)
-    return score_outputs(scoring, reference, outputs(compressed, evaluation.runs))
+    return score_outputs(scoring, reference, compressed_outputs(compressed, evaluation.runs))
 
 
 def finish(job_dir: Path, model: bytes, report: Report, progress: Progress, facts: Facts) -> Report:
