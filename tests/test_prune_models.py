@@ -281,6 +281,24 @@ def test_int8_of_a_model_whose_values_are_named_by_number_loads_and_computes_it(
     assert quantized.shape == pruned.shape and cosine > 0.99
 
 
+def test_no_prunable_weights_says_which_constants_include_could_name():
+    """An early PyTorch nn.Linear(bias=False) reads its weight through a Transpose, so nothing
+    feeds MatMul directly; the refusal names the float constants include can pick."""
+    data = (
+        ONNX_TEST_DATA / "pytorch-converted" / "test_Linear_no_bias" / "model.onnx"
+    ).read_bytes()
+    with pytest.raises(UnsupportedModelError, match=r"among its 1 float constants: 1$"):
+        prune_model(parse_model(data), PruneParams(sparsity=0.5))
+    outcome = prune_model(parse_model(data), PruneParams(sparsity=0.5, include=["^1$"]))
+    assert [(layer.name, layer.sparsity) for layer in outcome.layers] == [("1", 0.5)]
+
+
+def test_a_model_whose_weights_are_computed_in_the_graph_is_refused_saying_so():
+    data = (ONNX_TEST_DATA / "light" / "light_bvlc_alexnet.onnx").read_bytes()
+    with pytest.raises(UnsupportedModelError, match="stores no float initializer or Constant"):
+        prune_model(parse_model(data), PruneParams(sparsity=0.5, include=["conv1_w_0"]))
+
+
 def test_int8_refuses_weights_that_are_not_float32():
     model = gemm_mlp([4, 8, 2], trans_b=0)
     for tensor in model.graph.initializer:

@@ -125,16 +125,33 @@ def prunable_slots(
     if only is not None:
         slots = [slot for slot in slots if slot.name == only]
     if not slots:
-        raise UnsupportedModelError(
-            "the model has no prunable weights (float constants feeding MatMul, Gemm, Conv or "
-            "ConvTranspose); name tensors to prune with include"
-        )
+        raise UnsupportedModelError(_no_weights(model, params))
     if held is not None and not held.attach(slots):
         raise ValueError("a weight to prune is not held: prune the model parsed whole")
     if check_finite:
         for slot in slots:
             _require_finite(slot, slot.read())
     return slots
+
+
+def _no_weights(model: ModelProto, params: PruneParams) -> str:
+    """Why no weight was chosen, with what the caller can do about it."""
+    stored = [slot.name for slot in all_float_constants(model)]
+    if not stored:
+        return (
+            "the model has no prunable weights: it stores no float initializer or Constant node "
+            "(its weights are computed inside the graph, e.g. by ConstantOfShape)"
+        )
+    chosen = "float constants feeding MatMul, Gemm, Conv or ConvTranspose directly"
+    if params.include:
+        chosen += f" or matching include {params.include}"
+    if params.exclude:
+        chosen += f", less exclude {params.exclude}"
+    return cut_list(
+        f"the model has no prunable weights ({chosen}); name the ones to prune with include, "
+        f"among its {len(stored)} float constants: ",
+        stored,
+    )
 
 
 def prune_model(
