@@ -4,12 +4,14 @@ taken for a job id."""
 
 import subprocess
 import sys
+from pathlib import Path
 
+import onnx
 import pytest
 from onnx import TensorProto, helper
 from server import submit
 
-from workers.errors import InvalidModelError
+from workers.errors import MAX_MESSAGE, InvalidModelError, onnxruntime_reason
 from workers.evaluate.runtime import session
 
 PRUNE = {"sparsity": 0.5}
@@ -118,3 +120,36 @@ def test_onnxruntimes_refusal_names_no_scratch_file(tmp_path):
     message = str(refused.value)
     assert message.startswith("onnxruntime cannot load the model: ") and "Incompatible" in message
     assert str(tmp_path) not in message and "[ONNXRuntimeError]" not in message
+
+
+def test_onnxruntimes_refusal_shows_no_cpp_source_line_or_signature():
+    # onnxruntime 1.2x's message for a graph it rejects while building it, as it was raised
+    raised = RuntimeError(
+        "[ONNXRuntimeError] : 1 : FAIL : Load model from /tmp/job/out.onnx failed:"
+        "/onnxruntime_src/onnxruntime/core/graph/graph.cc:1483 onnxruntime::Graph::Graph("
+        "const onnxruntime::Model&, onnx::GraphProto*, const std::unordered_map<std::__cxx11::"
+        "basic_string<char>, int>&, onnxruntime::Version, const onnxruntime::logging::Logger&, "
+        "bool) [ONNXRuntimeError] : 1 : FAIL : Output:0 [ShapeInferenceError] Mismatch between "
+        "number of inferred and declared dimensions. inferred=0 declared=4"
+    )
+    assert onnxruntime_reason(raised) == (
+        "Output:0 [ShapeInferenceError] Mismatch between number of inferred and declared "
+        "dimensions. inferred=0 declared=4"
+    )
+
+
+def test_an_operator_at_an_opset_onnxruntime_dropped_gets_advice():
+    # onnx ships early PyTorch exports as test data: AveragePool at opset 1 has no kernel now
+    path = (
+        Path(onnx.__file__).parent / "backend/test/data/pytorch-converted/test_AvgPool2d/model.onnx"
+    )
+    with pytest.raises(InvalidModelError) as refused:
+        session(path.read_bytes())
+    message = str(refused.value)
+    assert message.startswith(
+        "onnxruntime cannot load the model: Could not find an implementation for AveragePool(1)"
+    )
+    assert message.endswith(
+        "convert the model to a newer opset (onnx.version_converter) or export it again"
+    )
+    assert len(message) <= MAX_MESSAGE

@@ -69,8 +69,10 @@ def first_line(error: BaseException | str, limit: int = 160) -> str:
 
 
 def onnxruntime_reason(error: BaseException) -> str:
-    """onnxruntime's message without its error code and the path of the file it loaded: that
-    is a scratch file of the job's, which says nothing to the caller."""
+    """onnxruntime's message without its error codes, the path of the file it loaded (a
+    scratch file of the job's) and the C++ source line and signature that raised it: none of
+    them says anything to the caller."""
     reason = str(error) or type(error).__name__
-    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+    reason = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+    reason = re.sub(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\) ?", "", reason)
     return re.sub(r"Load model from \S* ?failed: ?", "", reason)

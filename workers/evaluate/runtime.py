@@ -23,6 +23,7 @@ from workers.errors import (
     InvalidModelError,
     UnsupportedModelError,
     first_line,
+    one_line,
     onnxruntime_reason,
 )
 from workers.evaluate.data import InputSpec
@@ -76,6 +77,13 @@ def model_inputs(model: ModelProto) -> list[InputSpec]:
     return specs
 
 
+NO_KERNEL = "Could not find an implementation for"
+NO_KERNEL_ADVICE = (
+    "this onnxruntime has no kernel for that operator at the model's opset: convert the model "
+    "to a newer opset (onnx.version_converter) or export it again"
+)
+
+
 def session(model: ModelSource, prepack: bool = True) -> ort.InferenceSession:
     """`prepack`: onnxruntime lays MatMul and Gemm weights out for its kernels once, when the
     session is built, which pays off over many runs and is what a deployment does; for a few
@@ -92,7 +100,9 @@ def session(model: ModelSource, prepack: bool = True) -> ort.InferenceSession:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors on a bad model
         reason = first_line(onnxruntime_reason(exc))
-        raise InvalidModelError(f"onnxruntime cannot load the model: {reason}") from exc
+        if reason.startswith(NO_KERNEL):  # an operator at an opset onnxruntime dropped
+            reason += f"; {NO_KERNEL_ADVICE}"
+        raise InvalidModelError(one_line(f"onnxruntime cannot load the model: {reason}")) from exc
 
 
 @dataclass(frozen=True)
