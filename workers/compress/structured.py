@@ -287,9 +287,12 @@ def prune_channels(
     consistent = shape_error(model) is None  # some exports fail strict inference as they are
     deleted = _cut_slices(cuts, constants)
     _shrink_counts(model, cuts, constants)
-    # the shapes an export recorded for the narrowed values (PyTorch writes one per tensor)
-    # go before the check, which would otherwise compare against them
-    _drop_value_info(model, {dim.value for group, _ in cuts for dim in group.dims})
+    # the shapes an export recorded for the narrowed values and weights (PyTorch writes one
+    # per tensor, 2.10's exporter for initializers too) go before the check, which would
+    # otherwise compare against them
+    narrowed = {dim.value for group, _ in cuts for dim in group.dims}
+    narrowed |= {piece.tensor for group, _ in cuts for piece in group.slices}
+    _drop_value_info(model, narrowed)
     if consistent and (error := shape_error(model)):
         # a rule got a pattern wrong: refuse rather than hand back a model that cannot run
         raise UnsupportedModelError(
