@@ -109,6 +109,12 @@ class AccuracyReport(_ReportPart):
         "Infinity when an output is not finite); null when the model has no float output."
     )
     outputs: list[OutputScore] = Field(description="Every output scored.")
+    collapsed: list[str] = Field(
+        default_factory=list,
+        description="Float outputs that varied across the original's samples but are the same "
+        "for every sample from the compressed model: it no longer responds to its input there, "
+        "whatever the metric reads (a bounded search never keeps such a model).",
+    )
 
 
 class LatencyReport(_ReportPart):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from graphs import gemm_mlp
 from helpers import run
+from onnx import numpy_helper
 
 from schemas import PruneParams
 from workers.compress.search import Candidate, Compressor
@@ -151,3 +152,29 @@ def test_sensitivity_scans_each_layer_alone(job_dir, digits_300_100):
     by_point = {(p.name, p.sparsity): p.metric for p in report.sensitivity}
     assert by_point[("coefficient2", 0.95)] < by_point[("coefficient2", 0.5)]
     assert any(note.startswith("sensitivity:") for note in report.notes)
+
+
+def test_a_model_that_answers_every_input_alike_is_flagged_and_never_kept(job_dir, tmp_path):
+    """Global pruning can take a whole layer of small weights: every input then gets the same
+    output, which top-1 agreement on eval data of one class, or a cosine, may still read as fine
+    (open_nsfw at 50% global: top1_agreement 1.0 -> 1.0 on 36 photos)."""
+    model = gemm_mlp([6, 8, 8, 3], trans_b=0)
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first) * 1e-3, first.name))
+    features = np.random.default_rng(0).standard_normal((64, 6)).astype(np.float32)
+    searched_dir = tmp_path / "searched"
+    (searched_dir / "input").mkdir(parents=True)
+    for directory in (job_dir, searched_dir):
+        (directory / "input" / "model.onnx").write_bytes(model.SerializeToString())
+        np.savez(directory / "eval.npz", X=features)
+        (directory / "eval.npz").rename(directory / "input" / "eval_data")
+    output = model.graph.output[0].name
+
+    pruned = run_prune_job(job_dir, PruneParams(sparsity=0.5, scope="global"))
+    assert pruned.accuracy.collapsed == [output]
+    assert any("same values for every eval sample" in note for note in pruned.notes)
+
+    searched = run_prune_job(searched_dir, PruneParams(max_accuracy_drop=1.0, scope="global"))
+    assert searched.accuracy.collapsed == []
+    assert any(point.chosen for point in searched.sweep)
+    assert all(point.sparsity < 48 / 136 for point in searched.sweep if point.chosen)

@@ -267,7 +267,9 @@ class Compressor:
         return Encoded(encoding, path, path.stat().st_size, self.measure(path), notes)
 
     def meets(self, accuracy: AccuracyReport | None, bound: float) -> bool:
-        return accuracy is not None and loss(accuracy) <= bound + TOLERANCE
+        return (
+            accuracy is not None and not accuracy.collapsed and loss(accuracy) <= bound + TOLERANCE
+        )
 
 
 def search(

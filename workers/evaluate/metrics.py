@@ -302,7 +302,28 @@ def score_outputs(scoring: Scoring, original: Outputs, compressed: Outputs) -> A
         agreement=float(np.mean(METRICS[decides.metric].agrees(theirs, ours))),
         max_abs_diff=_max_abs_diff(original, compressed),
         outputs=scores,
+        collapsed=_collapsed(original, compressed),
     )
+
+
+# An output whose spread across samples fell below this share of the original's is constant:
+# float32 rounding of a bias passed through leaves about 1e-7 of it.
+COLLAPSED_SPREAD = 1e-5
+
+
+def _collapsed(original: Outputs, compressed: Outputs) -> list[str]:
+    """Float outputs that vary across the original's samples and not across the compressed
+    model's: top-1 agreement on eval data of one class, or a cosine on outputs dominated by a
+    constant part, can read perfect for a model that answers the same to every input."""
+    found = []
+    for name, ours in original.values.items():
+        if ours.dtype.kind != "f" or len(ours) < 2:
+            continue
+        spread = np.ptp(_floats(ours), axis=0).max()
+        theirs = np.ptp(_floats(compressed.values[name]), axis=0).max()
+        if spread > 0 and theirs <= COLLAPSED_SPREAD * spread:
+            found.append(name)
+    return found
 
 
 def _max_abs_diff(original: Outputs, compressed: Outputs) -> float | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from schemas.params import PruneParams, TrainParams
 from schemas.report import Report
+from workers.errors import cut_list
 from workers.evaluate.metrics import loss
 
 NOTICEABLE_DROP = 0.02  # two points on the 0..1 scale: past it, a drop is worth a word
@@ -43,6 +44,18 @@ def accuracy_drop_without_fine_tuning(report: Report, facts: Facts) -> str | Non
         f"{accuracy.metric} fell by {drop:.3g} ({accuracy.original:.4g} → "
         f"{accuracy.compressed:.4g}) without fine-tuning: send train_data with fine_tune to "
         "win it back, or set max_accuracy_drop to find the largest sparsity within a bound"
+    )
+
+
+def outputs_collapsed(report: Report, facts: Facts) -> str | None:
+    accuracy = report.accuracy
+    if accuracy is None or not accuracy.collapsed:
+        return None
+    return cut_list(
+        "the compressed model gives the same values for every eval sample on output(s) that "
+        "vary in the original, whatever the metric reads: prune less (or scope layer) or "
+        "fine_tune: ",
+        accuracy.collapsed,
     )
 
 
@@ -126,6 +139,7 @@ def too_many_classes(report: Report, facts: Facts) -> str | None:
 
 
 RULES: list[Rule] = [
+    outputs_collapsed,
     accuracy_drop_without_fine_tuning,
     outputs_moved_on_noise,
     dense_file_did_not_shrink,
