@@ -1,11 +1,17 @@
 """Small helpers shared by the tests: run a model in onnxruntime, read its weights back."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from workers.graph.weights import find_weights
 from workers.nn.masks import count_to_prune
+
+# Models onnx installs as its own test data: early PyTorch exports (values named 0, 1, 2, ...),
+# model-zoo architectures, small graphs.
+ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
 
 def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -4,10 +4,9 @@ taken for a job id."""
 
 import subprocess
 import sys
-from pathlib import Path
 
-import onnx
 import pytest
+from helpers import ONNX_TEST_DATA
 from onnx import TensorProto, helper
 from server import submit
 
@@ -140,9 +139,7 @@ def test_onnxruntimes_refusal_shows_no_cpp_source_line_or_signature():
 
 def test_an_operator_at_an_opset_onnxruntime_dropped_gets_advice():
     # onnx ships early PyTorch exports as test data: AveragePool at opset 1 has no kernel now
-    path = (
-        Path(onnx.__file__).parent / "backend/test/data/pytorch-converted/test_AvgPool2d/model.onnx"
-    )
+    path = ONNX_TEST_DATA / "pytorch-converted" / "test_AvgPool2d" / "model.onnx"
     with pytest.raises(InvalidModelError) as refused:
         session(path.read_bytes())
     message = str(refused.value)

@@ -5,18 +5,15 @@ a model onnxruntime loads (where it loads the original), or with a clear one-lin
 never an internal error. A sweep over them found int8 writing files that did not load, in jobs
 that succeeded, for 28 of these models."""
 
-from pathlib import Path
-
-import onnx
 import onnxruntime as ort
 import pytest
+from helpers import ONNX_TEST_DATA
 
 from schemas import PruneParams
 from workers.errors import MAX_MESSAGE, InputError
 from workers.jobs import run_prune_job
 
-DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
-MODELS = sorted([*DATA.glob("*/*/model.onnx"), *DATA.glob("light/*.onnx")])
+MODELS = sorted([*ONNX_TEST_DATA.glob("*/*/model.onnx"), *ONNX_TEST_DATA.glob("light/*.onnx")])
 
 
 def loads(data: bytes) -> bool:
@@ -32,7 +29,7 @@ def test_the_set_is_there():
 
 
 @pytest.mark.parametrize("encoding", ["dense", "int8"])
-@pytest.mark.parametrize("path", MODELS, ids=lambda path: str(path.relative_to(DATA)))
+@pytest.mark.parametrize("path", MODELS, ids=lambda path: str(path.relative_to(ONNX_TEST_DATA)))
 def test_a_job_ends_with_a_model_that_loads_or_a_clear_refusal(path, encoding, job_dir):
     original = path.read_bytes()
     (job_dir / "input" / "model.onnx").write_bytes(original)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import constant_node_mlp, control_flow, conv_net, gemm_mlp, make_model
-from helpers import initializers, reference_masks, run, weights
+from helpers import ONNX_TEST_DATA, initializers, reference_masks, run, weights
 from onnx import TensorProto, helper, numpy_helper
 
 from schemas import PruneParams
@@ -228,7 +228,6 @@ def test_int8_encoding_is_about_four_times_smaller_and_close(digits):
 
 def test_int8_keeps_the_interface_and_computes_what_the_quantizer_wrote(mlp_classifier, digits):
     import tempfile
-    from pathlib import Path
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -246,10 +245,6 @@ def test_int8_keeps_the_interface_and_computes_what_the_quantizer_wrote(mlp_clas
     assert [v.name for v in compacted.graph.output] == ["output_label", "output_probability"]
     for a, b in zip(run(plain, {"X": features}), run(data, {"X": features}), strict=True):
         assert np.array_equal(a, b)
-
-
-# Models onnx ships as its own test data: among them early PyTorch exports.
-ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
 
 def feedable(model: onnx.ModelProto) -> list[str]:
